@@ -1,0 +1,40 @@
+"""Command line: `python -m data_tools demo ...` and `python -m data_tools tokenizer ...`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from .demo_data import generate_demo
+from .tokenizer import DEFAULT_VOCAB_SIZE, SPECIAL_TOKEN_IDS, train_from_dir
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m data_tools", description="Demo data tools for vlpretrain.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    demo = commands.add_parser("demo", help="write the deterministic demo dataset and train its tokenizer")
+    demo.add_argument("--out", required=True, help="output directory (created if missing)")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--scale", type=float, default=1.0, help="multiplies every sample count")
+    demo.add_argument("--vocab-size", type=int, default=DEFAULT_VOCAB_SIZE)
+
+    tok = commands.add_parser("tokenizer", help="(re)train DIR/tokenizer.json from the data in DIR")
+    tok.add_argument("--data", required=True, help="a directory written by the demo command")
+    tok.add_argument("--vocab-size", type=int, default=DEFAULT_VOCAB_SIZE)
+
+    args = parser.parse_args(argv)
+    if args.command == "demo":
+        print(f"writing demo data to {args.out} (seed={args.seed}, scale={args.scale})", flush=True)
+        generate_demo(args.out, seed=args.seed, scale=args.scale, vocab_size=args.vocab_size)
+    else:
+        start = time.perf_counter()
+        tokenizer = train_from_dir(args.data, args.vocab_size)
+        print(f"wrote {args.data}/tokenizer.json: vocab {tokenizer.get_vocab_size()}, "
+              f"special ids {SPECIAL_TOKEN_IDS} ({time.perf_counter() - start:.1f}s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

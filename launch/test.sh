@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# The test command: set up on a fresh machine, then run the whole suite (CPU only, no network).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash launch/setup.sh
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+exec python3 -m pytest -q tests "$@"

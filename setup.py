@@ -1,0 +1,29 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="vlpretrain",
+    version="0.1.0",
+    description="Distributed pretraining for DeepSeek-VL-style vision-language models (PyTorch-native 3D parallel)",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["vlpretrain", "vlpretrain.*", "data_tools", "data_tools.*"]),
+    install_requires=[
+        "torch>=2.6",
+        "torchvision",  # timm needs it
+        "timm>=1.0.9",
+        "tokenizers>=0.19",
+        "safetensors>=0.4",
+        "pyyaml>=6.0",
+        "numpy",
+        "pillow",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "transformers>=4.40"],
+        "dev": ["pytest>=8", "transformers>=4.40", "ruff"],
+        "logging": ["wandb", "tensorboard"],
+        # GPU-only accelerations, imported behind guards; build from source on the GPU image
+        "gpu": ["transformer-engine[pytorch]"],
+    },
+    entry_points={"console_scripts": ["vlpretrain=vlpretrain.cli:main"]},
+)

@@ -1,0 +1,5 @@
+import sys
+
+from vlpretrain.cli import main
+
+sys.exit(main())

@@ -1,0 +1,436 @@
+"""Typed configuration: dataclasses are the single source of defaults.
+
+A config is built from YAML files (``include:`` composes files, later keys win) plus ``--set key=value``
+overrides, then checked field by field: unknown keys, wrong types and impossible values raise
+``ConfigError`` with one line naming the key, before any expensive work starts.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad config: the message is one line that names the offending key."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Model
+
+
+@dataclass
+class SigLIPConfig:
+    """timm VisionTransformer (``vit_large_patch16_siglip_384`` at real size), no pooling head."""
+
+    image_size: int = 384
+    patch_size: int = 16
+    width: int = 1024
+    depth: int = 24
+    heads: int = 16
+    mlp_ratio: float = 4.0
+    mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
+    std: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
+
+
+@dataclass
+class SAMConfig:
+    """timm VisionTransformerSAM (``samvit_base_patch16``) + DeepSeek-VL's interpolate/downsample tail."""
+
+    enabled: bool = True
+    image_size: int = 1024
+    patch_size: int = 16
+    width: int = 768
+    depth: int = 12
+    heads: int = 12
+    window_size: int = 14
+    global_attn_indexes: list[int] = field(default_factory=lambda: [2, 5, 8, 11])
+    neck_chans: int = 256
+    # the neck output (64x64 at real size) is bilinearly resized to this grid before the stride-2 convs
+    interp_size: int = 96
+    downsample_channels: list[int] = field(default_factory=lambda: [512, 1024])
+    # DeepSeek-VL's ``neck_hd`` side path from the first global-attention block, scaled by a learned scalar
+    hd_path: bool = False
+    mean: list[float] = field(default_factory=lambda: [0.48145466, 0.4578275, 0.40821073])
+    std: list[float] = field(default_factory=lambda: [0.26862954, 0.26130258, 0.27577711])
+
+
+@dataclass
+class ModelConfig:
+    name: str = "custom"
+    # LLaMA-style decoder
+    vocab_size: int = 102400
+    dim: int = 4096
+    n_layers: int = 30
+    n_heads: int = 32
+    n_kv_heads: Optional[int] = None  # None: multi-head attention (n_kv_heads = n_heads)
+    ffn_dim: int = 11008
+    norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    max_seq_len: int = 4096
+    init_std: float = 0.02
+    # vision side
+    siglip: SigLIPConfig = field(default_factory=SigLIPConfig)
+    sam: SAMConfig = field(default_factory=SAMConfig)
+    image_token_id: int = 100015  # id of <image_placeholder> in the tokenizer
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def image_tokens(self) -> int:
+        """Token positions one image occupies (576 at real size)."""
+        grid = self.siglip.image_size // self.siglip.patch_size
+        return grid * grid
+
+    @property
+    def image_size(self) -> int:
+        """Resolution the preprocessor delivers: SAM's when the hybrid tower is on, else SigLIP's."""
+        return self.sam.image_size if self.sam.enabled else self.siglip.image_size
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Parallel layout, training stage, data, checkpoints, logging
+
+
+@dataclass
+class ParallelConfig:
+    dp: Union[int, Literal["auto"]] = "auto"
+    tp: int = 1
+    pp: int = 1
+    vpp: int = 1  # virtual pipeline stages per pipeline rank
+    schedule: Literal["1f1b", "interleaved_1f1b", "gpipe", "zero_bubble", "dualpipev"] = "1f1b"
+    sequence_parallel: bool = False
+    layer_split: Union[Literal["uniform", "auto"], list[int]] = "auto"
+    activation_checkpointing: Literal["none", "selective", "full"] = "none"
+    fsdp_reshard_after_forward: bool = True
+
+
+@dataclass
+class LanguageRatioConfig:
+    """Share of language-only global steps: warms down from ``start`` to ``end`` (paper: 1.0 -> 0.7)."""
+
+    start: float = 1.0
+    end: float = 0.7
+    warmup_steps: int = 0
+    shape: Literal["linear", "cosine", "step"] = "linear"
+
+
+@dataclass
+class SourceConfig:
+    name: str = ""
+    path: str = ""  # relative paths resolve against data.root
+    modality: Literal["text", "multimodal"] = "multimodal"
+    weight: float = 1.0
+
+
+@dataclass
+class DataConfig:
+    root: str = "demo_data"
+    tokenizer: str = "tokenizer.json"  # relative to root unless absolute
+    sources: list[SourceConfig] = field(default_factory=list)
+    group_by_modality: bool = True
+    language_ratio: LanguageRatioConfig = field(default_factory=LanguageRatioConfig)
+    system_prompt: str = ""
+    num_workers: int = 0
+
+
+@dataclass
+class TrainConfig:
+    stage: Literal[1, 2, 3] = 1
+    # which parts learn; empty = the paper's choice for the stage (S1 adaptor; S2 + llm; S3 + siglip)
+    trainable: list[Literal["siglip", "sam", "adaptor", "llm"]] = field(default_factory=list)
+    steps: int = 100
+    global_batch_size: int = 8
+    micro_batch_size: int = 8
+    seq_len: int = 512
+    seed: int = 0
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1  # cosine floor, as a fraction of lr
+    lr_schedule: Literal["cosine", "step", "constant"] = "cosine"
+    warmup_steps: int = 0
+    step_milestones: list[float] = field(default_factory=lambda: [0.8, 0.9])  # fractions of steps
+    step_gamma: float = 0.316  # LR multiplier at each milestone (DeepSeek-LLM: 31.6%, then 10%)
+    weight_decay: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    dtype: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU
+    compile: bool = False
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    init_from: str = ""  # weights of a previous stage (checkpoint dir or .safetensors file)
+    run_dir: str = "runs/default"
+    eval_interval: int = 0  # 0: only at the end
+    eval_file: str = ""  # multi-choice eval set (jsonl), relative to data.root
+
+
+@dataclass
+class CheckpointConfig:
+    interval: int = 0  # 0: only at the end
+    dir: str = ""  # empty: <run_dir>/checkpoints
+    keep_last: int = 2
+    async_save: bool = False
+
+
+@dataclass
+class LoggingConfig:
+    log_interval: int = 1
+    peak_tflops: float = 0.0  # per device; 0: guess from the device (H100/A100 bf16), CPU default 1.0
+    wandb: bool = False
+    wandb_project: str = "vlpretrain"
+    tensorboard: bool = False
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+STAGE_TRAINABLE = {1: ["adaptor"], 2: ["adaptor", "llm"], 3: ["adaptor", "llm", "siglip"]}
+
+
+def trainable_parts(cfg: Config) -> list[str]:
+    return list(cfg.train.trainable) or STAGE_TRAINABLE[cfg.train.stage]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Typed construction from plain dicts
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"list[{_type_name(typing.get_args(tp)[0])}]"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; return it (ints widen to floats)."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"config error: {key}: expected a mapping, got {type(value).__name__}")
+        return _build(tp, value, key)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError:
+                continue
+        raise ConfigError(f"config error: {key}: expected {_type_name(tp)}, got {value!r}")
+    if origin is Literal:
+        if value in typing.get_args(tp) and type(value) in {type(a) for a in typing.get_args(tp)}:
+            return value
+        raise ConfigError(f"config error: {key}: expected one of {_type_name(tp)}, got {value!r}")
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config error: {key}: expected {_type_name(tp)}, got {value!r}")
+        (item,) = typing.get_args(tp)
+        return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is bool or tp is str:
+        if isinstance(value, tp):
+            return value
+    else:  # pragma: no cover - a field type this module does not know
+        raise TypeError(f"unsupported config field type {tp!r} for {key}")
+    raise ConfigError(f"config error: {key}: expected {_type_name(tp)}, got {value!r}")
+
+
+def _build(cls: type, data: dict, prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for k, v in data.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        if k not in names:
+            raise ConfigError(f"config error: unknown key '{key}'")
+        kwargs[k] = _coerce(v, hints[k], key)
+    return cls(**kwargs)
+
+
+def _deep_merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
+    path = path.resolve()
+    if not path.is_file():
+        raise ConfigError(f"config error: file not found: {path}")
+    if path in seen:
+        raise ConfigError(f"config error: include cycle at {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config error: {path}: invalid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config error: {path}: top level must be a mapping")
+    includes = data.pop("include", [])
+    if isinstance(includes, str):
+        includes = [includes]
+    merged: dict = {}
+    for inc in includes:
+        merged = _deep_merge(merged, _read_yaml(path.parent / inc, seen + (path,)))
+    return _deep_merge(merged, data)
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    """``["train.lr=1e-4", "parallel.tp=2"]`` -> nested dict; values parsed as YAML scalars/lists."""
+    out: dict = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"config error: override '{item}' is not of the form key=value")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        node = out
+        parts = key.strip().split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"config error: override '{key}' conflicts with another override")
+        node[parts[-1]] = value
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    data = _read_yaml(Path(path)) if path else {}
+    data = _deep_merge(data, parse_overrides(overrides or []))
+    cfg = _build(Config, data)
+    validate(cfg)
+    return cfg
+
+
+def config_from_dict(data: dict) -> Config:
+    cfg = _build(Config, data)
+    validate(cfg)
+    return cfg
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Value checks (layout checks that need the world size live in parallel/)
+
+
+def _check(cond: bool, key: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(f"config error: {key}: {msg}")
+
+
+def validate(cfg: Config) -> None:
+    m, t, p, d = cfg.model, cfg.train, cfg.parallel, cfg.data
+    for key, v in [("model.vocab_size", m.vocab_size), ("model.dim", m.dim), ("model.n_layers", m.n_layers),
+                   ("model.n_heads", m.n_heads), ("model.ffn_dim", m.ffn_dim), ("model.max_seq_len", m.max_seq_len),
+                   ("train.steps", t.steps), ("train.global_batch_size", t.global_batch_size),
+                   ("train.micro_batch_size", t.micro_batch_size), ("train.seq_len", t.seq_len),
+                   ("parallel.tp", p.tp), ("parallel.pp", p.pp), ("parallel.vpp", p.vpp),
+                   ("logging.log_interval", cfg.logging.log_interval)]:
+        _check(v > 0, key, f"must be positive, got {v}")
+    _check(m.dim % m.n_heads == 0, "model.dim", f"{m.dim} is not divisible by model.n_heads={m.n_heads}")
+    _check(m.head_dim % 2 == 0, "model.dim", "head dim (dim / n_heads) must be even for rotary embeddings")
+    _check(m.n_heads % m.kv_heads == 0, "model.n_kv_heads",
+           f"{m.kv_heads} does not divide model.n_heads={m.n_heads}")
+    _check(0 <= m.image_token_id < m.vocab_size, "model.image_token_id", f"{m.image_token_id} not in vocab")
+    s = m.siglip
+    _check(s.image_size % s.patch_size == 0, "model.siglip.image_size", "must be a multiple of patch_size")
+    _check(s.width % s.heads == 0, "model.siglip.width", "must be divisible by heads")
+    if m.sam.enabled:
+        a = m.sam
+        _check(a.image_size % a.patch_size == 0, "model.sam.image_size", "must be a multiple of patch_size")
+        _check(a.width % a.heads == 0, "model.sam.width", "must be divisible by heads")
+        _check(all(0 <= i < a.depth for i in a.global_attn_indexes), "model.sam.global_attn_indexes",
+               f"indexes must lie in [0, {a.depth})")
+        n_down = len(a.downsample_channels)
+        _check(n_down >= 1, "model.sam.downsample_channels", "needs at least one conv")
+        grid = a.interp_size
+        for _ in range(n_down):
+            grid = (grid - 1) // 2 + 1
+        sig_grid = s.image_size // s.patch_size
+        _check(grid == sig_grid, "model.sam.interp_size",
+               f"{a.interp_size} halved {n_down} times gives a {grid}x{grid} grid, SigLIP gives {sig_grid}x{sig_grid}")
+        _check(not a.hd_path or len(a.global_attn_indexes) > 0, "model.sam.hd_path",
+               "needs a global-attention block")
+    _check(t.seq_len <= m.max_seq_len, "train.seq_len", f"{t.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
+    _check(t.seq_len > m.image_tokens, "train.seq_len",
+           f"{t.seq_len} cannot hold one image ({m.image_tokens} tokens) and text")
+    _check(t.global_batch_size % t.micro_batch_size == 0, "train.global_batch_size",
+           f"{t.global_batch_size} is not divisible by train.micro_batch_size={t.micro_batch_size}")
+    if isinstance(p.dp, int):
+        _check(p.dp > 0, "parallel.dp", f"must be positive or 'auto', got {p.dp}")
+        _check(t.global_batch_size % (t.micro_batch_size * p.dp) == 0, "train.global_batch_size",
+               f"{t.global_batch_size} is not divisible by micro_batch_size x dp = {t.micro_batch_size * p.dp}")
+    _check(t.lr > 0 and math.isfinite(t.lr), "train.lr", f"must be positive, got {t.lr}")
+    _check(0 <= t.min_lr_ratio <= 1, "train.min_lr_ratio", "must lie in [0, 1]")
+    _check(0 <= t.warmup_steps < max(t.steps, 1) or t.warmup_steps == 0, "train.warmup_steps",
+           f"{t.warmup_steps} must be smaller than train.steps={t.steps}")
+    _check(all(0 < x < 1 for x in t.step_milestones), "train.step_milestones", "fractions must lie in (0, 1)")
+    _check(t.grad_clip >= 0, "train.grad_clip", "must be >= 0 (0 disables clipping)")
+    _check(0 <= t.beta1 < 1 and 0 <= t.beta2 < 1, "train.beta1", "betas must lie in [0, 1)")
+    if not m.sam.enabled:
+        _check("sam" not in t.trainable, "train.trainable", "'sam' is trainable but model.sam.enabled is false")
+    lr_ = d.language_ratio
+    for key, v in [("data.language_ratio.start", lr_.start), ("data.language_ratio.end", lr_.end)]:
+        _check(0.0 <= v <= 1.0, key, f"must lie in [0, 1], got {v}")
+    _check(lr_.warmup_steps >= 0, "data.language_ratio.warmup_steps", "must be >= 0")
+    for i, src in enumerate(d.sources):
+        _check(src.weight > 0, f"data.sources[{i}].weight", f"must be positive, got {src.weight}")
+        _check(bool(src.path), f"data.sources[{i}].path", "is empty")
+    _check(cfg.checkpoint.interval >= 0, "checkpoint.interval", "must be >= 0")
+    _check(cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last", "must be >= 1")
+    if isinstance(p.layer_split, list):
+        _check(all(x >= 0 for x in p.layer_split), "parallel.layer_split", "layer counts must be >= 0")
+        _check(sum(p.layer_split) == m.n_layers, "parallel.layer_split",
+               f"sums to {sum(p.layer_split)}, model has {m.n_layers} layers")
+        _check(len(p.layer_split) == p.pp * p.vpp, "parallel.layer_split",
+               f"has {len(p.layer_split)} entries, pp x vpp = {p.pp * p.vpp} virtual stages")
+    _check(p.pp * p.vpp <= m.n_layers + 2, "parallel.vpp",
+           f"pp x vpp = {p.pp * p.vpp} virtual stages exceed the {m.n_layers + 2} model parts")
+    _check(m.n_heads % p.tp == 0 and m.kv_heads % p.tp == 0, "parallel.tp",
+           f"{p.tp} does not divide the attention heads ({m.n_heads} q, {m.kv_heads} kv)")
+    _check(m.ffn_dim % p.tp == 0, "parallel.tp", f"{p.tp} does not divide model.ffn_dim={m.ffn_dim}")
+    _check(m.vocab_size % p.tp == 0, "parallel.tp", f"{p.tp} does not divide model.vocab_size={m.vocab_size}")
+    if p.schedule == "interleaved_1f1b":
+        _check(p.vpp > 1, "parallel.schedule", "interleaved_1f1b needs parallel.vpp > 1")

@@ -1,0 +1,90 @@
+"""Turn one sample (text with ``<image_placeholder>`` marks, or an SFT conversation) into model inputs.
+
+Each placeholder becomes ``image_tokens`` copies of the image token id. Targets are next tokens; positions whose
+target is an image token are ignored (loss on text only). SFT uses DeepSeek-VL's chat format
+(``User: ...\\n\\nAssistant: ...<eos>``) and supervises only answers and the end-of-sentence token.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from vlpretrain.data.tokenizer import IMAGE, TextTokenizer
+
+IGNORE = -100
+
+
+@dataclass
+class EncodedSample:
+    tokens: list[int]  # inputs, length <= seq_len
+    labels: list[int]  # next-token targets, IGNORE where not supervised
+    images: list[str]  # image paths in placeholder order (only those that fit)
+
+
+class SampleEncoder:
+    def __init__(self, tokenizer: TextTokenizer, image_tokens: int, seq_len: int, system_prompt: str = ""):
+        self.tok = tokenizer
+        self.image_tokens = image_tokens
+        self.seq_len = seq_len
+        self.system_prompt = system_prompt
+
+    def _text_with_images(self, text: str, supervised: bool) -> tuple[list[int], list[bool], int]:
+        ids: list[int] = []
+        sup: list[bool] = []
+        pieces = text.split(IMAGE)
+        for i, piece in enumerate(pieces):
+            if i > 0:
+                ids += [self.tok.image_id] * self.image_tokens
+                sup += [False] * self.image_tokens
+            if piece:
+                enc = self.tok.encode(piece)
+                ids += enc
+                sup += [supervised] * len(enc)
+        return ids, sup, len(pieces) - 1
+
+    def encode(self, record: dict) -> EncodedSample:
+        """Raises ValueError on a sample that cannot be used (no text, placeholder/image count mismatch)."""
+        images = list(record.get("images") or [])
+        ids, sup = [self.tok.bos_id], [False]
+        n_placeholders = 0
+        if "conversation" in record:
+            if self.system_prompt:
+                part, s, _ = self._text_with_images(self.system_prompt + "\n\n", False)
+                ids, sup = ids + part, sup + s
+            turns = record["conversation"]
+            if not turns or not any(t.get("role") == "Assistant" for t in turns):
+                raise ValueError("conversation without an assistant turn")
+            for turn in turns:
+                role, content = turn.get("role"), str(turn.get("content", ""))
+                if role == "User":
+                    part, s, n = self._text_with_images(f"User: {content}\n\n", False)
+                elif role == "Assistant":
+                    head, hs, _ = self._text_with_images("Assistant: ", False)
+                    body, bs, n = self._text_with_images(content, True)
+                    part, s = head + body + [self.tok.eos_id], hs + bs + [True]
+                else:
+                    raise ValueError(f"unknown role {role!r}")
+                ids, sup, n_placeholders = ids + part, sup + s, n_placeholders + n
+        else:
+            text = str(record.get("text") or "")
+            if not text.replace(IMAGE, "").strip():
+                raise ValueError("sample without text")
+            part, s, n_placeholders = self._text_with_images(text, True)
+            ids, sup = ids + part + [self.tok.eos_id], sup + s + [True]
+        if n_placeholders != len(images):
+            raise ValueError(f"{n_placeholders} image placeholders but {len(images)} images")
+        return self._truncate(ids, sup, images)
+
+    def _truncate(self, ids: list[int], sup: list[bool], images: list[str]) -> EncodedSample:
+        # inputs are ids[:-1], targets ids[1:]: keep seq_len + 1 ids, never cutting an image's run
+        limit = self.seq_len + 1
+        if len(ids) > limit:
+            cut, img = limit, self.tok.image_id
+            while cut > 0 and ids[cut - 1] == img:  # the last id is only a target: no image run may touch it
+                cut -= 1
+            ids, sup = ids[:cut], sup[:cut]
+            kept = sum(1 for i, t in enumerate(ids) if t == img and (i == 0 or ids[i - 1] != img))
+            images = images[:kept]
+        labels = [t if s else IGNORE for t, s in zip(ids[1:], sup[1:])]
+        if all(x == IGNORE for x in labels):
+            raise ValueError("no supervised token fits in the sequence")
+        return EncodedSample(tokens=ids[:-1], labels=labels, images=images)

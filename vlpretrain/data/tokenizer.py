@@ -1,0 +1,37 @@
+"""HF ``tokenizers`` wrapper with the special tokens the chat format and the image splicing need."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from tokenizers import Tokenizer
+
+BOS = "<｜begin▁of▁sentence｜>"
+EOS = "<｜end▁of▁sentence｜>"
+IMAGE = "<image_placeholder>"
+PAD = "<pad>"
+
+
+class TextTokenizer:
+    def __init__(self, path: str | Path):
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"tokenizer file not found: {path}")
+        self.tok = Tokenizer.from_file(str(path))
+        ids = {}
+        for name, text in (("bos", BOS), ("eos", EOS), ("image", IMAGE), ("pad", PAD)):
+            tid = self.tok.token_to_id(text)
+            if tid is None:
+                raise ValueError(f"tokenizer {path} lacks the special token {text!r}")
+            ids[name] = tid
+        self.bos_id, self.eos_id, self.image_id, self.pad_id = ids["bos"], ids["eos"], ids["image"], ids["pad"]
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tok.get_vocab_size()
+
+    def encode(self, text: str) -> list[int]:
+        """Plain text to ids; special-token strings in the text map to their ids, no BOS/EOS added."""
+        return self.tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tok.decode(ids, skip_special_tokens=False)

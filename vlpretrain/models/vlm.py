@@ -1,0 +1,149 @@
+"""DeepSeek-VL as a list of pipeline-cuttable parts.
+
+    part 0     ``embed``: HybridVisionEncoder + VLAdaptor + text embedding (the paper's heavy "first layer")
+    parts 1..N ``layers.<i>``: decoder blocks (a ModuleDict, so names survive when a stage drops some)
+    part N+1   ``head``: final RMSNorm + output projection
+
+A pipeline stage is this same module with the parts it does not own set to None / deleted, so every
+parameter keeps one fully-qualified name in every layout (what DCP resharding relies on).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from vlpretrain.config import ModelConfig
+from vlpretrain.models.adaptor import VLAdaptor
+from vlpretrain.models.llm import DecoderBlock, OutputHead
+from vlpretrain.models.vision import HybridVisionEncoder
+
+PARTS = ("siglip", "sam", "adaptor", "llm")
+
+
+class VisionLanguageEmbedding(nn.Module):
+    """Text embedding with image placeholders replaced by adaptor outputs (the first pipeline stage).
+
+    ``tokens`` (B, S) holds ``image_token_id`` on every image position: each image takes ``image_tokens``
+    consecutive positions. ``images`` (B, M, 3, H, W) holds up to M images per sample in placeholder order
+    (zero padding past a sample's own count); a text-only batch passes None or M = 0.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.image_token_id = cfg.image_token_id
+        self.image_tokens = cfg.image_tokens
+        self.vision = HybridVisionEncoder(cfg)
+        high_dim = self.vision.sam.out_dim if self.vision.sam is not None else None
+        self.adaptor = VLAdaptor(self.vision.siglip.out_dim, cfg.dim, high_dim)
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
+
+    def forward(self, tokens: torch.Tensor, images: torch.Tensor | None = None) -> torch.Tensor:
+        is_image = tokens == self.image_token_id
+        h = self.tok_embeddings(tokens.masked_fill(is_image, 0))
+        if images is None or images.shape[1] == 0:
+            if is_image.any():
+                raise ValueError("batch has image placeholder tokens but no images")
+            return h
+        per_sample = is_image.sum(dim=1)
+        n_images = torch.div(per_sample, self.image_tokens, rounding_mode="floor")
+        if bool((per_sample % self.image_tokens != 0).any()):
+            raise ValueError(f"image placeholder runs must be multiples of {self.image_tokens} tokens")
+        slots = torch.arange(images.shape[1], device=tokens.device)[None, :] < n_images[:, None]
+        pixels = images[slots]  # (N, 3, H, W), in placeholder order
+        if pixels.shape[0] == 0:
+            return h
+        feats = self.adaptor(*self.vision(pixels)).to(h.dtype)  # (N, image_tokens, dim)
+        return h.masked_scatter(is_image.unsqueeze(-1), feats.reshape(-1, feats.shape[-1]))
+
+
+class DeepSeekVL(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed: VisionLanguageEmbedding | None = VisionLanguageEmbedding(cfg)
+        self.layers = nn.ModuleDict({str(i): DecoderBlock(cfg) for i in range(cfg.n_layers)})
+        self.head: OutputHead | None = OutputHead(cfg)
+
+    def forward(self, x: torch.Tensor, images: torch.Tensor | None = None,
+                positions: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x: token ids (B, S) on the first stage, hidden states (B, S, D) on later ones.
+
+        Returns logits (B, S, V) on the last stage, hidden states otherwise.
+        """
+        h = self.embed(x, images) if self.embed is not None else x
+        for layer in self.layers.values():
+            h = layer(h, positions, attn_mask)
+        return self.head(h) if self.head is not None else h
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """(Re)initialise every parameter in place: used after building on the meta device."""
+        std = self.cfg.init_std
+        depth_std = std / math.sqrt(2 * self.cfg.n_layers)
+        if self.embed is not None:
+            reset_vision_(self.embed.vision)
+            for mod in self.embed.adaptor.modules():
+                if isinstance(mod, nn.Linear):
+                    nn.init.trunc_normal_(mod.weight, std=std)
+                    nn.init.zeros_(mod.bias)
+            nn.init.normal_(self.embed.tok_embeddings.weight, std=std)
+        for layer in self.layers.values():
+            layer.reset_parameters(std, depth_std)
+        if self.head is not None:
+            self.head.reset_parameters(std)
+
+
+def reset_vision_(module: nn.Module) -> None:
+    """Random init of the timm towers (real runs load pretrained weights instead)."""
+    for mod in module.modules():
+        if mod is not module and hasattr(mod, "reset_parameters") and not isinstance(mod, nn.Sequential):
+            mod.reset_parameters()
+    for name, p in module.named_parameters():
+        leaf = name.rsplit(".", 1)[-1]
+        if leaf == "pos_embed":
+            nn.init.trunc_normal_(p, std=0.02)
+        elif leaf in ("rel_pos_h", "rel_pos_w", "hd_alpha_downsamples"):
+            nn.init.zeros_(p)
+
+
+def part_of(param_name: str) -> str:
+    """Which paper part a parameter belongs to: siglip, sam, adaptor or llm."""
+    if param_name.startswith("embed.vision.siglip."):
+        return "siglip"
+    if param_name.startswith("embed.vision.sam."):
+        return "sam"
+    if param_name.startswith("embed.adaptor."):
+        return "adaptor"
+    return "llm"
+
+
+def count_parameters(model: nn.Module) -> dict[str, int]:
+    counts = {p: 0 for p in PARTS}
+    for name, p in model.named_parameters():
+        counts[part_of(name)] += p.numel()
+    counts["total"] = sum(counts[p] for p in PARTS)
+    return counts
+
+
+def set_trainable(model: nn.Module, trainable: list[str]) -> None:
+    """Freeze every part not in ``trainable``: frozen parameters get no grad and no optimizer state."""
+    unknown = set(trainable) - set(PARTS)
+    if unknown:
+        raise ValueError(f"unknown trainable parts {sorted(unknown)}; choose from {PARTS}")
+    for name, p in model.named_parameters():
+        p.requires_grad_(part_of(name) in trainable)
+
+
+def build_model(cfg: ModelConfig, device: str | torch.device = "cpu", seed: int | None = None) -> DeepSeekVL:
+    """Build on ``device``; on "meta" no memory is touched (shapes and counts only)."""
+    if str(device) == "meta":
+        with torch.device("meta"):
+            return DeepSeekVL(cfg)
+    if seed is not None:
+        torch.manual_seed(seed)
+    with torch.device(device):
+        model = DeepSeekVL(cfg)
+    model.init_weights()
+    return model

@@ -1,0 +1,84 @@
+"""Weight checkpoints in safetensors, written atomically (temp dir -> verify -> rename -> ``latest`` last).
+
+This is the single-process weights path used by ``init_from`` between stages; full training state goes
+through DCP in the distributed checkpoint module.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+WEIGHTS = "model.safetensors"
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def save_weights(model: nn.Module, path: Path, metadata: dict | None = None) -> None:
+    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata={k: str(v) for k, v in (metadata or {}).items()})
+    os.replace(tmp, path)
+
+
+def save_checkpoint(model: nn.Module, ckpt_dir: Path, step: int, meta: dict, keep_last: int) -> Path:
+    """``<ckpt_dir>/step_XXXXXXXX/`` with model.safetensors + meta.json; ``latest`` updated last."""
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    final = ckpt_dir / f"step_{step:08d}"
+    tmp = ckpt_dir / f".tmp_step_{step:08d}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    save_weights(model, tmp / WEIGHTS, {"step": step})
+    (tmp / "meta.json").write_text(json.dumps({"step": step, **meta}, indent=1))
+    with safe_open(str(tmp / WEIGHTS), framework="pt") as f:  # verify it reads back before publishing
+        if set(f.keys()) != set(model.state_dict().keys()):
+            raise RuntimeError(f"checkpoint verification failed for {tmp}")
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _atomic_write_text(ckpt_dir / "latest", final.name)
+    old = sorted(p for p in ckpt_dir.glob("step_*") if p.is_dir())
+    for p in old[:-keep_last]:
+        shutil.rmtree(p, ignore_errors=True)
+    return final
+
+
+def find_weights(path: str | Path) -> Path:
+    """A .safetensors file, a checkpoint step dir, or a checkpoints dir with ``latest``."""
+    p = Path(path)
+    if p.is_file():
+        return p
+    if (p / WEIGHTS).is_file():
+        return p / WEIGHTS
+    if (p / "latest").is_file():
+        return find_weights(p / (p / "latest").read_text().strip())
+    if (p / "checkpoints").is_dir():
+        return find_weights(p / "checkpoints")
+    raise FileNotFoundError(f"no weights found at {path} (expected a .safetensors file or a checkpoint dir)")
+
+
+def load_weights(model: nn.Module, path: str | Path) -> list[str]:
+    """Load every model parameter from ``path``; returns the checkpoint keys the model does not have."""
+    file = find_weights(path)
+    state = load_file(str(file))
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    if missing:
+        raise ValueError(f"{file}: missing {len(missing)} model keys, e.g. {missing[:3]}")
+    for k, v in own.items():
+        if state[k].shape != v.shape:
+            raise ValueError(f"{file}: shape mismatch for {k}: {tuple(state[k].shape)} vs {tuple(v.shape)}")
+    with torch.no_grad():
+        for k, v in own.items():
+            v.copy_(state[k])
+    return sorted(set(state) - set(own))

@@ -1,0 +1,102 @@
+"""Per-step metrics: one JSON line per optimizer step, a console progress line, optional wandb / tensorboard."""
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from vlpretrain.config import Config
+
+# dense bf16 peak TFLOP/s per device (vendor datasheets)
+_PEAKS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "A800": 312.0, "H800": 989.0, "L40S": 362.0,
+          "A10": 125.0, "V100": 125.0}
+CPU_DEFAULT_PEAK = 1.0  # TFLOP/s: a placeholder; set logging.peak_tflops to your CPU's fp32 peak
+
+
+def device_peak_tflops(cfg: Config, device: torch.device) -> float:
+    if cfg.logging.peak_tflops > 0:
+        return cfg.logging.peak_tflops
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, peak in _PEAKS.items():
+            if key in name:
+                return peak
+        return 312.0
+    return CPU_DEFAULT_PEAK
+
+
+def format_duration(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    seconds = int(seconds)
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m{s:02d}s" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
+
+
+class MetricsLogger:
+    """Writes ``<run_dir>/metrics.jsonl`` (appending, flushed per line) and prints progress on rank 0."""
+
+    def __init__(self, cfg: Config, run_dir: Path, total_steps: int, is_main: bool = True):
+        self.cfg = cfg
+        self.total = total_steps
+        self.is_main = is_main
+        self.start = time.perf_counter()
+        self.steps_timed = 0
+        self.time_sum = 0.0
+        self._file = None
+        self._wandb = None
+        self._tb = None
+        if not is_main:
+            return
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self._file = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")
+        if cfg.logging.wandb:
+            try:
+                import wandb  # optional
+
+                self._wandb = wandb.init(project=cfg.logging.wandb_project, dir=str(run_dir), config=cfg.to_dict())
+            except ImportError:
+                print("warning: logging.wandb is on but wandb is not installed; skipping it", file=sys.stderr)
+        if cfg.logging.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter  # optional
+
+                self._tb = SummaryWriter(str(run_dir / "tensorboard"))
+            except ImportError:
+                print("warning: logging.tensorboard is on but tensorboard is not installed", file=sys.stderr)
+
+    def log(self, record: dict) -> None:
+        step = record["step"]
+        if step > 1:  # the first step pays for warm-up / compilation: keep it out of the ETA
+            self.steps_timed += 1
+            self.time_sum += record["step_time_s"]
+        if not self.is_main:
+            return
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        if self._wandb is not None:
+            self._wandb.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=step)
+        if self._tb is not None:
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and k != "step":
+                    self._tb.add_scalar(k, v, step)
+        if step % self.cfg.logging.log_interval == 0 or step == self.total:
+            avg = self.time_sum / self.steps_timed if self.steps_timed else record["step_time_s"]
+            eta = avg * (self.total - step)
+            print(f"step {step}/{self.total} | {record['modality']:>10} | loss {record['loss']:.4f} | "
+                  f"lr {record['lr']:.2e} | gnorm {record['grad_norm']:.3f} | "
+                  f"{record['tokens_per_s']:,.0f} tok/s | mfu {100 * record['mfu']:.2f}% | "
+                  f"ETA {format_duration(eta)}", flush=True)
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+        if self._tb is not None:
+            self._tb.close()

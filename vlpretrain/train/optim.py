@@ -1,0 +1,35 @@
+"""AdamW over trainable parameters only, and the paper's LR schedules (cosine / step) with linear warm-up."""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from vlpretrain.config import TrainConfig
+
+
+def lr_multiplier(step: int, cfg: TrainConfig) -> float:
+    """LR factor for optimizer step ``step`` (0-based: the factor used by the (step+1)-th update)."""
+    if cfg.warmup_steps > 0 and step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    if cfg.lr_schedule == "constant":
+        return 1.0
+    if cfg.lr_schedule == "step":
+        # DeepSeek-LLM's multi-step schedule: multiply by gamma at each milestone (fractions of all steps)
+        passed = sum(1 for m in cfg.step_milestones if step >= int(m * cfg.steps))
+        return cfg.step_gamma ** passed
+    span = max(cfg.steps - cfg.warmup_steps, 1)
+    progress = min((step - cfg.warmup_steps) / span, 1.0)
+    floor = cfg.min_lr_ratio
+    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("no trainable parameter: check train.stage / train.trainable")
+    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
+                            weight_decay=cfg.weight_decay, foreach=True)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_multiplier(s, cfg))
+    return opt, sched
