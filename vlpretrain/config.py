@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -19,6 +20,20 @@ import yaml
 
 class ConfigError(ValueError):
     """A bad config: the message is one line that names the offending key."""
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that also reads ``1e-4`` (no dot) as a float, as people write learning rates."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"""),
+    list("-+0123456789"))
+
+
+def _yaml_load(text: str):
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -147,6 +162,15 @@ class DataConfig:
 
 
 @dataclass
+class PretrainedConfig:
+    """Local pretrained weights for stage 1 (later stages use ``train.init_from``)."""
+
+    llm: str = ""  # HF LLaMA / DeepSeek-LLM directory (config.json + safetensors)
+    siglip: str = ""  # timm ViT state dict (safetensors or torch file)
+    sam: str = ""  # segment-anything / timm samvit / DeepSeek-VL state dict
+
+
+@dataclass
 class TrainConfig:
     stage: Literal[1, 2, 3] = 1
     # which parts learn; empty = the paper's choice for the stage (S1 adaptor; S2 + llm; S3 + siglip)
@@ -154,7 +178,7 @@ class TrainConfig:
     steps: int = 100
     global_batch_size: int = 8
     micro_batch_size: int = 8
-    seq_len: int = 512
+    seq_len: int = 4096
     seed: int = 0
     lr: float = 1e-3
     min_lr_ratio: float = 0.1  # cosine floor, as a fraction of lr
@@ -171,6 +195,7 @@ class TrainConfig:
     compile: bool = False
     device: Literal["auto", "cpu", "cuda"] = "auto"
     init_from: str = ""  # weights of a previous stage (checkpoint dir or .safetensors file)
+    pretrained: PretrainedConfig = field(default_factory=PretrainedConfig)
     run_dir: str = "runs/default"
     eval_interval: int = 0  # 0: only at the end
     eval_file: str = ""  # multi-choice eval set (jsonl), relative to data.root
@@ -302,7 +327,7 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
     if path in seen:
         raise ConfigError(f"config error: include cycle at {path}")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = _yaml_load(path.read_text()) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"config error: {path}: invalid YAML ({str(e).splitlines()[0]})") from None
     if not isinstance(data, dict):
@@ -324,7 +349,7 @@ def parse_overrides(overrides: list[str]) -> dict:
             raise ConfigError(f"config error: override '{item}' is not of the form key=value")
         key, raw = item.split("=", 1)
         try:
-            value = yaml.safe_load(raw) if raw != "" else ""
+            value = _yaml_load(raw) if raw != "" else ""
         except yaml.YAMLError:
             value = raw
         node = out

@@ -82,8 +82,7 @@ class SampleEncoder:
             while cut > 0 and ids[cut - 1] == img:  # the last id is only a target: no image run may touch it
                 cut -= 1
             ids, sup = ids[:cut], sup[:cut]
-            kept = sum(1 for i, t in enumerate(ids) if t == img and (i == 0 or ids[i - 1] != img))
-            images = images[:kept]
+            images = images[:sum(1 for t in ids if t == img) // self.image_tokens]
         labels = [t if s else IGNORE for t, s in zip(ids[1:], sup[1:])]
         if all(x == IGNORE for x in labels):
             raise ValueError("no supervised token fits in the sequence")

@@ -17,7 +17,7 @@ def lr_multiplier(step: int, cfg: TrainConfig) -> float:
         return 1.0
     if cfg.lr_schedule == "step":
         # DeepSeek-LLM's multi-step schedule: multiply by gamma at each milestone (fractions of all steps)
-        passed = sum(1 for m in cfg.step_milestones if step >= int(m * cfg.steps))
+        passed = sum(1 for m in cfg.step_milestones if step >= round(m * cfg.steps))
         return cfg.step_gamma ** passed
     span = max(cfg.steps - cfg.warmup_steps, 1)
     progress = min((step - cfg.warmup_steps) / span, 1.0)

@@ -22,8 +22,9 @@ from vlpretrain.data.samples import IGNORE
 from vlpretrain.data.tokenizer import TextTokenizer
 from vlpretrain.eval.mcppl import evaluate_mcppl
 from vlpretrain.models.flops import step_flops
+from vlpretrain.models.pretrained import load_pretrained_parts
 from vlpretrain.models.vlm import build_model, set_trainable
-from vlpretrain.train.checkpoint import load_weights, save_checkpoint
+from vlpretrain.train.checkpoint import find_weights, load_weights, save_checkpoint
 from vlpretrain.train.metrics import MetricsLogger, device_peak_tflops
 from vlpretrain.train.optim import build_optimizer
 
@@ -89,11 +90,19 @@ def train(cfg: Config) -> dict:
     eval_path = resolve(cfg.data.root, tc.eval_file) if tc.eval_file else None
     if eval_path is not None and not eval_path.is_file():
         raise FileNotFoundError(f"train.eval_file not found: {eval_path}")
+    init_file = find_weights(tc.init_from) if tc.init_from else None
+    for key in ("llm", "siglip", "sam"):
+        path = getattr(tc.pretrained, key)
+        if path and not Path(path).exists():
+            raise FileNotFoundError(f"train.pretrained.{key} not found: {path}")
 
     # ---- model, previous stage, freezing, optimizer
     model = build_model(cfg.model, device, seed=tc.seed)
-    if tc.init_from:
-        load_weights(model, tc.init_from)
+    if init_file is not None:
+        load_weights(model, init_file)
+    pre = tc.pretrained
+    if pre.llm or pre.siglip or pre.sam:
+        load_pretrained_parts(model, llm=pre.llm or None, siglip=pre.siglip or None, sam=pre.sam or None)
     trainable = trainable_parts(cfg)
     set_trainable(model, trainable)
     if tc.compile:
