@@ -256,7 +256,7 @@ def _batches_cfg(demo_dir: Path, *overrides: str):
 def test_step_batches_fixed_shapes_and_grouped_modality(demo_dir, tokenizer):
     cfg = _batches_cfg(demo_dir, "data.language_ratio.start=0.5", "data.language_ratio.end=0.5",
                        "data.language_ratio.warmup_steps=0")
-    data = StepBatches(cfg, tokenizer, num_microbatches=2)
+    data = StepBatches(cfg, tokenizer)
     ref = ModalitySchedule(cfg.data.language_ratio)
     mm_sources = {"interleaved", "captions", "ocr"}
     it = cfg.model.image_tokens
@@ -304,12 +304,12 @@ def test_step_batches_fixed_shapes_and_grouped_modality(demo_dir, tokenizer):
 
 def test_step_batches_warm_down_and_ungrouped(demo_dir, tokenizer):
     cfg = _batches_cfg(demo_dir)  # start 1.0 -> 0.7 over 100 steps: the first steps are all language
-    data = StepBatches(cfg, tokenizer, num_microbatches=2)
+    data = StepBatches(cfg, tokenizer)
     first = [next(data) for _ in range(3)]
     assert [b.modality for b in first] == ["text"] * 3
     assert [b.language_ratio_target for b in first] == pytest.approx([1.0, 0.997, 0.994])
     cfg = _batches_cfg(demo_dir, "data.group_by_modality=false")
-    data = StepBatches(cfg, tokenizer, num_microbatches=2)
+    data = StepBatches(cfg, tokenizer)
     batches = [next(data) for _ in range(3)]
     assert all(b.modality == "mixed" for b in batches)
     assert all(mb.tokens.shape == (4, 128) for b in batches for mb in b.microbatches)
@@ -330,7 +330,7 @@ def test_bad_samples_are_skipped_and_counted(demo_dir, tokenizer, tmp_path):
     src = f"data.sources=[{{name: custom, path: {tmp_path / 'custom.jsonl'}, modality: multimodal, weight: 1.0}}]"
     cfg = _batches_cfg(demo_dir, src, "train.micro_batch_size=2", "train.global_batch_size=2",
                        "data.group_by_modality=false")
-    data = StepBatches(cfg, tokenizer, num_microbatches=1)
+    data = StepBatches(cfg, tokenizer)
     assert len(data.sources[0].records) == 3
     assert data.skipped() == {"custom": 2}  # the broken line and the JSON list, at load time
     expected = SampleEncoder(tokenizer, cfg.model.image_tokens, 128).encode(good)

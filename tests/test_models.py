@@ -367,7 +367,7 @@ def test_stage_freezing_grads_and_optimizer(stage):
     if "siglip" in parts:
         assert model.embed.vision.siglip.vit.blocks[0].attn.qkv.weight.grad is not None
 
-    opt, sched = build_optimizer(model, cfg.train)
+    opt, sched = build_optimizer([p for p in model.parameters() if p.requires_grad], cfg.train)
     held = [p for group in opt.param_groups for p in group["params"]]
     assert len(held) == len({id(p) for p in held})
     assert {id(p) for p in held} == {id(p) for p in model.parameters() if p.requires_grad}

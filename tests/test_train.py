@@ -85,7 +85,7 @@ def test_scheduler_drives_the_optimizer_lr():
     cfg = TrainConfig(steps=12, warmup_steps=2, lr=2e-3, lr_schedule="step", step_milestones=[0.5, 0.75],
                       step_gamma=0.1)
     model = torch.nn.Linear(3, 2)
-    opt, sched = build_optimizer(model, cfg)
+    opt, sched = build_optimizer([p for p in model.parameters() if p.requires_grad], cfg)
     seen = []
     for _ in range(12):
         seen.append(opt.param_groups[0]["lr"])

@@ -125,7 +125,7 @@ class ParallelConfig:
     tp: int = 1
     pp: int = 1
     vpp: int = 1  # virtual pipeline stages per pipeline rank
-    schedule: Literal["1f1b", "interleaved_1f1b", "gpipe", "zero_bubble", "dualpipev"] = "1f1b"
+    schedule: Literal["1f1b", "interleaved_1f1b", "gpipe", "zero_bubble", "zbv", "dualpipev"] = "1f1b"
     sequence_parallel: bool = False
     layer_split: Union[Literal["uniform", "auto"], list[int]] = "auto"
     activation_checkpointing: Literal["none", "selective", "full"] = "none"

@@ -70,9 +70,9 @@ class Microbatch:
 class GlobalBatch:
     step: int
     modality: str  # "text" | "multimodal" | "mixed"
-    microbatches: list[Microbatch]
+    microbatches: list[Microbatch]  # this dp rank's share
     num_label_tokens: int  # supervised tokens in the whole global batch (the loss denominator)
-    num_tokens: int  # non-pad input tokens
+    num_tokens: int  # non-pad input tokens in the whole global batch
     num_images: int
     language_ratio_target: float
     source_counts: dict[str, int] = field(default_factory=dict)
@@ -81,7 +81,8 @@ class GlobalBatch:
 class StepBatches:
     """Iterator of ``GlobalBatch`` for steps 1, 2, ...: the simple single-host demo path."""
 
-    def __init__(self, cfg: Config, tokenizer: TextTokenizer, num_microbatches: int):
+    def __init__(self, cfg: Config, tokenizer: TextTokenizer, dp_rank: int = 0, dp_size: int = 1,
+                 load_images: bool = True):
         self.cfg = cfg
         self.tok = tokenizer
         self.encoder = SampleEncoder(tokenizer, cfg.model.image_tokens, cfg.train.seq_len, cfg.data.system_prompt)
@@ -95,7 +96,10 @@ class StepBatches:
         self.choosers = {m: WeightedChooser([self.sources[i].cfg.weight for i in idx])
                          for m, idx in self.by_modality.items() if idx}
         self.mixed = WeightedChooser([s.cfg.weight for s in self.sources])
-        self.num_microbatches = num_microbatches
+        # every rank draws and encodes the whole global batch (cheap: token ids), so the loss denominator is
+        # known without communication; it collates only its own dp slice, and loads images only if it runs
+        # the first pipeline stage
+        self.dp_rank, self.dp_size, self.load_images = dp_rank, dp_size, load_images
         self.step = 0
         m = cfg.model
         self.image_size = m.image_size
@@ -132,18 +136,22 @@ class StepBatches:
                     log.warning("skipping bad sample in source %s (id %s): %s", src.name, rec.get("id"), e)
         raise RuntimeError(f"no usable sample in 1000 draws for modality {modality}")
 
-    def _collate(self, items: list[tuple[int, EncodedSample]]) -> Microbatch:
+    def _collate(self, items: list[tuple[int, EncodedSample]], modality: str) -> Microbatch:
         s = self.cfg.train.seq_len
         b = len(items)
         tokens = torch.full((b, s), self.tok.pad_id, dtype=torch.long)
         labels = torch.full((b, s), IGNORE, dtype=torch.long)
-        max_images = max(len(e.images) for _, e in items)
-        images = torch.zeros(b, max_images, 3, self.image_size, self.image_size) if max_images else None
+        # image steps give every microbatch an image tensor (possibly with no image) so that all ranks run
+        # the vision towers; text steps give None and skip them
+        images = None
+        if self.load_images and modality != "text":
+            max_images = max(len(e.images) for _, e in items)
+            images = torch.zeros(b, max_images, 3, self.image_size, self.image_size)
         for row, (si, enc) in enumerate(items):
             tokens[row, :len(enc.tokens)] = torch.tensor(enc.tokens)
             labels[row, :len(enc.labels)] = torch.tensor(enc.labels)
             root = str(self.sources[si].root)
-            for j, p in enumerate(enc.images):
+            for j, p in enumerate(enc.images if images is not None else []):
                 images[row, j] = preprocess_image(load_image(resolve(root, p)), self.image_size, self.pad_mean)
         return Microbatch(tokens, labels, images)
 
@@ -155,15 +163,17 @@ class StepBatches:
         step = self.step
         modality = self._modality(step)
         mbs = self.cfg.train.micro_batch_size
-        items = [self._draw(modality) for _ in range(mbs * self.num_microbatches)]
+        items = [self._draw(modality) for _ in range(self.cfg.train.global_batch_size)]
         counts: dict[str, int] = {}
         for si, _ in items:
             counts[self.sources[si].name] = counts.get(self.sources[si].name, 0) + 1
-        micro = [self._collate(items[i:i + mbs]) for i in range(0, len(items), mbs)]
+        local = len(items) // self.dp_size
+        mine = items[self.dp_rank * local:(self.dp_rank + 1) * local]
+        micro = [self._collate(mine[i:i + mbs], modality) for i in range(0, len(mine), mbs)]
         return GlobalBatch(
             step=step, modality=modality, microbatches=micro,
-            num_label_tokens=sum(int((m.labels != IGNORE).sum()) for m in micro),
-            num_tokens=sum(int((m.tokens != self.tok.pad_id).sum()) for m in micro),
+            num_label_tokens=sum(sum(1 for x in e.labels if x != IGNORE) for _, e in items),
+            num_tokens=sum(len(e.tokens) for _, e in items),
             num_images=sum(len(e.images) for _, e in items),
             language_ratio_target=self.schedule.ratio(step), source_counts=counts)
 

@@ -25,8 +25,6 @@ class RMSNorm(nn.Module):
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * xf.to(x.dtype)
 
-    def reset_parameters(self) -> None:
-        nn.init.ones_(self.weight)
 
 
 def rotary_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -53,15 +51,21 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.head_dim = cfg.head_dim
+        self.rope_theta = cfg.rope_theta
         self.n_rep = cfg.n_heads // cfg.kv_heads
         self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
         self.wk = nn.Linear(cfg.dim, cfg.kv_heads * cfg.head_dim, bias=False)
         self.wv = nn.Linear(cfg.dim, cfg.kv_heads * cfg.head_dim, bias=False)
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+    def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None,
                 attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        # x is the full sequence here even under sequence parallelism (the TP plan gathers it first), so the
+        # rotary angles are computed from this tensor, not from the block's (possibly sharded) input
         b, s, _ = x.shape
+        if positions is None:
+            positions = torch.arange(s, device=x.device).expand(b, -1)
+        cos, sin = rotary_cos_sin(positions, self.head_dim, self.rope_theta)
         q = self.wq(x).view(b, s, -1, self.head_dim).transpose(1, 2)
         k = self.wk(x).view(b, s, -1, self.head_dim).transpose(1, 2)
         v = self.wv(x).view(b, s, -1, self.head_dim).transpose(1, 2)
@@ -92,7 +96,6 @@ class FeedForward(nn.Module):
 class DecoderBlock(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.cfg = cfg
         self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.attention = Attention(cfg)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
@@ -100,20 +103,8 @@ class DecoderBlock(nn.Module):
 
     def forward(self, h: torch.Tensor, positions: torch.Tensor | None = None,
                 attn_mask: torch.Tensor | None = None) -> torch.Tensor:
-        if positions is None:
-            positions = torch.arange(h.shape[1], device=h.device).expand(h.shape[0], -1)
-        cos, sin = rotary_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta)
-        h = h + self.attention(self.attention_norm(h), cos, sin, attn_mask)
+        h = h + self.attention(self.attention_norm(h), positions, attn_mask)
         return h + self.feed_forward(self.ffn_norm(h))
-
-    def reset_parameters(self, std: float, depth_std: float) -> None:
-        self.attention_norm.reset_parameters()
-        self.ffn_norm.reset_parameters()
-        for lin in (self.attention.wq, self.attention.wk, self.attention.wv, self.feed_forward.w1,
-                    self.feed_forward.w3):
-            nn.init.trunc_normal_(lin.weight, std=std)
-        for lin in (self.attention.wo, self.feed_forward.w2):  # residual outputs, scaled by depth (GPT-2)
-            nn.init.trunc_normal_(lin.weight, std=depth_std)
 
 
 class OutputHead(nn.Module):
@@ -127,6 +118,3 @@ class OutputHead(nn.Module):
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return self.output(self.norm(h))
 
-    def reset_parameters(self, std: float) -> None:
-        self.norm.reset_parameters()
-        nn.init.trunc_normal_(self.output.weight, std=std)

@@ -9,13 +9,12 @@ parameter keeps one fully-qualified name in every layout (what DCP resharding re
 """
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
 from vlpretrain.config import ModelConfig
 from vlpretrain.models.adaptor import VLAdaptor
+from vlpretrain.models.init import initial_values
 from vlpretrain.models.llm import DecoderBlock, OutputHead
 from vlpretrain.models.vision import HybridVisionEncoder
 
@@ -27,7 +26,7 @@ class VisionLanguageEmbedding(nn.Module):
 
     ``tokens`` (B, S) holds ``image_token_id`` on every image position: each image takes ``image_tokens``
     consecutive positions. ``images`` (B, M, 3, H, W) holds up to M images per sample in placeholder order
-    (zero padding past a sample's own count); a text-only batch passes None or M = 0.
+    (zero padding past a sample's own count); a text-only batch passes None (the towers do not run).
     """
 
     def __init__(self, cfg: ModelConfig):
@@ -42,7 +41,9 @@ class VisionLanguageEmbedding(nn.Module):
     def forward(self, tokens: torch.Tensor, images: torch.Tensor | None = None) -> torch.Tensor:
         is_image = tokens == self.image_token_id
         h = self.tok_embeddings(tokens.masked_fill(is_image, 0))
-        if images is None or images.shape[1] == 0:
+        if tokens.is_meta:  # shape-only pass (pipeline shape inference): splicing keeps the shape
+            return h
+        if images is None:
             if is_image.any():
                 raise ValueError("batch has image placeholder tokens but no images")
             return h
@@ -53,7 +54,10 @@ class VisionLanguageEmbedding(nn.Module):
         slots = torch.arange(images.shape[1], device=tokens.device)[None, :] < n_images[:, None]
         pixels = images[slots]  # (N, 3, H, W), in placeholder order
         if pixels.shape[0] == 0:
-            return h
+            # An image batch without any image here: run the towers on one blank image weighted by zero, so
+            # that every data-parallel rank executes (and gathers) the same modules in every image step.
+            blank = self.adaptor(*self.vision(images.new_zeros(1, *images.shape[2:])))
+            return h + 0.0 * blank.sum().to(h.dtype)
         feats = self.adaptor(*self.vision(pixels)).to(h.dtype)  # (N, image_tokens, dim)
         return h.masked_scatter(is_image.unsqueeze(-1), feats.reshape(-1, feats.shape[-1]))
 
@@ -76,36 +80,6 @@ class DeepSeekVL(nn.Module):
         for layer in self.layers.values():
             h = layer(h, positions, attn_mask)
         return self.head(h) if self.head is not None else h
-
-    @torch.no_grad()
-    def init_weights(self) -> None:
-        """(Re)initialise every parameter in place: used after building on the meta device."""
-        std = self.cfg.init_std
-        depth_std = std / math.sqrt(2 * self.cfg.n_layers)
-        if self.embed is not None:
-            reset_vision_(self.embed.vision)
-            for mod in self.embed.adaptor.modules():
-                if isinstance(mod, nn.Linear):
-                    nn.init.trunc_normal_(mod.weight, std=std)
-                    nn.init.zeros_(mod.bias)
-            nn.init.normal_(self.embed.tok_embeddings.weight, std=std)
-        for layer in self.layers.values():
-            layer.reset_parameters(std, depth_std)
-        if self.head is not None:
-            self.head.reset_parameters(std)
-
-
-def reset_vision_(module: nn.Module) -> None:
-    """Random init of the timm towers (real runs load pretrained weights instead)."""
-    for mod in module.modules():
-        if mod is not module and hasattr(mod, "reset_parameters") and not isinstance(mod, nn.Sequential):
-            mod.reset_parameters()
-    for name, p in module.named_parameters():
-        leaf = name.rsplit(".", 1)[-1]
-        if leaf == "pos_embed":
-            nn.init.trunc_normal_(p, std=0.02)
-        elif leaf in ("rel_pos_h", "rel_pos_w", "hd_alpha_downsamples"):
-            nn.init.zeros_(p)
 
 
 def part_of(param_name: str) -> str:
@@ -136,14 +110,15 @@ def set_trainable(model: nn.Module, trainable: list[str]) -> None:
         p.requires_grad_(part_of(name) in trainable)
 
 
-def build_model(cfg: ModelConfig, device: str | torch.device = "cpu", seed: int | None = None) -> DeepSeekVL:
-    """Build on ``device``; on "meta" no memory is touched (shapes and counts only)."""
-    if str(device) == "meta":
-        with torch.device("meta"):
-            return DeepSeekVL(cfg)
-    if seed is not None:
-        torch.manual_seed(seed)
-    with torch.device(device):
+def build_model(cfg: ModelConfig, device: str | torch.device = "cpu", seed: int = 0) -> DeepSeekVL:
+    """Build on ``device`` with the layout-independent init of ``models/init.py``; on "meta" nothing is
+    allocated (shapes and counts only)."""
+    with torch.device("meta"):
         model = DeepSeekVL(cfg)
-    model.init_weights()
+    if str(device) == "meta":
+        return model
+    model.to_empty(device=device)
+    with torch.no_grad():
+        for _, p, value in initial_values(model, cfg, seed):
+            p.copy_(value)
     return model

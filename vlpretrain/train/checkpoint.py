@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 WEIGHTS = "model.safetensors"
@@ -24,14 +24,18 @@ def _atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def save_weights(model: nn.Module, path: Path, metadata: dict | None = None) -> None:
-    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+def _state(model_or_state: nn.Module | dict) -> dict[str, torch.Tensor]:
+    return model_or_state if isinstance(model_or_state, dict) else model_or_state.state_dict()
+
+
+def save_weights(model: nn.Module | dict, path: Path, metadata: dict | None = None) -> None:
+    tensors = {k: v.detach().contiguous().cpu() for k, v in _state(model).items()}
     tmp = path.with_name(path.name + ".tmp")
     save_file(tensors, str(tmp), metadata={k: str(v) for k, v in (metadata or {}).items()})
     os.replace(tmp, path)
 
 
-def save_checkpoint(model: nn.Module, ckpt_dir: Path, step: int, meta: dict, keep_last: int) -> Path:
+def save_checkpoint(model: nn.Module | dict, ckpt_dir: Path, step: int, meta: dict, keep_last: int) -> Path:
     """``<ckpt_dir>/step_XXXXXXXX/`` with model.safetensors + meta.json; ``latest`` updated last."""
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     final = ckpt_dir / f"step_{step:08d}"
@@ -41,7 +45,7 @@ def save_checkpoint(model: nn.Module, ckpt_dir: Path, step: int, meta: dict, kee
     save_weights(model, tmp / WEIGHTS, {"step": step})
     (tmp / "meta.json").write_text(json.dumps({"step": step, **meta}, indent=1))
     with safe_open(str(tmp / WEIGHTS), framework="pt") as f:  # verify it reads back before publishing
-        if set(f.keys()) != set(model.state_dict().keys()):
+        if set(f.keys()) != set(_state(model).keys()):
             raise RuntimeError(f"checkpoint verification failed for {tmp}")
     if final.exists():
         shutil.rmtree(final)
@@ -68,17 +72,22 @@ def find_weights(path: str | Path) -> Path:
 
 
 def load_weights(model: nn.Module, path: str | Path) -> list[str]:
-    """Load every model parameter from ``path``; returns the checkpoint keys the model does not have."""
+    """Load every parameter ``model`` holds (a whole model or one pipeline stage, plain or sharded) from the
+    full weights at ``path``; returns the checkpoint keys the model does not hold."""
+    from vlpretrain.parallel.engine import copy_full_
+
     file = find_weights(path)
-    state = load_file(str(file))
     own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    if missing:
-        raise ValueError(f"{file}: missing {len(missing)} model keys, e.g. {missing[:3]}")
-    for k, v in own.items():
-        if state[k].shape != v.shape:
-            raise ValueError(f"{file}: shape mismatch for {k}: {tuple(state[k].shape)} vs {tuple(v.shape)}")
-    with torch.no_grad():
+    with safe_open(str(file), framework="pt") as f:
+        keys = set(f.keys())
+        missing = sorted(set(own) - keys)
+        if missing:
+            raise ValueError(f"{file}: missing {len(missing)} model keys, e.g. {missing[:3]}")
         for k, v in own.items():
-            v.copy_(state[k])
-    return sorted(set(state) - set(own))
+            shape = tuple(f.get_slice(k).get_shape())
+            if shape != tuple(v.shape):
+                raise ValueError(f"{file}: shape mismatch for {k}: {shape} vs {tuple(v.shape)}")
+        with torch.no_grad():
+            for k, v in own.items():
+                copy_full_(v, f.get_tensor(k).to(v.dtype))
+    return sorted(keys - set(own))

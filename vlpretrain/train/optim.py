@@ -4,7 +4,6 @@ from __future__ import annotations
 import math
 
 import torch
-from torch import nn
 
 from vlpretrain.config import TrainConfig
 
@@ -25,11 +24,14 @@ def lr_multiplier(step: int, cfg: TrainConfig) -> float:
     return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def build_optimizer(model: nn.Module, cfg: TrainConfig) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
-    params = [p for p in model.parameters() if p.requires_grad]
+def build_optimizer(params: list[torch.Tensor], cfg: TrainConfig) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW over ``params`` (the trainable ones: frozen parameters get no optimizer state)."""
     if not params:
         raise ValueError("no trainable parameter: check train.stage / train.trainable")
+    # the multi-tensor kernels need one tensor kind: under TP without FSDP the first stage's parameters are
+    # plain tensors and the decoder's are DTensors
+    kinds = {type(p.data) for p in params}
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
-                            weight_decay=cfg.weight_decay, foreach=True)
+                            weight_decay=cfg.weight_decay, foreach=len(kinds) == 1)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_multiplier(s, cfg))
     return opt, sched

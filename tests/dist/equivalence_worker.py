@@ -1,0 +1,138 @@
+"""Run under torchrun: for each layout case, compare one training step of the parallel layout with the
+single-process run of the same model, data and seed. Every rank writes its measured differences to
+``<out>/rank<r>.json``; the pytest wrapper (tests/test_parallel_equivalence.py) asserts on them.
+
+    torchrun --nproc_per_node W tests/dist/equivalence_worker.py OUT CASES_JSON
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor
+
+from vlpretrain.config import config_from_dict
+from vlpretrain.data.loader import Microbatch
+from vlpretrain.models.init import canonical_name
+from vlpretrain.parallel.engine import ParallelModel
+from vlpretrain.parallel.mesh import ParallelContext, build_mesh, resolve_layout
+from vlpretrain.train.optim import build_optimizer
+
+IMAGE_ID = 2
+PAD_ID = 3
+
+
+def tiny_hybrid(**over) -> dict:
+    """A small hybrid DeepSeek-VL (SigLIP + SAM with the neck_hd path, GQA decoder): 16 tokens per image."""
+    model = {
+        "name": "tiny-test", "vocab_size": 256, "dim": 64, "n_layers": 4, "n_heads": 4, "n_kv_heads": 2,
+        "ffn_dim": 128, "max_seq_len": 128, "image_token_id": IMAGE_ID,
+        "siglip": {"image_size": 32, "patch_size": 8, "width": 32, "depth": 2, "heads": 2},
+        "sam": {"enabled": True, "image_size": 64, "patch_size": 8, "width": 32, "depth": 2, "heads": 2,
+                "window_size": 3, "global_attn_indexes": [1], "neck_chans": 16, "interp_size": 16,
+                "downsample_channels": [24, 32], "hd_path": True},
+    }
+    train = {"stage": 2, "steps": 1, "global_batch_size": 8, "micro_batch_size": 2, "seq_len": 64, "seed": 3,
+             "lr": 1e-3, "eps": 1e-6, "warmup_steps": 0, "lr_schedule": "constant", "grad_clip": 0.0}
+    cfg = {"model": model, "train": train, "parallel": {}}
+    for key, value in over.items():
+        section, name = key.split(".", 1)
+        node = cfg.setdefault(section, {})
+        *path, leaf = name.split(".")
+        for p in path:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return cfg
+
+
+def make_global_batch(cfg, seed: int, with_images: bool) -> tuple[list[Microbatch], int]:
+    """Deterministic synthetic global batch: random text, 0-2 images per sample spliced at random places."""
+    g = torch.Generator().manual_seed(seed)
+    m, t = cfg.model, cfg.train
+    n, s, it = t.global_batch_size, t.seq_len, m.image_tokens
+    tokens = torch.randint(4, m.vocab_size, (n, s + 1), generator=g)
+    counts = torch.randint(0, 3, (n,), generator=g) if with_images else torch.zeros(n, dtype=torch.long)
+    images = torch.rand(n, 2, 3, m.image_size, m.image_size, generator=g)
+    for i in range(n):
+        starts = [1, 1 + it + 2][: int(counts[i])]
+        for st in starts:
+            tokens[i, st:st + it] = IMAGE_ID
+        images[i, int(counts[i]):] = 0
+    pad_from = torch.randint(s - 6, s + 1, (n,), generator=g)  # some right padding
+    for i in range(n):
+        tokens[i, pad_from[i]:] = PAD_ID
+    inputs, targets = tokens[:, :-1].clone(), tokens[:, 1:].clone()
+    targets[(targets == IMAGE_ID) | (targets == PAD_ID)] = -100
+    mbs = t.micro_batch_size
+    mbs_list = [Microbatch(inputs[i:i + mbs], targets[i:i + mbs], images[i:i + mbs] if with_images else None)
+                for i in range(0, n, mbs)]
+    return mbs_list, int((targets != -100).sum())
+
+
+def local_share(microbatches: list[Microbatch], dp_rank: int, dp: int) -> list[Microbatch]:
+    k = len(microbatches) // dp
+    return microbatches[dp_rank * k:(dp_rank + 1) * k]
+
+
+def full(t: torch.Tensor) -> torch.Tensor:
+    return (t.full_tensor() if isinstance(t, DTensor) else t).detach().float().cpu()
+
+
+def run_step(model: ParallelModel, cfg, microbatches, n_labels):
+    loss = model.forward_backward(microbatches, n_labels)
+    grads = {canonical_name(n): full(p.grad) for n, p in model.named_parameters() if p.grad is not None}
+    norm = model.clip_grad_norm_(0.0)
+    params = model.trainable_parameters()
+    if params:
+        opt, _ = build_optimizer(params, cfg.train)
+        opt.step()
+    after = {canonical_name(n): full(p) for n, p in model.named_parameters()}
+    return loss, grads, norm, after
+
+
+def main() -> None:
+    out, cases = Path(sys.argv[1]), json.loads(Path(sys.argv[2]).read_text())
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    torch.set_num_threads(1)
+    device = torch.device("cpu")
+    results = {}
+    for case in cases:
+        cfg = config_from_dict(tiny_hybrid(**case["overrides"]))
+        # the reference: the same config on one process (every degree 1)
+        ref_cfg = config_from_dict(tiny_hybrid(**{k: v for k, v in case["overrides"].items()
+                                                 if not k.startswith("parallel.")}))
+        ref = ParallelModel(ref_cfg, ParallelContext(resolve_layout(ref_cfg, 1), device, None))
+        mbs, n_labels = make_global_batch(cfg, seed=case.get("data_seed", 0), with_images=case.get("images", True))
+        r_loss, r_grads, r_norm, r_after = run_step(ref, ref_cfg, mbs, n_labels)
+
+        layout = resolve_layout(cfg, world)
+        ctx = ParallelContext(layout, device, build_mesh(layout, device))
+        par = ParallelModel(cfg, ctx)
+        p_loss, p_grads, p_norm, p_after = run_step(par, cfg, local_share(mbs, ctx.dp_rank, layout.dp), n_labels)
+        owned = sorted(p_after)
+        grad_rel = {k: float((p_grads[k] - r_grads[k]).abs().max() / r_grads[k].abs().max().clamp_min(1e-12))
+                    for k in p_grads}
+        grad_abs = {k: float((p_grads[k] - r_grads[k]).abs().max()) for k in p_grads}
+        param_abs = {k: float((p_after[k] - r_after[k]).abs().max()) for k in owned}
+        results[case["name"]] = {
+            "layout": [layout.dp, layout.tp, layout.pp, layout.vpp], "split": par.split,
+            "loss": p_loss, "ref_loss": r_loss, "grad_norm": p_norm, "ref_grad_norm": r_norm,
+            "owned": owned, "grads": sorted(p_grads), "ref_grads_owned": sorted(k for k in r_grads if k in owned),
+            "grad_rel_max": max(grad_rel.values(), default=0.0), "grad_abs_max": max(grad_abs.values(), default=0.0),
+            "param_abs_max": max(param_abs.values(), default=0.0),
+            "worst_grad": max(grad_rel, key=grad_rel.get) if grad_rel else None,
+        }
+        dist.barrier()
+    (out / f"rank{rank}.json").write_text(json.dumps(results, indent=1))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    main()

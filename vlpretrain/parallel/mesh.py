@@ -1,0 +1,137 @@
+"""Layout checks and the device mesh.
+
+The layout is checked against the world size BEFORE any process group starts, so a bad layout costs one line
+and no cluster time. The mesh is (pp, dp, tp) with tp innermost, so tensor-parallel peers are neighbouring
+ranks (the same node on GPU clusters).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+from vlpretrain.config import Config, ConfigError
+
+# schedule -> several virtual stages per rank?
+LOOPED_SCHEDULES = {"1f1b": False, "gpipe": False, "interleaved_1f1b": True, "zero_bubble": True, "zbv": True,
+                    "dualpipev": True}
+V_SCHEDULES = ("zbv", "dualpipev")  # V-shaped: rank r holds stages r and 2 pp - 1 - r
+
+
+@dataclass(frozen=True)
+class Layout:
+    dp: int
+    tp: int
+    pp: int
+    vpp: int
+
+    @property
+    def world_size(self) -> int:
+        return self.dp * self.tp * self.pp
+
+    @property
+    def n_stages(self) -> int:
+        return self.pp * self.vpp
+
+
+def _fail(msg: str) -> None:
+    raise ConfigError(f"layout error: {msg}")
+
+
+def resolve_layout(cfg: Config, world_size: int) -> Layout:
+    """Check the parallel layout against the world size; derive ``dp: auto``. Raises ConfigError."""
+    p, t = cfg.parallel, cfg.train
+    if world_size % (p.tp * p.pp) != 0:
+        _fail(f"world size {world_size} is not divisible by tp x pp = {p.tp * p.pp}")
+    dp = world_size // (p.tp * p.pp) if p.dp == "auto" else p.dp
+    if dp * p.tp * p.pp != world_size:
+        _fail(f"dp x tp x pp = {dp} x {p.tp} x {p.pp} = {dp * p.tp * p.pp} but the world size is {world_size}")
+    if t.global_batch_size % (t.micro_batch_size * dp) != 0:
+        _fail(f"train.global_batch_size={t.global_batch_size} is not divisible by micro_batch_size x dp = "
+              f"{t.micro_batch_size} x {dp}")
+    n_mb = t.global_batch_size // (t.micro_batch_size * dp)
+    looped = LOOPED_SCHEDULES[p.schedule]
+    if p.pp > 1:
+        if looped and p.vpp < 2:
+            _fail(f"parallel.schedule={p.schedule} needs parallel.vpp >= 2")
+        if not looped and p.vpp != 1:
+            _fail(f"parallel.schedule={p.schedule} runs one stage per rank; use interleaved_1f1b for vpp={p.vpp}")
+        if p.schedule in V_SCHEDULES and p.vpp != 2:
+            _fail(f"parallel.schedule={p.schedule} needs exactly parallel.vpp=2 (V-shaped)")
+        if n_mb < p.pp:
+            _fail(f"{n_mb} microbatches per step (global batch / (micro batch x dp)) cannot fill {p.pp} "
+                  f"pipeline ranks: need at least {p.pp}")
+        if looped and n_mb % p.pp != 0:
+            _fail(f"{p.schedule} needs the microbatch count ({n_mb}) to be a multiple of pp={p.pp}")
+    elif p.vpp != 1:
+        _fail(f"parallel.vpp={p.vpp} needs pipeline parallelism (parallel.pp > 1)")
+    if p.sequence_parallel and p.tp > 1 and t.seq_len % p.tp != 0:
+        _fail(f"sequence parallel needs train.seq_len={t.seq_len} divisible by tp={p.tp}")
+    return Layout(dp=dp, tp=p.tp, pp=p.pp, vpp=p.vpp)
+
+
+@dataclass
+class ParallelContext:
+    layout: Layout
+    device: torch.device
+    mesh: DeviceMesh | None  # None on a single process: every degree is 1 and no collective runs
+
+    def _local(self, dim: str) -> int:
+        return self.mesh[dim].get_local_rank() if self.mesh is not None else 0
+
+    @property
+    def pp_rank(self) -> int:
+        return self._local("pp")
+
+    @property
+    def dp_rank(self) -> int:
+        return self._local("dp")
+
+    @property
+    def tp_rank(self) -> int:
+        return self._local("tp")
+
+    @property
+    def rank(self) -> int:
+        return dist.get_rank() if self.mesh is not None else 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def submesh(self, dim: str) -> DeviceMesh | None:
+        return self.mesh[dim] if self.mesh is not None else None
+
+
+def world_size_from_env() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def init_parallel(cfg: Config, device: torch.device) -> ParallelContext:
+    """Check the layout, then (for world size > 1) start the process group and build the mesh."""
+    world = world_size_from_env()
+    layout = resolve_layout(cfg, world)
+    if world == 1:
+        return ParallelContext(layout, device, None)
+    if not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        if device.type == "cuda":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend=backend)
+    return ParallelContext(layout, device, build_mesh(layout, device))
+
+
+def build_mesh(layout: Layout, device: torch.device) -> DeviceMesh:
+    return init_device_mesh(device.type, (layout.pp, layout.dp, layout.tp), mesh_dim_names=("pp", "dp", "tp"))
+
+
+def local_device(cfg: Config) -> torch.device:
+    want = cfg.train.device
+    if want == "cuda" or (want == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise RuntimeError("train.device is 'cuda' but no GPU is visible")
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")

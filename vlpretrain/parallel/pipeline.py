@@ -1,0 +1,92 @@
+"""Pipeline parallelism with ``torch.distributed.pipelining``: stages cut from the model's parts.
+
+Virtual stage k holds a contiguous run of parts; stage 0 starts with ``embed`` (the heavy vision + embedding
+part), the last ends with ``head``. A stage module is a copy of the whole (meta-device) model with the parts
+it does not own removed, so parameter names are identical in every layout. Rank r owns virtual stages
+r, r + pp, ... (looped schedules) or r and 2 pp - 1 - r (V-shaped schedules).
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.distributed.pipelining import PipelineStage
+from torch.distributed.pipelining import schedules as S
+
+from vlpretrain.parallel.mesh import V_SCHEDULES
+
+SCHEDULES = {
+    "1f1b": S.Schedule1F1B,
+    "gpipe": S.ScheduleGPipe,
+    "interleaved_1f1b": S.ScheduleInterleaved1F1B,
+    "zero_bubble": S.ScheduleInterleavedZeroBubble,
+    "zbv": S.ScheduleZBVZeroBubble,
+    "dualpipev": getattr(S, "ScheduleDualPipeV", None),
+}
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    index: int
+    has_embed: bool
+    layers: tuple[int, ...]
+    has_head: bool
+
+
+def stage_specs(split: list[int]) -> list[StageSpec]:
+    """Decoder-layer counts per virtual stage -> what each virtual stage holds."""
+    specs, start = [], 0
+    for k, n in enumerate(split):
+        spec = StageSpec(k, k == 0, tuple(range(start, start + n)), k == len(split) - 1)
+        if not (spec.has_embed or spec.layers or spec.has_head):
+            raise ValueError(f"layout error: virtual stage {k} of split {split} holds no part")
+        specs.append(spec)
+        start += n
+    return specs
+
+
+def stages_of_rank(pp_rank: int, pp: int, vpp: int, schedule: str) -> list[int]:
+    if schedule in V_SCHEDULES:
+        return [pp_rank, 2 * pp - 1 - pp_rank]
+    return [pp_rank + k * pp for k in range(vpp)]
+
+
+def cut_stage(model: nn.Module, spec: StageSpec) -> nn.Module:
+    """A copy of ``model`` (on the meta device) holding only the parts of ``spec``."""
+    stage = copy.deepcopy(model)
+    if not spec.has_embed:
+        stage.embed = None
+    if not spec.has_head:
+        stage.head = None
+    for name in list(stage.layers.keys()):
+        if int(name) not in spec.layers:
+            del stage.layers[name]
+    return stage
+
+
+class ScaledTextLoss:
+    """The pipeline's per-microbatch loss: CE summed over supervised tokens / the global batch's count.
+
+    The count changes every step; the schedule keeps this object, the trainer updates ``denominator``.
+    """
+
+    def __init__(self, loss_fn):
+        self.loss_fn = loss_fn
+        self.denominator = 1
+
+    def __call__(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return self.loss_fn(output, target, self.denominator)
+
+
+def build_schedule(stage_modules: list[nn.Module], stage_ids: list[int], n_stages: int, device: torch.device,
+                   pp_group, schedule: str, n_microbatches: int, loss: ScaledTextLoss):
+    cls = SCHEDULES[schedule]
+    if cls is None:
+        raise RuntimeError(f"parallel.schedule={schedule} is not available in torch {torch.__version__}")
+    stages = [PipelineStage(m, sid, n_stages, device, group=pp_group) for m, sid in zip(stage_modules, stage_ids)]
+    # the loss is already normalised by the global token count: the schedule must not rescale gradients
+    if cls in (S.Schedule1F1B, S.ScheduleGPipe):
+        return cls(stages[0], n_microbatches, loss_fn=loss, scale_grads=False)
+    return cls(stages, n_microbatches, loss_fn=loss, scale_grads=False)
