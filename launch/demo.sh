@@ -10,8 +10,9 @@ RUNS=${DEMO_RUNS:-runs}
 t0=$(date +%s)
 
 python3 -m data_tools demo --out "$DATA" --seed 0
+mkdir -p "$RUNS"
 common=(data.root="$DATA")
-python3 -m vlpretrain eval --config configs/tiny/stage1.yaml --set "${common[@]}" | tee "$RUNS.eval_before.json.tmp"
+python3 -m vlpretrain eval --config configs/tiny/stage1.yaml --set "${common[@]}" | tee "$RUNS/eval_before.json"
 
 python3 -m vlpretrain train --config configs/tiny/stage1.yaml --set "${common[@]}" train.run_dir="$RUNS/tiny-stage1"
 python3 -m vlpretrain train --config configs/tiny/stage2.yaml --set "${common[@]}" train.run_dir="$RUNS/tiny-stage2" \
@@ -19,14 +20,12 @@ python3 -m vlpretrain train --config configs/tiny/stage2.yaml --set "${common[@]
 python3 -m vlpretrain train --config configs/tiny/stage3.yaml --set "${common[@]}" train.run_dir="$RUNS/tiny-stage3" \
   train.init_from="$RUNS/tiny-stage2"
 python3 -m vlpretrain eval --config configs/tiny/stage3.yaml --set "${common[@]}" \
-  --weights "$RUNS/tiny-stage3" | tee "$RUNS.eval_after.json.tmp"
+  --weights "$RUNS/tiny-stage3" | tee "$RUNS/eval_after.json"
 
-python3 - "$RUNS.eval_before.json.tmp" "$RUNS.eval_after.json.tmp" "$t0" <<'PY'
-import json, os, sys, time
+python3 - "$RUNS/eval_before.json" "$RUNS/eval_after.json" "$t0" <<'PY'
+import json, sys, time
 before = json.loads(open(sys.argv[1]).read().strip().splitlines()[-1])
 after = json.loads(open(sys.argv[2]).read().strip().splitlines()[-1])
-for f in sys.argv[1:3]:
-    os.remove(f)
 print(f"demo wall time {time.time() - int(sys.argv[3]):.0f}s; accuracy by question type after training: "
       f"{after['by_type']}", file=sys.stderr)
 print(json.dumps({"demo": "ok", "mcppl_accuracy_before": before["accuracy"],

@@ -68,7 +68,7 @@ def test_include_gives_stage_file_the_model_section():
     assert (m.sam.window_size, m.sam.global_attn_indexes, m.sam.interp_size) == (6, [1, 3], 24)
     assert m.image_tokens == (48 // 8) ** 2 == 36
     # and the stage file's own sections
-    assert (cfg.train.stage, cfg.train.steps, cfg.train.lr) == (1, 120, 3.0e-3)
+    assert (cfg.train.stage, cfg.train.steps, cfg.train.lr) == (1, 60, 3.0e-3)
     assert [s.name for s in cfg.data.sources] == ["captions", "ocr"]
     # untouched sections keep the dataclass defaults
     assert cfg.checkpoint.async_save is False and cfg.train.beta2 == 0.95
@@ -113,7 +113,8 @@ def test_override_exponent_without_dot_is_a_float():
 
 
 def test_override_lists_with_pipeline_layout():
-    cfg = load_config(TINY / "stage2.yaml", ["parallel.pp=2", "parallel.vpp=2", "parallel.layer_split=[1,1,1,1]"])
+    cfg = load_config(TINY / "stage2.yaml", ["parallel.pp=2", "parallel.vpp=2", "parallel.schedule=interleaved_1f1b",
+                                             "parallel.layer_split=[1,1,1,1]"])
     assert cfg.parallel.layer_split == [1, 1, 1, 1]
     assert (cfg.parallel.pp, cfg.parallel.vpp) == (2, 2)
     cfg = load_config(TINY / "stage2.yaml", ["parallel.pp=2", "parallel.layer_split=[3, 1]",

@@ -81,6 +81,31 @@ def cmd_eval(args: argparse.Namespace, cfg: Config) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace, cfg: Config) -> int:
+    from vlpretrain.parallel.plan import format_plan, measure_part_times, plan
+
+    measured = None
+    try:
+        if args.measure:
+            import torch
+
+            measured = measure_part_times(cfg, device="cuda" if torch.cuda.is_available() else "cpu",
+                                          images_per_sample=round(args.images_per_sample))
+        result = plan(cfg, measured=measured, world_size=args.world_size, images_per_sample=args.images_per_sample)
+    except ValueError as e:  # ConfigError is handled by main()
+        if isinstance(e, ConfigError):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        keys = ("split", "stage_time", "stage_memory", "step_time")
+        print(json.dumps({name: ({k: result[name][k] for k in keys} if result[name] else None)
+                          for name in ("uniform", "auto")}))
+        return 0
+    print(format_plan(cfg, result, args.images_per_sample))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vlpretrain", description="DeepSeek-VL-style VLM pretraining")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -102,6 +127,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-file", default="", help="jsonl multi-choice set (default: train.eval_file)")
     p.add_argument("--limit", type=int, default=None)
     p.set_defaults(func=cmd_eval)
+    p = sub.add_parser("plan", help="pipeline layer split: uniform vs vision-aware balance (meta device)")
+    _add_config_args(p)
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--measure", action="store_true", help="time each part on this machine (tiny models)")
+    p.add_argument("--world-size", type=int, default=None, help="GPUs in all (for dp: auto); default dp=1")
+    p.add_argument("--images-per-sample", type=float, default=1.0, help="expected images per sequence")
+    p.set_defaults(func=cmd_plan)
     return parser
 
 

@@ -457,5 +457,12 @@ def validate(cfg: Config) -> None:
            f"{p.tp} does not divide the attention heads ({m.n_heads} q, {m.kv_heads} kv)")
     _check(m.ffn_dim % p.tp == 0, "parallel.tp", f"{p.tp} does not divide model.ffn_dim={m.ffn_dim}")
     _check(m.vocab_size % p.tp == 0, "parallel.tp", f"{p.tp} does not divide model.vocab_size={m.vocab_size}")
-    if p.schedule == "interleaved_1f1b":
-        _check(p.vpp > 1, "parallel.schedule", "interleaved_1f1b needs parallel.vpp > 1")
+    if p.pp > 1:
+        looped = p.schedule in ("interleaved_1f1b", "zero_bubble", "zbv", "dualpipev")
+        _check(not looped or p.vpp >= 2, "parallel.schedule", f"{p.schedule} needs parallel.vpp >= 2")
+        _check(looped or p.vpp == 1, "parallel.schedule",
+               f"{p.schedule} runs one stage per rank; use interleaved_1f1b for vpp={p.vpp}")
+        _check(p.schedule not in ("zbv", "dualpipev") or p.vpp == 2, "parallel.schedule",
+               f"{p.schedule} is V-shaped: it needs exactly parallel.vpp=2")
+    else:
+        _check(p.vpp == 1, "parallel.vpp", f"{p.vpp} virtual stages need pipeline parallelism (parallel.pp > 1)")

@@ -17,13 +17,13 @@ from torch.distributed.tensor import DTensor
 
 from vlpretrain.config import config_from_dict
 from vlpretrain.data.loader import Microbatch
+from vlpretrain.data.synthetic import synthetic_microbatches
 from vlpretrain.models.init import canonical_name
 from vlpretrain.parallel.engine import ParallelModel
 from vlpretrain.parallel.mesh import ParallelContext, build_mesh, resolve_layout
 from vlpretrain.train.optim import build_optimizer
 
 IMAGE_ID = 2
-PAD_ID = 3
 
 
 def tiny_hybrid(**over) -> dict:
@@ -47,30 +47,6 @@ def tiny_hybrid(**over) -> dict:
             node = node.setdefault(p, {})
         node[leaf] = value
     return cfg
-
-
-def make_global_batch(cfg, seed: int, with_images: bool) -> tuple[list[Microbatch], int]:
-    """Deterministic synthetic global batch: random text, 0-2 images per sample spliced at random places."""
-    g = torch.Generator().manual_seed(seed)
-    m, t = cfg.model, cfg.train
-    n, s, it = t.global_batch_size, t.seq_len, m.image_tokens
-    tokens = torch.randint(4, m.vocab_size, (n, s + 1), generator=g)
-    counts = torch.randint(0, 3, (n,), generator=g) if with_images else torch.zeros(n, dtype=torch.long)
-    images = torch.rand(n, 2, 3, m.image_size, m.image_size, generator=g)
-    for i in range(n):
-        starts = [1, 1 + it + 2][: int(counts[i])]
-        for st in starts:
-            tokens[i, st:st + it] = IMAGE_ID
-        images[i, int(counts[i]):] = 0
-    pad_from = torch.randint(s - 6, s + 1, (n,), generator=g)  # some right padding
-    for i in range(n):
-        tokens[i, pad_from[i]:] = PAD_ID
-    inputs, targets = tokens[:, :-1].clone(), tokens[:, 1:].clone()
-    targets[(targets == IMAGE_ID) | (targets == PAD_ID)] = -100
-    mbs = t.micro_batch_size
-    mbs_list = [Microbatch(inputs[i:i + mbs], targets[i:i + mbs], images[i:i + mbs] if with_images else None)
-                for i in range(0, n, mbs)]
-    return mbs_list, int((targets != -100).sum())
 
 
 def local_share(microbatches: list[Microbatch], dp_rank: int, dp: int) -> list[Microbatch]:
@@ -107,7 +83,8 @@ def main() -> None:
         ref_cfg = config_from_dict(tiny_hybrid(**{k: v for k, v in case["overrides"].items()
                                                  if not k.startswith("parallel.")}))
         ref = ParallelModel(ref_cfg, ParallelContext(resolve_layout(ref_cfg, 1), device, None))
-        mbs, n_labels = make_global_batch(cfg, seed=case.get("data_seed", 0), with_images=case.get("images", True))
+        mbs, n_labels = synthetic_microbatches(cfg, seed=case.get("data_seed", 0),
+                                               images_per_sample=2 if case.get("images", True) else 0)
         r_loss, r_grads, r_norm, r_after = run_step(ref, ref_cfg, mbs, n_labels)
 
         layout = resolve_layout(cfg, world)
@@ -122,7 +99,7 @@ def main() -> None:
         results[case["name"]] = {
             "layout": [layout.dp, layout.tp, layout.pp, layout.vpp], "split": par.split,
             "loss": p_loss, "ref_loss": r_loss, "grad_norm": p_norm, "ref_grad_norm": r_norm,
-            "owned": owned, "grads": sorted(p_grads), "ref_grads_owned": sorted(k for k in r_grads if k in owned),
+            "owned": owned, "all_params": sorted(r_after), "grads": sorted(p_grads), "ref_grads_owned": sorted(k for k in r_grads if k in owned),
             "grad_rel_max": max(grad_rel.values(), default=0.0), "grad_abs_max": max(grad_abs.values(), default=0.0),
             "param_abs_max": max(param_abs.values(), default=0.0),
             "worst_grad": max(grad_rel, key=grad_rel.get) if grad_rel else None,

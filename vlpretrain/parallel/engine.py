@@ -56,6 +56,7 @@ class ParallelModel:
         for m in self.modules:
             if lay.tp > 1:
                 apply_tensor_parallel(m, ctx.submesh("tp"), cfg.parallel.sequence_parallel)
+                set_trainable(m, trainable_parts(cfg))  # TP re-registers parameters as trainable
             apply_activation_checkpointing(m, cfg.parallel.activation_checkpointing)
             if cfg.train.compile:
                 for block in m.layers.values():

@@ -15,9 +15,6 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from vlpretrain.config import Config, ConfigError
 
-# schedule -> several virtual stages per rank?
-LOOPED_SCHEDULES = {"1f1b": False, "gpipe": False, "interleaved_1f1b": True, "zero_bubble": True, "zbv": True,
-                    "dualpipev": True}
 V_SCHEDULES = ("zbv", "dualpipev")  # V-shaped: rank r holds stages r and 2 pp - 1 - r
 
 
@@ -53,21 +50,12 @@ def resolve_layout(cfg: Config, world_size: int) -> Layout:
         _fail(f"train.global_batch_size={t.global_batch_size} is not divisible by micro_batch_size x dp = "
               f"{t.micro_batch_size} x {dp}")
     n_mb = t.global_batch_size // (t.micro_batch_size * dp)
-    looped = LOOPED_SCHEDULES[p.schedule]
-    if p.pp > 1:
-        if looped and p.vpp < 2:
-            _fail(f"parallel.schedule={p.schedule} needs parallel.vpp >= 2")
-        if not looped and p.vpp != 1:
-            _fail(f"parallel.schedule={p.schedule} runs one stage per rank; use interleaved_1f1b for vpp={p.vpp}")
-        if p.schedule in V_SCHEDULES and p.vpp != 2:
-            _fail(f"parallel.schedule={p.schedule} needs exactly parallel.vpp=2 (V-shaped)")
+    if p.pp > 1:  # (schedule / vpp consistency is checked with the config)
         if n_mb < p.pp:
             _fail(f"{n_mb} microbatches per step (global batch / (micro batch x dp)) cannot fill {p.pp} "
                   f"pipeline ranks: need at least {p.pp}")
-        if looped and n_mb % p.pp != 0:
+        if p.vpp > 1 and n_mb % p.pp != 0:
             _fail(f"{p.schedule} needs the microbatch count ({n_mb}) to be a multiple of pp={p.pp}")
-    elif p.vpp != 1:
-        _fail(f"parallel.vpp={p.vpp} needs pipeline parallelism (parallel.pp > 1)")
     if p.sequence_parallel and p.tp > 1 and t.seq_len % p.tp != 0:
         _fail(f"sequence parallel needs train.seq_len={t.seq_len} divisible by tp={p.tp}")
     return Layout(dp=dp, tp=p.tp, pp=p.pp, vpp=p.vpp)

@@ -21,7 +21,7 @@ from vlpretrain.data.tokenizer import TextTokenizer
 from vlpretrain.eval.mcppl import evaluate_mcppl
 from vlpretrain.models.flops import step_flops
 from vlpretrain.models.pretrained import load_pretrained_parts
-from vlpretrain.parallel.engine import ParallelModel, text_loss  # noqa: F401  (text_loss re-exported)
+from vlpretrain.parallel.engine import ParallelModel
 from vlpretrain.parallel.mesh import init_parallel, local_device, resolve_layout, world_size_from_env
 from vlpretrain.train.checkpoint import find_weights, load_weights, save_checkpoint
 from vlpretrain.train.metrics import MetricsLogger, device_peak_tflops
