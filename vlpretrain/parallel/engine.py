@@ -17,6 +17,7 @@ from torch.distributed.tensor.parallel import loss_parallel
 from vlpretrain.config import Config, trainable_parts
 from vlpretrain.models.init import initial_values
 from vlpretrain.models.vlm import build_model, set_trainable
+from vlpretrain.parallel.balance import resolve_layer_split
 from vlpretrain.parallel.fsdp import apply_activation_checkpointing, apply_fsdp
 from vlpretrain.parallel.mesh import ParallelContext
 from vlpretrain.parallel.pipeline import ScaledTextLoss, build_schedule, cut_stage, stage_specs, stages_of_rank
@@ -43,12 +44,7 @@ class ParallelModel:
         lay = ctx.layout
         whole = build_model(cfg.model, "meta")
         set_trainable(whole, trainable_parts(cfg))  # stage copies inherit requires_grad
-        if lay.pp > 1:
-            from vlpretrain.parallel.balance import resolve_layer_split
-
-            self.split = resolve_layer_split(cfg)
-        else:
-            self.split = [cfg.model.n_layers]
+        self.split = resolve_layer_split(cfg) if lay.pp > 1 else [cfg.model.n_layers]
         specs = stage_specs(self.split)
         self.stage_ids = stages_of_rank(ctx.pp_rank, lay.pp, lay.vpp, cfg.parallel.schedule) if lay.pp > 1 else [0]
         self.modules: list[nn.Module] = [cut_stage(whole, specs[i]) if lay.pp > 1 else whole for i in self.stage_ids]
