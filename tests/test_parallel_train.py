@@ -18,7 +18,9 @@ from conftest import REPO, TINY
 def _run(nproc: int, run_dir: Path, demo_dir: Path, *overrides: str) -> list[dict]:
     sets = [f"data.root={demo_dir}", f"train.run_dir={run_dir}", "train.init_from=", "train.eval_file=",
             "train.steps=3", "train.global_batch_size=8", "train.micro_batch_size=2", "train.seq_len=128",
-            "train.lr=1.0e-3", "train.eps=1.0e-6", "data.language_ratio.warmup_steps=2", *overrides]
+            "train.lr=1.0e-3", "train.eps=1.0e-6", "train.warmup_steps=0", "data.language_ratio.start=0.5",
+            "data.language_ratio.end=0.5",
+            *overrides]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     if nproc == 1:
         cmd = [sys.executable, "-m", "vlpretrain"]
