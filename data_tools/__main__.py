@@ -24,7 +24,24 @@ def main(argv: list[str] | None = None) -> int:
     tok.add_argument("--data", required=True, help="a directory written by the demo command")
     tok.add_argument("--vocab-size", type=int, default=DEFAULT_VOCAB_SIZE)
 
+    from .tokenize_corpus import add_parser as add_tokenize_parser  # `tokenize`: JSONL -> Megatron .bin/.idx
+    add_tokenize_parser(commands)
+
+    from .convert import add_convert_parser  # `convert`: llava/jsonl/captions/demo -> webdataset shards
+    from .inspect_data import add_inspect_parser  # `inspect`: shard counts, token lengths, sample grid
+    add_convert_parser(commands)
+    add_inspect_parser(commands)
+
     args = parser.parse_args(argv)
+    if args.command == "convert":
+        from .convert import run_convert
+        return run_convert(args)
+    if args.command == "inspect":
+        from .inspect_data import run_inspect
+        return run_inspect(args)
+    if args.command == "tokenize":
+        from .tokenize_corpus import run as run_tokenize
+        return run_tokenize(args)
     if args.command == "demo":
         print(f"writing demo data to {args.out} (seed={args.seed}, scale={args.scale})", flush=True)
         generate_demo(args.out, seed=args.seed, scale=args.scale, vocab_size=args.vocab_size)

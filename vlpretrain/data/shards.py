@@ -1,0 +1,586 @@
+"""Multimodal samples in webdataset tar shards, with a byte-offset index for random access.
+
+Layout of one sample ``<key>`` inside a shard (webdataset groups consecutive members by the name up to the first
+dot, so keys never contain dots or slashes)::
+
+    <key>.json      UTF-8 JSON: "text" (with <image_placeholder> marks) or "conversation"
+                    ([{"role": "User"|"Assistant", "content": ...}]), "category", "source", any extra fields, and
+                    "images": the image member suffixes in placeholder order, e.g. ["0.png", "1.jpg"]
+    <key>.0.png     the image files, raw bytes as given (never re-encoded)
+    <key>.1.jpg
+
+Index: one JSON file next to every shard, ``<shard>.idx.json`` (e.g. ``caption-000000.tar.idx.json``)::
+
+    {"format": "vlpretrain.shard-index", "version": 1,
+     "shard": "caption-000000.tar",        # the shard's file name
+     "shard_bytes": 1234560,               # its size when indexed: a different size means a stale index
+     "complete": true,                     # false: the tar ends early or has a damaged header (see "problem")
+     "problem": null,
+     "samples": [{"key": "00000001", "members": {"json": [1536, 210], "0.png": [2560, 5012]}}, ...]}
+
+``members`` maps every member suffix (lower case, as webdataset names it) to ``[data offset, size]`` in bytes, so
+a sample is read with one positional read per member and no tar scan. A sample whose members cannot all be trusted
+(duplicate suffix) carries ``"error"``. :class:`ShardWriter` writes the index with the shard; :func:`build_index`
+makes one for any tar shard (e.g. written by webdataset's ``TarWriter``); :class:`ShardReader` uses an up-to-date
+index file when there is one and otherwise indexes the shard in memory (a header scan: it seeks over the data).
+
+Errors: :class:`BadSample` (a ``ValueError``, with ``shard`` and ``key``) for one unreadable sample (truncated
+member, corrupt JSON, missing image member, undecodable image), so callers can skip and count; :class:`ShardError`
+for a shard that cannot be indexed at all; ``FileNotFoundError`` naming a missing shard.
+"""
+from __future__ import annotations
+
+import bisect
+import glob
+import io
+import json
+import logging
+import os
+import re
+import tarfile
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Sequence
+
+log = logging.getLogger(__name__)
+
+IMAGE_PLACEHOLDER = "<image_placeholder>"  # == vlpretrain.data.tokenizer.IMAGE (not imported: no tokenizers needed)
+INDEX_SUFFIX = ".idx.json"
+INDEX_FORMAT = "vlpretrain.shard-index"
+INDEX_VERSION = 1
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff", "ppm")
+DEFAULT_MAX_BYTES = 1 << 30
+_KEY_RE = re.compile(r"^[A-Za-z0-9_\-]+$")
+_META_RE = re.compile(r"__[^/]*__($|/)")  # webdataset skips these members
+_MTIME = 946684800  # fixed member mtime (2000-01-01): same input, byte-identical shards
+
+
+class BadSample(ValueError):
+    """One sample cannot be read or decoded; the rest of the shard is fine."""
+
+    def __init__(self, message: str, shard: str | os.PathLike | None = None, key: str | None = None):
+        self.shard = str(shard) if shard is not None else None
+        self.key = key
+        self.reason = message
+        where = f"{self.shard}: " if self.shard else ""
+        where += f"sample {key!r}: " if key is not None else ""
+        super().__init__(where + message)
+
+
+class ShardError(RuntimeError):
+    """A shard that cannot be indexed at all (not a tar file, empty, unreadable)."""
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def index_path(shard: str | os.PathLike) -> Path:
+    return Path(f"{os.fspath(shard)}{INDEX_SUFFIX}")
+
+
+def _sniff_ext(data: bytes) -> str:
+    if data.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "png"
+    if data.startswith(b"\xff\xd8\xff"):
+        return "jpg"
+    if data[:6] in (b"GIF87a", b"GIF89a"):
+        return "gif"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "webp"
+    if data.startswith(b"BM"):
+        return "bmp"
+    if data[:4] in (b"II*\x00", b"MM\x00*"):
+        return "tiff"
+    return "bin"
+
+
+def count_placeholders(record: dict) -> int:
+    if "conversation" in record:
+        return sum(str(t.get("content", "")).count(IMAGE_PLACEHOLDER) for t in record["conversation"] or [])
+    return str(record.get("text") or "").count(IMAGE_PLACEHOLDER)
+
+
+def _split_member(name: str) -> tuple[str | None, str | None]:
+    """(key, suffix) exactly as webdataset's base_plus_ext splits a member name, suffix lower-cased."""
+    match = re.match(r"^((?:.*/|)[^.]+)[.]([^/]*)$", name)
+    if not match:
+        return None, None
+    return match.group(1), match.group(2).lower()
+
+
+def _write_json_atomic(path: Path, obj: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, ensure_ascii=False, separators=(",", ":")) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def expand_shards(paths: str | os.PathLike | Iterable[str | os.PathLike]) -> list[Path]:
+    """Shard paths from a path, a list, directories (their ``*.tar``, sorted), globs and ``{000..009}`` braces."""
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    out: list[Path] = []
+    for item in paths:
+        text = os.fspath(item)
+        patterns = [text]
+        if "{" in text:
+            try:
+                from braceexpand import braceexpand
+
+                patterns = list(braceexpand(text))
+            except ImportError:
+                pass
+        for pattern in patterns:
+            p = Path(pattern)
+            if p.is_dir():
+                found = sorted(p.glob("*.tar"))
+                if not found:
+                    raise FileNotFoundError(f"no *.tar shard in directory {p}")
+                out.extend(found)
+            elif any(c in pattern for c in "*?[") and not p.exists():
+                matches = sorted(glob.glob(pattern))
+                if not matches:
+                    raise FileNotFoundError(f"no shard matches {pattern}")
+                out.extend(Path(m) for m in matches)
+            else:
+                out.append(p)
+    return out
+
+
+# ----------------------------------------------------------------------------- index
+
+
+def _scan(shard: Path) -> dict:
+    """Index a tar shard by reading its headers (tarfile seeks over member data)."""
+    if not shard.is_file():
+        raise FileNotFoundError(f"shard not found: {shard}")
+    size = shard.stat().st_size
+    samples: list[dict] = []
+    problem = None
+    try:
+        f = open(shard, "rb")
+    except OSError as e:
+        raise ShardError(f"cannot open shard {shard}: {e}") from e
+    with f:
+        try:
+            tf = tarfile.open(fileobj=f, mode="r:")
+        except (tarfile.TarError, EOFError, OSError) as e:
+            raise ShardError(f"cannot index {shard}: not a readable tar shard ({e})") from e
+        current: dict | None = None
+        try:
+            while True:
+                try:
+                    info = tf.next()
+                except (tarfile.TarError, EOFError) as e:
+                    problem = f"tar stream ends early after {len(samples)} samples: {e}"
+                    break
+                if info is None:
+                    break
+                tf.members = []  # keep memory flat on big shards
+                if not info.isreg() or _META_RE.match(info.name):
+                    continue
+                key, suffix = _split_member(info.name)
+                if key is None:
+                    continue
+                if current is None or current["key"] != key:
+                    current = {"key": key, "members": {}}
+                    samples.append(current)
+                if suffix in current["members"]:
+                    current["error"] = f"duplicate member .{suffix}"
+                    continue
+                current["members"][suffix] = [info.offset_data, info.size]
+                if info.offset_data + info.size > size and problem is None:
+                    problem = f"member {info.name} is truncated (shard cut at byte {size})"
+            end = tf.offset
+        finally:
+            tf.members = []
+        if problem is None and end < size:
+            # A clean tar ends with zero blocks; anything else after the last header we could read is damage.
+            f.seek(end)
+            rest = f.read(min(size - end, 1 << 20))
+            if rest.strip(b"\0"):
+                problem = f"unreadable tar header at byte {end}; the shard is damaged after {len(samples)} samples"
+        elif problem is None and end > size:
+            problem = f"shard cut at byte {size}"
+    if problem is None and size % 512:
+        problem = f"size {size} is not a multiple of 512: the shard is truncated"
+    return {"format": INDEX_FORMAT, "version": INDEX_VERSION, "shard": shard.name, "shard_bytes": size,
+            "complete": problem is None, "problem": problem, "samples": samples}
+
+
+def build_index(shard: str | os.PathLike, write: bool = True) -> dict:
+    """Index ``shard`` (any tar in webdataset layout) and, with ``write``, save ``<shard>.idx.json`` next to it."""
+    shard = Path(shard)
+    index = _scan(shard)
+    if not index["complete"]:
+        log.warning("%s: %s", shard, index["problem"])
+    if write:
+        _write_json_atomic(index_path(shard), index)
+    return index
+
+
+def load_index(shard: str | os.PathLike, build: bool = True, write: bool = False) -> dict:
+    """The shard's index file if present and up to date (same byte size), else (``build``) a fresh scan."""
+    shard = Path(shard)
+    if not shard.is_file():
+        raise FileNotFoundError(f"shard not found: {shard}")
+    ipath = index_path(shard)
+    if ipath.is_file():
+        try:
+            index = json.loads(ipath.read_text(encoding="utf-8"))
+            if (isinstance(index, dict) and index.get("format") == INDEX_FORMAT
+                    and index.get("version") == INDEX_VERSION and isinstance(index.get("samples"), list)):
+                if index.get("shard_bytes") == shard.stat().st_size:
+                    return index
+                log.warning("%s: stale index (shard is %d bytes, index says %s): re-indexing", shard,
+                            shard.stat().st_size, index.get("shard_bytes"))
+            else:
+                log.warning("%s: not a shard index: re-indexing", ipath)
+        except (OSError, ValueError) as e:
+            log.warning("%s: unreadable index (%s): re-indexing", ipath, e)
+    if not build:
+        raise ShardError(f"{shard}: no up-to-date index {ipath}")
+    return build_index(shard, write=write)
+
+
+# ----------------------------------------------------------------------------- writer
+
+
+class ShardWriter:
+    """Write samples into ``out_dir/prefix-000000.tar``, ``prefix-000001.tar``, ... plus one index per shard.
+
+    A shard is written under a hidden temporary name and renamed once complete, then its index is written; a crash
+    leaves at most a ``.*.tmp`` file, never a half shard under a final name. A new shard starts when the current one
+    holds ``max_samples_per_shard`` samples or the next sample would take it past ``max_bytes`` (a single bigger
+    sample gets a shard of its own). Output is byte-identical for the same input (fixed tar metadata).
+
+    ``overwrite``: shards named ``prefix-NNNNNN.tar`` already in ``out_dir`` raise ``FileExistsError`` unless set;
+    when set, those beyond the ones this writer produced are deleted on ``close()`` (with their indexes).
+    """
+
+    def __init__(self, out_dir: str | os.PathLike, prefix: str, max_samples_per_shard: int = 1000,
+                 max_bytes: int = DEFAULT_MAX_BYTES, source: str | None = None, validate: bool = True,
+                 overwrite: bool = False):
+        if not prefix or "/" in prefix or "." in prefix:
+            raise ValueError(f"shard prefix must be a plain name without dots, got {prefix!r}")
+        if max_samples_per_shard < 1 or max_bytes < 1:
+            raise ValueError("max_samples_per_shard and max_bytes must be positive")
+        self.out_dir = Path(out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.prefix = prefix
+        self.max_samples = max_samples_per_shard
+        self.max_bytes = max_bytes
+        self.source = source if source is not None else prefix
+        self.validate = validate
+        self.overwrite = overwrite
+        existing = self._existing()
+        if existing and not overwrite:
+            raise FileExistsError(f"{self.out_dir} already has shards {prefix}-*.tar ({existing[0].name}, ...); "
+                                  "pass overwrite=True (--overwrite) to replace them")
+        self.shards: list[Path] = []
+        self.samples_written = 0
+        self.bytes_written = 0
+        self._keys: set[str] = set()
+        self._tar: tarfile.TarFile | None = None
+        self._file = None
+        self._tmp: Path | None = None
+        self._count = 0
+        self._index: list[dict] = []
+        self._closed = False
+
+    def _existing(self) -> list[Path]:
+        pattern = re.compile(re.escape(self.prefix) + r"-\d{6}\.tar$")
+        return sorted(p for p in self.out_dir.glob(f"{self.prefix}-*.tar") if pattern.match(p.name))
+
+    def _shard_name(self, n: int) -> Path:
+        return self.out_dir / f"{self.prefix}-{n:06d}.tar"
+
+    def _open(self) -> None:
+        final = self._shard_name(len(self.shards))
+        self._tmp = final.with_name(f".{final.name}.tmp")
+        self._file = open(self._tmp, "wb")
+        self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.PAX_FORMAT)
+        self._count = 0
+        self._index = []
+
+    def _finish(self) -> None:
+        assert self._tar is not None and self._file is not None and self._tmp is not None
+        self._tar.close()  # end-of-archive blocks
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        final = self._shard_name(len(self.shards))
+        os.replace(self._tmp, final)
+        index = {"format": INDEX_FORMAT, "version": INDEX_VERSION, "shard": final.name,
+                 "shard_bytes": final.stat().st_size, "complete": True, "problem": None, "samples": self._index}
+        _write_json_atomic(index_path(final), index)
+        self.bytes_written += index["shard_bytes"]
+        self.shards.append(final)
+        self._tar = self._file = self._tmp = None
+
+    def _add(self, name: str, data: bytes) -> list[int]:
+        assert self._tar is not None
+        info = tarfile.TarInfo(name)
+        info.size = len(data)
+        info.mtime = _MTIME
+        info.mode = 0o444
+        info.uid = info.gid = 0
+        info.uname = info.gname = ""
+        self._tar.addfile(info, io.BytesIO(data))
+        padded = (len(data) + 511) // 512 * 512
+        return [self._tar.offset - padded, len(data)]
+
+    def write(self, key: str, record: dict, images: Sequence[bytes | str | os.PathLike] = ()) -> None:
+        """Add one sample. ``record`` holds "text" or "conversation", "category" and optionally "source" and extra
+        fields; its "images" entry (if any) is replaced by the member suffixes. ``images`` are raw bytes (format
+        sniffed) or file paths (extension from the name), in placeholder order; all are read before anything is
+        written, so a missing file raises ``FileNotFoundError`` and leaves the shard untouched. A failure while
+        writing (e.g. disk full) drops the open shard's temporary file and closes the writer."""
+        if self._closed:
+            raise RuntimeError("ShardWriter is closed")
+        if not isinstance(key, str) or not _KEY_RE.match(key):
+            raise ValueError(f"sample key must be non-empty [A-Za-z0-9_-]+ (no dots or slashes), got {key!r}")
+        if key in self._keys:
+            raise ValueError(f"duplicate sample key {key!r}")
+        if not isinstance(record, dict):
+            raise TypeError("record must be a dict")
+        record = dict(record)
+        if self.validate:
+            if "conversation" not in record and not isinstance(record.get("text"), str):
+                raise ValueError(f"sample {key!r}: record needs 'text' or 'conversation'")
+            if not record.get("category"):
+                raise ValueError(f"sample {key!r}: record needs a 'category'")
+            n = count_placeholders(record)
+            if n != len(images):
+                raise ValueError(f"sample {key!r}: {n} image placeholders but {len(images)} images")
+        record.setdefault("source", self.source)
+        blobs: list[tuple[str, bytes]] = []
+        for i, image in enumerate(images):
+            if isinstance(image, (bytes, bytearray, memoryview)):
+                data = bytes(image)
+                ext = _sniff_ext(data)
+            else:
+                path = Path(image)
+                data = path.read_bytes()
+                ext = path.suffix.lower().lstrip(".") or _sniff_ext(data)
+                if "." in ext or "/" in ext:
+                    ext = _sniff_ext(data)
+            blobs.append((f"{i}.{ext}", data))
+        record["images"] = [name for name, _ in blobs]
+        payload = json.dumps(record, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+        size = len(payload) + sum(len(d) for _, d in blobs) + 1024 * (1 + len(blobs))
+        try:  # from here on a failure (disk full, ...) would leave a half sample: drop the open shard and stop
+            if self._tar is not None and (self._count >= self.max_samples
+                                          or self._tar.offset + size > self.max_bytes):
+                self._finish()
+            if self._tar is None:
+                self._open()
+            members = {"json": self._add(f"{key}.json", payload)}
+            for name, data in blobs:
+                members[name] = self._add(f"{key}.{name}", data)
+        except BaseException:
+            self.abort()
+            raise
+        self._index.append({"key": key, "members": members})
+        self._keys.add(key)
+        self._count += 1
+        self.samples_written += 1
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def close(self) -> list[Path]:
+        """Finish the open shard; returns every shard path written (in order)."""
+        if not self._closed:
+            if self._tar is not None:
+                self._finish()
+            self._closed = True
+            if self.overwrite:
+                keep = set(self.shards)
+                for stale in self._existing():
+                    if stale not in keep:
+                        stale.unlink()
+                        index_path(stale).unlink(missing_ok=True)
+        return list(self.shards)
+
+    def abort(self) -> None:
+        """Drop the shard being written (its temporary file); finished shards stay."""
+        if self._tmp is not None:
+            try:
+                if self._file is not None:
+                    self._file.close()
+            finally:
+                self._tmp.unlink(missing_ok=True)
+                self._tar = self._file = self._tmp = None
+        self._closed = True
+
+    def __enter__(self) -> "ShardWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+# ----------------------------------------------------------------------------- reader
+
+
+class ShardReader:
+    """Random access to the samples of one or more shards (in the order given, samples in tar order).
+
+    ``paths``: shard paths, directories (their ``*.tar``), globs or brace patterns. Every shard must exist
+    (``FileNotFoundError`` naming it); a shard without an up-to-date index is indexed in memory (``write_index``
+    saves that index next to it). Reads use ``os.pread`` on file descriptors opened per process, so one reader can
+    be shared by DataLoader workers (forked or pickled).
+    """
+
+    def __init__(self, paths: str | os.PathLike | Iterable[str | os.PathLike], write_index: bool = False,
+                 max_open_files: int = 64):
+        self.paths = expand_shards(paths)
+        for p in self.paths:
+            if not p.is_file():
+                raise FileNotFoundError(f"shard not found: {p}")
+        self.indexes = [load_index(p, build=True, write=write_index) for p in self.paths]
+        self._starts = [0]
+        for index in self.indexes:
+            self._starts.append(self._starts[-1] + len(index["samples"]))
+        self.max_open_files = max_open_files
+        self._fds: dict[int, int] = {}
+        self._pid = os.getpid()
+
+    # pickling (spawned DataLoader workers): drop the open descriptors
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_fds"] = {}
+        return state
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    def close(self) -> None:
+        if getattr(self, "_pid", None) == os.getpid():
+            for fd in self._fds.values():
+                os.close(fd)
+        self._fds = {}
+
+    def __len__(self) -> int:
+        return self._starts[-1]
+
+    def keys(self) -> list[str]:
+        return [s["key"] for index in self.indexes for s in index["samples"]]
+
+    @property
+    def problems(self) -> dict[str, str]:
+        """Shards whose tar is damaged or truncated: {path: what is wrong}."""
+        return {str(p): ix["problem"] for p, ix in zip(self.paths, self.indexes) if not ix.get("complete", True)}
+
+    def _locate(self, i: int) -> tuple[int, dict]:
+        n = len(self)
+        if i < 0:
+            i += n
+        if not 0 <= i < n:
+            raise IndexError(f"sample index {i} out of range for {n} samples")
+        s = bisect.bisect_right(self._starts, i) - 1
+        return s, self.indexes[s]["samples"][i - self._starts[s]]
+
+    def locate(self, i: int) -> tuple[Path, str]:
+        """(shard path, key) of sample ``i``."""
+        s, entry = self._locate(i)
+        return self.paths[s], entry["key"]
+
+    def _fd(self, s: int) -> int:
+        if self._pid != os.getpid():  # forked: never share descriptors (or their offsets) with the parent
+            self._fds, self._pid = {}, os.getpid()
+        fd = self._fds.get(s)
+        if fd is None:
+            if len(self._fds) >= self.max_open_files:
+                old = next(iter(self._fds))
+                os.close(self._fds.pop(old))
+            fd = os.open(self.paths[s], os.O_RDONLY | getattr(os, "O_BINARY", 0))
+            self._fds[s] = fd
+        return fd
+
+    def _read(self, fd: int, offset: int, size: int) -> bytes:
+        if hasattr(os, "pread"):
+            chunks, done = [], 0
+            while done < size:
+                chunk = os.pread(fd, size - done, offset + done)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                done += len(chunk)
+            return b"".join(chunks)
+        os.lseek(fd, offset, os.SEEK_SET)
+        return os.read(fd, size)
+
+    def read_member(self, i: int, suffix: str) -> bytes:
+        """Raw bytes of one member (e.g. "json", "0.png") of sample ``i``."""
+        s, entry = self._locate(i)
+        return self._member(s, entry, suffix)
+
+    def _member(self, s: int, entry: dict, suffix: str) -> bytes:
+        path, key = self.paths[s], entry["key"]
+        if suffix not in entry["members"]:
+            raise BadSample(f"no member .{suffix}", path, key)
+        offset, size = entry["members"][suffix]
+        data = self._read(self._fd(s), offset, size)
+        if len(data) != size:
+            raise BadSample(f"member .{suffix} is truncated ({len(data)} of {size} bytes)", path, key)
+        return data
+
+    def read(self, i: int) -> dict:
+        """The sample's JSON record with "images" replaced by the raw image bytes (placeholder order), plus
+        "image_names" (the member suffixes, e.g. ["0.png"]: what SampleEncoder.encode needs as "images"),
+        "__key__" and "__shard__". Raises :class:`BadSample` for a damaged sample (truncated member, corrupt JSON,
+        missing member). Images are not decoded: see :func:`decode_image`."""
+        s, entry = self._locate(i)
+        path, key = self.paths[s], entry["key"]
+        if entry.get("error"):
+            raise BadSample(entry["error"], path, key)
+        raw = self._member(s, entry, "json")
+        try:
+            record = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError) as e:
+            raise BadSample(f"corrupt JSON member: {e}", path, key) from None
+        if not isinstance(record, dict):
+            raise BadSample("JSON member is not an object", path, key)
+        names = record.get("images")
+        if names is None:  # a shard made elsewhere: take its image members in name order
+            names = sorted((m for m in entry["members"] if m.rsplit(".", 1)[-1] in IMAGE_EXTENSIONS),
+                           key=lambda m: (len(m.split(".")[0]), m))
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise BadSample("'images' must be a list of member names", path, key)
+        record["images"] = [self._member(s, entry, n.lower()) for n in names]
+        record["image_names"] = list(names)
+        record["__key__"] = key
+        record["__shard__"] = str(path)
+        return record
+
+    def __getitem__(self, i: int) -> dict:
+        return self.read(i)
+
+    def __iter__(self) -> Iterator[dict]:
+        for i in range(len(self)):
+            yield self.read(i)
+
+
+# ----------------------------------------------------------------------------- images
+
+
+def decode_image(raw: bytes, shard: str | None = None, key: str | None = None):
+    """Raw image bytes -> torch uint8 tensor (3, H, W), RGB. Raises :class:`BadSample` on undecodable data."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(raw)) as im:
+            im.load()
+            arr = np.asarray(im.convert("RGB"), dtype=np.uint8)
+    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError, ...
+        raise BadSample(f"undecodable image: {type(e).__name__}: {e}", shard, key) from None
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1)
