@@ -556,6 +556,17 @@ def generate_demo(out_dir: str | os.PathLike, seed: int = 0, scale: float = 1.0,
     if verbose:
         _report(TOKENIZER_FILE, tokenizer.get_vocab_size(), "vocab", (out / TOKENIZER_FILE).stat().st_size, t0)
 
+    # the training formats the trainer reads: webdataset shards for the multimodal files, a Megatron
+    # .bin/.idx corpus for the text
+    from .convert import convert_demo
+    from .tokenize_corpus import tokenize_corpus
+
+    convert_demo(out, out / "shards", verbose=False, overwrite=True)
+    tokenize_corpus([out / "text.jsonl"], out / TOKENIZER_FILE, out / "corpus" / "text", append_eos=True,
+                    workers=1, progress=False)
+    if verbose:
+        print(f"  shards/ and corpus/text.bin|idx written ({time.perf_counter() - t0:.1f}s)")
+
     manifest = {"seed": seed, "scale": scale, "files": {name: len(rows) for name, rows in files.items()},
                 "images": {"train": len(written) - len(eval_rows), "eval": len(eval_rows)},
                 "image_size": IMAGE_SIZE, "tokenizer": TOKENIZER_FILE, "vocab_size": tokenizer.get_vocab_size(),

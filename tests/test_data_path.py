@@ -2,17 +2,12 @@
 fixed-shape step batches on the demo data (bad samples skipped and counted), and image preprocessing."""
 from __future__ import annotations
 
-import json
 import math
-import shutil
-from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import TINY
-from vlpretrain.config import ConfigError, LanguageRatioConfig, SourceConfig, load_config
-from vlpretrain.data.loader import StepBatches, load_source
+from vlpretrain.config import LanguageRatioConfig
 from vlpretrain.data.preprocess import load_image, pad_to_square, preprocess_image
 from vlpretrain.data.sampler import ModalitySchedule
 from vlpretrain.data.samples import IGNORE, SampleEncoder
@@ -241,126 +236,6 @@ def test_schedule_language_steps_track_the_target(lr_cfg):
     # deterministic: a fresh schedule makes the same choices
     again = ModalitySchedule(lr_cfg)
     assert [again.is_language(s) for s in range(1, 200)] == [sched.is_language(s) for s in range(1, 200)]
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# StepBatches on the demo data
-
-
-def _batches_cfg(demo_dir: Path, *overrides: str):
-    return load_config(TINY / "stage2.yaml", [
-        f"data.root={demo_dir}", "train.global_batch_size=8", "train.micro_batch_size=4", "train.seq_len=128",
-        *overrides])
-
-
-def test_step_batches_fixed_shapes_and_grouped_modality(demo_dir, tokenizer):
-    cfg = _batches_cfg(demo_dir, "data.language_ratio.start=0.5", "data.language_ratio.end=0.5",
-                       "data.language_ratio.warmup_steps=0")
-    data = StepBatches(cfg, tokenizer)
-    ref = ModalitySchedule(cfg.data.language_ratio)
-    mm_sources = {"interleaved", "captions", "ocr"}
-    it = cfg.model.image_tokens
-    modalities = []
-    for k in range(1, 11):
-        batch = next(data)
-        assert batch.step == k
-        expected_modality = "text" if ref.is_language(k) else "multimodal"
-        assert batch.modality == expected_modality
-        modalities.append(batch.modality)
-        assert len(batch.microbatches) == 2
-        n_images, n_labels, n_tokens = 0, 0, 0
-        for mb in batch.microbatches:
-            assert mb.tokens.shape == (4, 128) and mb.tokens.dtype == torch.long
-            assert mb.labels.shape == (4, 128) and mb.labels.dtype == torch.long
-            pad = mb.tokens == tokenizer.pad_id
-            assert (mb.labels[pad] == IGNORE).all()
-            assert not (mb.labels == tokenizer.image_id).any()
-            per_row = (mb.tokens == tokenizer.image_id).sum(1)
-            assert (per_row % it == 0).all()
-            if batch.modality == "text":
-                assert mb.images is None and (per_row == 0).all()
-            else:
-                assert (per_row > 0).all()  # every multimodal demo sample carries an image
-                assert mb.images.shape[0] == 4 and mb.images.shape[2:] == (3, 128, 128)
-                assert mb.images.shape[1] == int(per_row.max()) // it
-                assert mb.images.dtype == torch.float32
-                assert mb.images.min() >= 0.0 and mb.images.max() <= 1.0
-                for row, n in enumerate((per_row // it).tolist()):  # filled slots, then zero padding
-                    assert all(mb.images[row, j].abs().sum() > 0 for j in range(n))
-                    assert all(mb.images[row, j].abs().sum() == 0 for j in range(n, mb.images.shape[1]))
-            n_images += int(per_row.sum()) // it
-            n_labels += int((mb.labels != IGNORE).sum())
-            n_tokens += int((~pad).sum())
-        assert batch.num_images == n_images and batch.num_label_tokens == n_labels and batch.num_tokens == n_tokens
-        assert sum(batch.source_counts.values()) == 8
-        if batch.modality == "text":
-            assert set(batch.source_counts) == {"text"}
-        else:
-            assert set(batch.source_counts) <= mm_sources
-        assert batch.language_ratio_target == 0.5
-    assert modalities.count("text") == 5 and modalities.count("multimodal") == 5
-    assert data.skipped() == {"interleaved": 0, "captions": 0, "ocr": 0, "text": 0}
-
-
-def test_step_batches_warm_down_and_ungrouped(demo_dir, tokenizer):
-    cfg = _batches_cfg(demo_dir)  # start 1.0 -> 0.7 over 100 steps: the first steps are all language
-    data = StepBatches(cfg, tokenizer)
-    first = [next(data) for _ in range(3)]
-    assert [b.modality for b in first] == ["text"] * 3
-    assert [b.language_ratio_target for b in first] == pytest.approx([1.0, 0.997, 0.994])
-    cfg = _batches_cfg(demo_dir, "data.group_by_modality=false")
-    data = StepBatches(cfg, tokenizer)
-    batches = [next(data) for _ in range(3)]
-    assert all(b.modality == "mixed" for b in batches)
-    assert all(mb.tokens.shape == (4, 128) for b in batches for mb in b.microbatches)
-    counts = {}
-    for b in batches:
-        for k, v in b.source_counts.items():
-            counts[k] = counts.get(k, 0) + v
-    assert "text" in counts and len(counts) >= 3  # mixed steps draw across modalities
-
-
-def test_bad_samples_are_skipped_and_counted(demo_dir, tokenizer, tmp_path):
-    (tmp_path / "images").mkdir()
-    shutil.copy(demo_dir / "images" / "shape_00000.png", tmp_path / "images" / "ok.png")
-    good = {"id": "good", "images": ["images/ok.png"], "text": IMAGE + "A shape in the picture."}
-    missing = {"id": "missing", "images": ["images/not_there.png"], "text": IMAGE + "This file does not exist."}
-    lines = [json.dumps(good), '{"id": "broken", "text": ', json.dumps(missing), "[1, 2, 3]", "", json.dumps(good)]
-    (tmp_path / "custom.jsonl").write_text("\n".join(lines) + "\n")
-    src = f"data.sources=[{{name: custom, path: {tmp_path / 'custom.jsonl'}, modality: multimodal, weight: 1.0}}]"
-    cfg = _batches_cfg(demo_dir, src, "train.micro_batch_size=2", "train.global_batch_size=2",
-                       "data.group_by_modality=false")
-    data = StepBatches(cfg, tokenizer)
-    assert len(data.sources[0].records) == 3
-    assert data.skipped() == {"custom": 2}  # the broken line and the JSON list, at load time
-    expected = SampleEncoder(tokenizer, cfg.model.image_tokens, 128).encode(good)
-    ok_pixels = preprocess_image(load_image(tmp_path / "images" / "ok.png"), 128, cfg.model.sam.mean)
-    for _ in range(3):
-        batch = next(data)
-        (mb,) = batch.microbatches
-        assert mb.tokens.shape == (2, 128)
-        for row in range(2):
-            n = len(expected.tokens)
-            assert mb.tokens[row, :n].tolist() == expected.tokens
-            assert mb.labels[row, :n].tolist() == expected.labels
-            assert torch.equal(mb.images[row, 0], ok_pixels)
-        assert batch.num_images == 2
-    # every draw of the missing-image sample was skipped and counted
-    cur = data.cursors[0]
-    draws = cur.epoch * cur.size + cur.pos
-    missing_draws = draws - 6
-    assert missing_draws >= 1
-    assert data.skipped() == {"custom": 2 + missing_draws}
-
-
-def test_unusable_sources_fail_at_start(demo_dir, tmp_path):
-    (tmp_path / "broken.jsonl").write_text('{"a": \n[1]\n')
-    with pytest.raises(ConfigError, match="no readable sample"):
-        load_source(SourceConfig(name="b", path="broken.jsonl"), str(tmp_path))
-    with pytest.raises(FileNotFoundError):
-        load_source(SourceConfig(name="n", path="nope.jsonl"), str(tmp_path))
-    src = load_source(SourceConfig(name="c", path="captions.jsonl"), str(demo_dir))
-    assert len(src.records) == 150 and src.skipped == 0 and src.root == demo_dir
 
 
 # ---------------------------------------------------------------------------------------------------------------

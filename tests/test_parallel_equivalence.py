@@ -2,7 +2,9 @@
 
 Each torchrun launch runs several layout cases (start-up dominates the cost on 2 cores); the worker
 (tests/dist/equivalence_worker.py) measures, per rank, the loss, the gradient of every parameter the rank
-holds, the global gradient norm, and the parameters after one AdamW step, against the reference.
+holds, the global gradient norm, and the parameters after one AdamW step, against the reference. Cases with
+``data.packing`` feed packed rows (positions restarting per document, document-causal masks) through every
+pipeline stage.
 
 Tolerances:
 - loss and gradient norm: 1e-6 relative (fp32 sums in a different order; observed <= 5e-7);
@@ -40,16 +42,19 @@ CASES = {
         {"name": "pp2_gpipe_uneven_split", "overrides": {"parallel.pp": 2, "parallel.schedule": "gpipe",
                                                          "parallel.layer_split": [1, 3]}},
         {"name": "pp2_stage1_frozen_rank", "overrides": {"parallel.pp": 2, "train.stage": 1, **SPLIT2}},
+        {"name": "pp2_packed_rows", "overrides": {"parallel.pp": 2, "data.packing": True, **SPLIT2}},
+        {"name": "tp2_sp_packed_rows", "overrides": {"parallel.tp": 2, "parallel.sequence_parallel": True,
+                                                     "data.packing": True}},
         {"name": "fsdp2", "overrides": {"parallel.dp": 2}},
         {"name": "fsdp2_stage3", "overrides": {"parallel.dp": 2, "train.stage": 3}},
     ],
     4: [
         {"name": "dp2_pp2_stage3_auto_split", "overrides": {"parallel.dp": 2, "parallel.pp": 2,
                                                              "parallel.layer_split": "auto", "train.stage": 3}},
-        {"name": "tp2_pp2_vpp2_sp", "overrides": {"parallel.tp": 2, "parallel.pp": 2, "parallel.vpp": 2,
-                                                  "parallel.schedule": "interleaved_1f1b",
-                                                  "parallel.sequence_parallel": True,
-                                                  "parallel.layer_split": [0, 2, 1, 1]}},
+        {"name": "tp2_pp2_vpp2_sp_packed", "overrides": {"parallel.tp": 2, "parallel.pp": 2, "parallel.vpp": 2,
+                                                         "parallel.schedule": "interleaved_1f1b",
+                                                         "parallel.sequence_parallel": True, "data.packing": True,
+                                                         "parallel.layer_split": [0, 2, 1, 1]}},
     ],
     8: [
         {"name": "dp2_tp2_pp2_sp_1f1b", "overrides": {"parallel.dp": 2, "parallel.tp": 2, "parallel.pp": 2,

@@ -145,8 +145,10 @@ class LanguageRatioConfig:
 @dataclass
 class SourceConfig:
     name: str = ""
-    path: str = ""  # relative paths resolve against data.root
+    path: str = ""  # shards (dir / glob / brace pattern), corpus prefix (.bin/.idx) or .jsonl; relative to root
+    type: Literal["auto", "shards", "indexed", "jsonl"] = "auto"
     modality: Literal["text", "multimodal"] = "multimodal"
+    category: str = ""
     weight: float = 1.0
 
 
@@ -154,11 +156,15 @@ class SourceConfig:
 class DataConfig:
     root: str = "demo_data"
     tokenizer: str = "tokenizer.json"  # relative to root unless absolute
+    manifest: str = ""  # a YAML file listing the sources (relative to root); else data.sources
     sources: list[SourceConfig] = field(default_factory=list)
     group_by_modality: bool = True
+    packing: bool = False  # pack several samples per sequence (stage 2); positions restart per document
+    document_causal: bool = True  # with packing: no attention across packed documents
     language_ratio: LanguageRatioConfig = field(default_factory=LanguageRatioConfig)
     system_prompt: str = ""
-    num_workers: int = 0
+    num_workers: int = 0  # DataLoader worker processes (each prepares whole steps)
+    prefetch_steps: int = 2
 
 
 @dataclass

@@ -84,7 +84,8 @@ def main() -> None:
                                                  if not k.startswith("parallel.")}))
         ref = ParallelModel(ref_cfg, ParallelContext(resolve_layout(ref_cfg, 1), device, None))
         mbs, n_labels = synthetic_microbatches(cfg, seed=case.get("data_seed", 0),
-                                               images_per_sample=2 if case.get("images", True) else 0)
+                                               images_per_sample=2 if case.get("images", True) else 0,
+                                               documents=3 if cfg.data.packing else 1)
         r_loss, r_grads, r_norm, r_after = run_step(ref, ref_cfg, mbs, n_labels)
 
         layout = resolve_layout(cfg, world)

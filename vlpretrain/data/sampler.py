@@ -5,10 +5,9 @@ deterministic error diffusion: after any step t, |language steps so far - sum of
 """
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass
-
-import numpy as np
 
 from vlpretrain.config import LanguageRatioConfig
 
@@ -56,28 +55,40 @@ class ModalitySchedule:
         return self._lang[step] - self._cum[step]
 
 
-@dataclass
-class SourceCursor:
-    """An epoch-shuffled walk over one source's records."""
+class FeistelPermutation:
+    """A bijection of [0, n) keyed by (seed, ...), in O(1) memory: a 4-round Feistel network on the smallest
+    even-bit domain >= n, with cycle walking. Lets a source of any size be visited in a shuffled order per
+    epoch without materialising a permutation."""
 
-    size: int
-    seed: int
-    epoch: int = 0
-    pos: int = 0
-    _perm: np.ndarray | None = None
+    def __init__(self, n: int, *key: int):
+        self.n = n
+        bits = max(2, (max(n - 1, 1)).bit_length())
+        bits += bits % 2
+        self.half = bits // 2
+        self.mask = (1 << self.half) - 1
+        digest = hashlib.sha256(repr((n,) + key).encode()).digest()
+        self.keys = [int.from_bytes(digest[8 * r:8 * r + 8], "little") for r in range(4)]
 
-    def next(self) -> int:
-        if self._perm is None or self.pos >= self.size:
-            if self._perm is not None:
-                self.epoch, self.pos = self.epoch + 1, 0
-            self._perm = np.random.default_rng([self.seed, self.epoch]).permutation(self.size)
-        idx = int(self._perm[self.pos])
-        self.pos += 1
-        return idx
+    def _round(self, x: int, k: int) -> int:
+        h = hashlib.blake2b((x ^ k).to_bytes(16, "little"), digest_size=8).digest()
+        return int.from_bytes(h, "little") & self.mask
+
+    def __call__(self, i: int) -> int:
+        if not 0 <= i < self.n:
+            raise IndexError(i)
+        x = i
+        while True:
+            left, right = x >> self.half, x & self.mask
+            for k in self.keys:
+                left, right = right, left ^ self._round(right, k)
+            x = (left << self.half) | right
+            if x < self.n:
+                return x
 
 
 class WeightedChooser:
-    """Deterministic weighted choice (smooth weighted round-robin): realised counts track the weights."""
+    """Deterministic weighted choice (smooth weighted round-robin): after k draws every choice's count is
+    within one of k x its weight share."""
 
     def __init__(self, weights: list[float]):
         total = sum(weights)
@@ -90,3 +101,73 @@ class WeightedChooser:
         best = max(range(len(self.credit)), key=lambda i: self.credit[i])
         self.credit[best] -= 1.0
         return best
+
+
+@dataclass
+class Draw:
+    source: int
+    index: int  # sample index inside the source
+    counter: int  # the source's draw counter that produced it (epoch = counter // len)
+
+
+class SamplePlanner:
+    """Which sample fills each slot of each global step: a deterministic function of the seed and the step
+    sequence, the same on every rank whatever the layout, saved and restored as a small state dict.
+
+    Per source, draws walk a fresh shuffled order every epoch (``FeistelPermutation`` keyed by seed, source,
+    epoch); sources are blended by weight within a modality (``WeightedChooser``); the step's modality comes
+    from the ``ModalitySchedule``.
+    """
+
+    def __init__(self, sizes: list[int], modalities: list[str], weights: list[float], seed: int,
+                 schedule: ModalitySchedule, group_by_modality: bool):
+        self.sizes, self.modalities, self.seed = sizes, modalities, seed
+        self.schedule, self.group = schedule, group_by_modality
+        self.by_modality = {m: [i for i, x in enumerate(modalities) if x == m] for m in ("text", "multimodal")}
+        self.choosers = {m: WeightedChooser([weights[i] for i in idx]) for m, idx in self.by_modality.items() if idx}
+        self.mixed = WeightedChooser(weights)
+        self.counters = [0] * len(sizes)
+        self.step = 0
+        self._perms: dict[tuple[int, int], FeistelPermutation] = {}
+
+    def modality(self, step: int) -> str:
+        if not self.group:
+            return "mixed"
+        has_text, has_mm = bool(self.by_modality["text"]), bool(self.by_modality["multimodal"])
+        if has_text and has_mm:
+            return "text" if self.schedule.is_language(step) else "multimodal"
+        return "text" if has_text else "multimodal"
+
+    def next_source(self, modality: str) -> int:
+        if modality == "mixed":
+            return self.mixed.next()
+        return self.by_modality[modality][self.choosers[modality].next()]
+
+    def draw(self, source: int) -> Draw:
+        c = self.counters[source]
+        self.counters[source] += 1
+        n = self.sizes[source]
+        epoch = c // n
+        perm = self._perms.get((source, epoch))
+        if perm is None:
+            self._perms = {k: v for k, v in self._perms.items() if k[0] != source}  # keep one epoch per source
+            perm = self._perms[(source, epoch)] = FeistelPermutation(n, self.seed, source, epoch)
+        return Draw(source, perm(c % n), c)
+
+    def epochs(self) -> list[int]:
+        return [c // n for c, n in zip(self.counters, self.sizes)]
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "seed": self.seed, "counters": list(self.counters),
+                "credits": {m: list(ch.credit) for m, ch in self.choosers.items()},
+                "mixed_credits": list(self.mixed.credit), "sizes": list(self.sizes)}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["sizes"] != self.sizes or state["seed"] != self.seed:
+            raise ValueError(f"data state was saved for sources of sizes {state['sizes']} and seed "
+                             f"{state['seed']}, not {self.sizes} / {self.seed}")
+        self.step = state["step"]
+        self.counters = list(state["counters"])
+        for m, credit in state["credits"].items():
+            self.choosers[m].credit = list(credit)
+        self.mixed.credit = list(state["mixed_credits"])

@@ -21,11 +21,13 @@ class EncodedSample:
 
 
 class SampleEncoder:
-    def __init__(self, tokenizer: TextTokenizer, image_tokens: int, seq_len: int, system_prompt: str = ""):
+    def __init__(self, tokenizer: TextTokenizer, image_tokens: int, seq_len: int, system_prompt: str = "",
+                 truncate: bool = True):
         self.tok = tokenizer
         self.image_tokens = image_tokens
         self.seq_len = seq_len
         self.system_prompt = system_prompt
+        self.truncate = truncate  # False: a sample longer than seq_len is rejected (ValueError), not cut
 
     def _text_with_images(self, text: str, supervised: bool) -> tuple[list[int], list[bool], int]:
         ids: list[int] = []
@@ -74,9 +76,18 @@ class SampleEncoder:
             raise ValueError(f"{n_placeholders} image placeholders but {len(images)} images")
         return self._truncate(ids, sup, images)
 
+    def encode_tokens(self, tokens) -> EncodedSample:
+        """A pre-tokenized corpus chunk: BOS + tokens, every next token supervised."""
+        ids = [self.tok.bos_id] + [int(t) for t in tokens]
+        if len(ids) < 2:
+            raise ValueError("empty corpus chunk")
+        return self._truncate(ids, [True] * len(ids), [])
+
     def _truncate(self, ids: list[int], sup: list[bool], images: list[str]) -> EncodedSample:
         # inputs are ids[:-1], targets ids[1:]: keep seq_len + 1 ids, never cutting an image's run
         limit = self.seq_len + 1
+        if len(ids) > limit and not self.truncate:
+            raise ValueError(f"sample of {len(ids) - 1} tokens is longer than seq_len={self.seq_len}")
         if len(ids) > limit:
             cut, img = limit, self.tok.image_id
             while cut > 0 and ids[cut - 1] == img:  # the last id is only a target: no image run may touch it

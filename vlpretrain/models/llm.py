@@ -36,6 +36,21 @@ def rotary_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> tupl
         return emb.cos(), emb.sin()
 
 
+def document_causal_mask(doc_ids: torch.Tensor) -> torch.Tensor:
+    """(B, S) document ids -> (B, 1, S, S) bool attention mask, True = may attend.
+
+    Token i attends to token j iff j <= i and doc_ids[i] == doc_ids[j]: packed documents never see each other.
+    Padding (doc id 0) attends within the padding only, which is harmless since its labels are ignored. Every
+    row keeps its diagonal, so no softmax row is empty.
+    """
+    if doc_ids.dim() != 2:
+        raise ValueError(f"doc_ids must be (B, S), got shape {tuple(doc_ids.shape)}")
+    s = doc_ids.shape[1]
+    causal = torch.ones(s, s, dtype=torch.bool, device=doc_ids.device).tril()
+    same_doc = doc_ids[:, :, None] == doc_ids[:, None, :]
+    return (same_doc & causal)[:, None]
+
+
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat([-x2, x1], dim=-1)
@@ -59,9 +74,14 @@ class Attention(nn.Module):
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None,
-                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
-        # x is the full sequence here even under sequence parallelism (the TP plan gathers it first), so the
-        # rotary angles are computed from this tensor, not from the block's (possibly sharded) input
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, S, dim); positions (B, S) long rotary positions (default arange(S)); mask (B, 1, S, S) bool,
+        True = may attend (see ``document_causal_mask``), or None for plain causal attention.
+
+        x is the full sequence here even under sequence parallelism (the TP plan gathers it first), and
+        positions / mask are always full length S (built once per forward from the full-length inputs), so
+        nothing here depends on the block's (possibly sharded) input.
+        """
         b, s, _ = x.shape
         if positions is None:
             positions = torch.arange(s, device=x.device).expand(b, -1)
@@ -73,10 +93,10 @@ class Attention(nn.Module):
         if self.n_rep > 1:
             k = k.repeat_interleave(self.n_rep, dim=1)
             v = v.repeat_interleave(self.n_rep, dim=1)
-        if attn_mask is None:
+        if mask is None:  # fast path: plain causal attention
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        else:  # e.g. document-causal masks for packed sequences: (B, 1, S, S) bool, True = attend
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        else:  # packed rows: document-causal (B, 1, S, S) bool mask, True = attend
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.wo(out.transpose(1, 2).reshape(b, s, -1))
 
 
@@ -102,8 +122,10 @@ class DecoderBlock(nn.Module):
         self.feed_forward = FeedForward(cfg.dim, cfg.ffn_dim)
 
     def forward(self, h: torch.Tensor, positions: torch.Tensor | None = None,
-                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
-        h = h + self.attention(self.attention_norm(h), positions, attn_mask)
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        # attention keeps three positional arguments (x, positions, mask): the TP/SP plan's PrepareModuleInput
+        # for it lists one layout per positional argument
+        h = h + self.attention(self.attention_norm(h), positions, mask)
         return h + self.feed_forward(self.ffn_norm(h))
 
 

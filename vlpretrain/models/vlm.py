@@ -15,7 +15,7 @@ from torch import nn
 from vlpretrain.config import ModelConfig
 from vlpretrain.models.adaptor import VLAdaptor
 from vlpretrain.models.init import initial_values
-from vlpretrain.models.llm import DecoderBlock, OutputHead
+from vlpretrain.models.llm import DecoderBlock, OutputHead, document_causal_mask
 from vlpretrain.models.vision import HybridVisionEncoder
 
 PARTS = ("siglip", "sam", "adaptor", "llm")
@@ -71,14 +71,21 @@ class DeepSeekVL(nn.Module):
         self.head: OutputHead | None = OutputHead(cfg)
 
     def forward(self, x: torch.Tensor, images: torch.Tensor | None = None,
-                positions: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+                positions: torch.Tensor | None = None, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
         """x: token ids (B, S) on the first stage, hidden states (B, S, D) on later ones.
+
+        ``positions`` (B, S) long: rotary positions (default arange(S); packed rows restart at 0 per document).
+        ``doc_ids`` (B, S) long: document ids of a packed row (``data/packing.py``); attention is then
+        document-causal (token i sees j iff j <= i and both are in the same document). None: plain causal
+        attention (``is_causal=True``, the unpacked fast path). The mask is built once here from the full-length
+        ``doc_ids`` and shared by every block, never from a block's (possibly sequence-sharded) input.
 
         Returns logits (B, S, V) on the last stage, hidden states otherwise.
         """
         h = self.embed(x, images) if self.embed is not None else x
+        mask = document_causal_mask(doc_ids) if doc_ids is not None else None
         for layer in self.layers.values():
-            h = layer(h, positions, attn_mask)
+            h = layer(h, positions, mask)
         return self.head(h) if self.head is not None else h
 
 

@@ -70,11 +70,13 @@ class ParallelModel:
         self.has_first = 0 in self.stage_ids
         self.has_last = (lay.n_stages - 1) in self.stage_ids
         self.schedule = None
+        self.packed = cfg.data.packing and cfg.data.document_causal
         if lay.pp > 1:
             self.loss = ScaledTextLoss(text_loss)
             n_mb = cfg.train.global_batch_size // (cfg.train.micro_batch_size * lay.dp)
             self.schedule = build_schedule(self.modules, self.stage_ids, lay.n_stages, ctx.device,
-                                           ctx.submesh("pp").get_group(), cfg.parallel.schedule, n_mb, self.loss)
+                                           ctx.submesh("pp").get_group(), cfg.parallel.schedule, n_mb, self.loss,
+                                           packed=self.packed)
         # bf16 autocast only when FSDP does not already cast parameters (its mixed-precision policy)
         self.autocast = (torch.autocast(ctx.device.type, dtype=torch.bfloat16)
                          if param_dtype is not None and lay.dp == 1 else contextlib.nullcontext())
@@ -102,9 +104,9 @@ class ParallelModel:
             for i, mb in enumerate(microbatches):
                 if self.ctx.layout.dp > 1:  # reduce-scatter gradients once, after the last microbatch
                     model.set_requires_gradient_sync(i == len(microbatches) - 1)
-                images = mb.images.to(dev) if mb.images is not None else None
+                images, positions, doc_ids = (_to(t, dev) for t in (mb.images, mb.positions, mb.doc_ids))
                 with self.autocast, self._loss_context():
-                    logits = model(mb.tokens.to(dev), images)
+                    logits = model(mb.tokens.to(dev), images, positions, doc_ids)
                     loss = text_loss(logits, mb.labels.to(dev), num_label_tokens)
                     (loss * self.grad_scale).backward()
                 total += _plain(loss.detach())
@@ -114,11 +116,13 @@ class ParallelModel:
             if self.has_first:
                 args = (torch.cat([mb.tokens for mb in microbatches]).to(dev),)
                 images = _stack_images(microbatches)
-                if images is not None:
-                    args += (images.to(dev),)
+                kwargs = {"images": _to(images, dev)} if images is not None else {}
+                if self.packed:  # per-document positions and masks travel with the hidden states
+                    kwargs["positions"] = torch.cat([mb.positions for mb in microbatches]).to(dev)
+                    kwargs["doc_ids"] = torch.cat([mb.doc_ids for mb in microbatches]).to(dev)
             losses: list[torch.Tensor] = []
             if self.has_last:
-                kwargs = {"target": torch.cat([mb.labels for mb in microbatches]).to(dev), "losses": losses}
+                kwargs.update(target=torch.cat([mb.labels for mb in microbatches]).to(dev), losses=losses)
             with self.autocast, self._loss_context():
                 self.schedule.step(*args, **kwargs)
             total = torch.zeros((), device=dev)
@@ -160,6 +164,10 @@ def text_loss(logits: torch.Tensor, labels: torch.Tensor, num_label_tokens: floa
     ce = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100,
                                            reduction="sum")
     return ce / max(num_label_tokens, 1)
+
+
+def _to(t: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
+    return t.to(device, non_blocking=True) if t is not None else None
 
 
 def _plain(t: torch.Tensor) -> torch.Tensor:

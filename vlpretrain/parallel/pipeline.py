@@ -80,11 +80,31 @@ class ScaledTextLoss:
         return self.loss_fn(output, target, self.denominator)
 
 
+class PackedStage(nn.Module):
+    """Runs a stage on packed rows: the first stage takes tokens (+ images) with the rows' positions and
+    document ids, and every stage but the last hands them on beside its hidden states, so each stage builds
+    the same document-causal mask. Only the schedule sees this wrapper: checkpoints and initialisation use
+    the stage itself, so parameter names do not change."""
+
+    def __init__(self, stage: nn.Module, is_first: bool, is_last: bool):
+        super().__init__()
+        self.stage = stage
+        self.is_first, self.is_last = is_first, is_last
+
+    def forward(self, x, *rest, images=None, positions=None, doc_ids=None):
+        if not self.is_first:
+            positions, doc_ids = rest
+        h = self.stage(x, images, positions, doc_ids)
+        return h if self.is_last else (h, positions, doc_ids)
+
+
 def build_schedule(stage_modules: list[nn.Module], stage_ids: list[int], n_stages: int, device: torch.device,
-                   pp_group, schedule: str, n_microbatches: int, loss: ScaledTextLoss):
+                   pp_group, schedule: str, n_microbatches: int, loss: ScaledTextLoss, packed: bool = False):
     cls = SCHEDULES[schedule]
     if cls is None:
         raise RuntimeError(f"parallel.schedule={schedule} is not available in torch {torch.__version__}")
+    if packed:
+        stage_modules = [PackedStage(m, sid == 0, sid == n_stages - 1) for m, sid in zip(stage_modules, stage_ids)]
     stages = [PipelineStage(m, sid, n_stages, device, group=pp_group) for m, sid in zip(stage_modules, stage_ids)]
     # the loss is already normalised by the global token count: the schedule must not rescale gradients
     if cls in (S.Schedule1F1B, S.ScheduleGPipe):

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from vlpretrain.config import Config, ConfigError, trainable_parts
-from vlpretrain.data.loader import StepBatches, resolve
+from vlpretrain.data.loader import DataPipeline, resolve
 from vlpretrain.data.tokenizer import TextTokenizer
 from vlpretrain.eval.mcppl import evaluate_mcppl
 from vlpretrain.models.flops import step_flops
@@ -67,8 +67,10 @@ def train(cfg: Config) -> dict:
         (run_dir / "config.yaml").write_text(cfg.to_yaml())
 
     # ---- data: every rank follows the same global sample sequence and keeps its dp slice
+    data = DataPipeline(cfg, tokenizer, dp_rank=ctx.dp_rank, dp_size=lay.dp)  # opens every source now
     model = ParallelModel(cfg, ctx)
-    data = StepBatches(cfg, tokenizer, dp_rank=ctx.dp_rank, dp_size=lay.dp, load_images=model.has_first)
+    data.load_images = model.has_first  # only ranks that run the vision encoder decode images
+    batches = data.steps()
 
     # ---- weights, optimizer
     if init_file is not None:
@@ -93,10 +95,11 @@ def train(cfg: Config) -> dict:
               f"tp={lay.tp} pp={lay.pp} vpp={lay.vpp} split={model.split}", flush=True)
 
     # ---- the loop
-    consumed, lang_steps, first_loss, loss = 0, 0, None, float("nan")
+    consumed, first_loss, loss, data_state = 0, None, float("nan"), data.state_dict()
     for step in range(1, tc.steps + 1):
         t0 = time.perf_counter()
-        batch = next(data)
+        batch = next(batches)
+        data_state = batch.data_state
         loss = model.forward_backward(batch.microbatches, batch.num_label_tokens)
         grad_norm = model.clip_grad_norm_(tc.grad_clip)
         lr = tc.lr * lr_multiplier(step - 1, tc)
@@ -109,7 +112,6 @@ def train(cfg: Config) -> dict:
         dt = time.perf_counter() - t0
 
         consumed += tc.global_batch_size
-        lang_steps += batch.modality == "text"
         first_loss = loss if first_loss is None else first_loss
         flops = step_flops(cfg.model, tc.global_batch_size, tc.seq_len, batch.num_images, trainable).total
         flops_per_device = flops / lay.world_size
@@ -118,22 +120,24 @@ def train(cfg: Config) -> dict:
             "tokens": batch.num_tokens, "tokens_per_s": batch.num_tokens / dt, "step_time_s": dt,
             "model_tflops": flops_per_device / dt / 1e12, "mfu": flops_per_device / dt / 1e12 / peak,
             "consumed_samples": consumed, "images": batch.num_images,
-            "language_ratio_target": batch.language_ratio_target, "language_ratio_realized": lang_steps / step,
-            "source_counts": batch.source_counts, "skipped_samples": sum(data.skipped().values()),
+            "language_ratio_target": batch.language_ratio_target,
+            "language_ratio_realized": batch.language_ratio_realized, "samples_digest": batch.samples_digest,
+            "source_counts": batch.source_counts, "bad_samples": batch.bad_samples, "bad_images": batch.bad_images,
+            "skipped_samples": sum(data_state["bad_total"].values()),
         })
         if not math.isfinite(loss):
             raise FloatingPointError(f"loss is {loss} at step {step}")
         if cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0 and step < tc.steps:
-            _save(model, ctx, ckpt_dir, step, cfg)
+            _save(model, ctx, ckpt_dir, step, cfg, data_state)
         if eval_path is not None and tc.eval_interval and step % tc.eval_interval == 0 and step < tc.steps \
                 and lay.world_size == 1:
             acc = evaluate_mcppl(model.modules[0], cfg, tokenizer, eval_path, device)["accuracy"]
             print(f"eval step {step}: mcppl accuracy {acc:.3f}", flush=True)
 
-    _save(model, ctx, ckpt_dir, tc.steps, cfg)
+    _save(model, ctx, ckpt_dir, tc.steps, cfg, data_state)
     logger.close()
     summary = {"steps": tc.steps, "first_loss": first_loss, "final_loss": loss,
-               "wall_time_s": round(time.perf_counter() - t_start, 2), "skipped_samples": data.skipped(),
+               "wall_time_s": round(time.perf_counter() - t_start, 2), "skipped_samples": data_state["bad_total"],
                "checkpoint": str(ckpt_dir)}
     if eval_path is not None and lay.world_size == 1:
         summary["eval"] = evaluate_mcppl(model.modules[0], cfg, tokenizer, eval_path, device)
@@ -145,9 +149,9 @@ def train(cfg: Config) -> dict:
     return summary
 
 
-def _save(model: ParallelModel, ctx, ckpt_dir: Path, step: int, cfg: Config) -> None:
-    """Weights checkpoint (safetensors). Multi-process layouts gather full tensors to rank 0 first."""
-    meta = {"stage": cfg.train.stage, "model": cfg.model.name}
+def _save(model: ParallelModel, ctx, ckpt_dir: Path, step: int, cfg: Config, data_state: dict) -> None:
+    """Weights checkpoint (safetensors) + the data state. Multi-process layouts gather to rank 0 first."""
+    meta = {"stage": cfg.train.stage, "model": cfg.model.name, "data_state": data_state}
     if ctx.layout.world_size == 1:
         save_checkpoint(model.modules[0], ckpt_dir, step, meta, cfg.checkpoint.keep_last)
         return

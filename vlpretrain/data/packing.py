@@ -1,0 +1,133 @@
+"""Stage-2 sequence packing: several encoded samples (documents) per fixed-length row.
+
+Policy (deterministic, depends only on the input order): **first fit in arrival order**. Samples are taken in
+the order given; each goes into the first row, in creation order, whose remaining space holds the whole sample,
+or opens a new row at the end. Rows are returned in creation order and a row's documents keep their relative
+arrival order. A document is never split across rows (hence an image's placeholder run never is either); a
+sample longer than ``seq_len`` is rejected with ValueError (bad data for the loader: see ``check_sample``).
+
+Per row:
+
+* ``tokens`` / ``labels``: the documents' own tokens and labels, concatenated verbatim. A sample's labels are
+  its next-token targets *within the sample* (``labels[i]`` is the target of ``tokens[i]``, and the last label
+  is the sample's own final target, typically eos, or IGNORE), so the last token of a document never predicts
+  the first token of the next one: nothing needs relabelling at document boundaries.
+* ``positions``: 0, 1, 2, ... restarting at 0 at each document start (rotary positions as if unpacked).
+* ``doc_ids``: 1, 2, 3, ... per document in the row, 0 on padding (feed to ``DeepSeekVL(doc_ids=...)`` for
+  document-causal attention).
+* ``images``: the documents' image paths concatenated, i.e. in placeholder order along the row, which is the
+  order ``VisionLanguageEmbedding`` splices them in.
+* padding: ``pad_id`` tokens, IGNORE labels, position 0, doc id 0.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from vlpretrain.data.samples import IGNORE, EncodedSample
+
+
+@dataclass
+class PackedRow:
+    tokens: list[int]
+    labels: list[int]
+    positions: list[int]
+    doc_ids: list[int]
+    images: list[str] = field(default_factory=list)
+    n_docs: int = 0
+
+    @property
+    def used(self) -> int:
+        """Non-padding tokens in the row."""
+        return sum(1 for d in self.doc_ids if d != 0)
+
+
+def check_sample(sample: EncodedSample, seq_len: int, image_token_id: int,
+                 image_tokens: int | None = None) -> None:
+    """Raise ValueError if ``sample`` cannot be packed into rows of ``seq_len`` (the loader's bad data):
+    empty, tokens/labels of different lengths, longer than ``seq_len``, or image placeholders that do not match
+    its images (exactly ``image_tokens`` per image when given, else an equal share per image)."""
+    n = len(sample.tokens)
+    if n == 0:
+        raise ValueError("empty sample")
+    if len(sample.labels) != n:
+        raise ValueError(f"sample has {n} tokens but {len(sample.labels)} labels")
+    if n > seq_len:
+        raise ValueError(f"sample of {n} tokens does not fit in seq_len={seq_len}")
+    n_img_tokens = sum(1 for t in sample.tokens if t == image_token_id)
+    n_images = len(sample.images)
+    if image_tokens is not None:
+        if n_img_tokens != n_images * image_tokens:
+            raise ValueError(f"{n_img_tokens} image placeholder tokens for {n_images} images of {image_tokens}")
+    elif (n_images == 0) != (n_img_tokens == 0) or (n_images and n_img_tokens % n_images):
+        raise ValueError(f"{n_img_tokens} image placeholder tokens for {n_images} images")
+
+
+def pack_samples(samples: list[EncodedSample], seq_len: int, image_token_id: int, pad_id: int,
+                 image_tokens: int | None = None) -> list[PackedRow]:
+    """Pack ``samples`` into rows of exactly ``seq_len`` tokens, first fit in arrival order (module docstring).
+
+    Raises ValueError (naming the sample's index) if any sample fails ``check_sample``, in particular one longer
+    than ``seq_len``; the caller filters such samples out beforehand with ``check_sample`` to count them as bad
+    data. ``image_tokens`` (optional) makes the placeholder check exact.
+    """
+    if seq_len <= 0:
+        raise ValueError(f"seq_len must be positive, got {seq_len}")
+    if pad_id == image_token_id:
+        raise ValueError("pad_id must differ from image_token_id (padding would read as image placeholders)")
+    for i, s in enumerate(samples):
+        try:
+            check_sample(s, seq_len, image_token_id, image_tokens)
+        except ValueError as e:
+            raise ValueError(f"sample {i}: {e}") from None
+
+    bins: list[list[EncodedSample]] = []
+    free: list[int] = []
+    for s in samples:
+        n = len(s.tokens)
+        for b, room in enumerate(free):
+            if n <= room:
+                bins[b].append(s)
+                free[b] -= n
+                break
+        else:
+            bins.append([s])
+            free.append(seq_len - n)
+
+    rows = []
+    for docs, room in zip(bins, free):
+        tokens: list[int] = []
+        labels: list[int] = []
+        positions: list[int] = []
+        doc_ids: list[int] = []
+        images: list[str] = []
+        for d, s in enumerate(docs, start=1):
+            n = len(s.tokens)
+            tokens += s.tokens
+            labels += s.labels
+            positions += range(n)
+            doc_ids += [d] * n
+            images += s.images
+        tokens += [pad_id] * room
+        labels += [IGNORE] * room
+        positions += [0] * room
+        doc_ids += [0] * room
+        rows.append(PackedRow(tokens, labels, positions, doc_ids, images, len(docs)))
+    return rows
+
+
+def to_tensors(rows: list[PackedRow]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Collate packed rows: (tokens, labels, positions, doc_ids), each (B, S) long. Images are left to the
+    caller: row b's ``rows[b].images`` go, in order, into ``images[b, :len(rows[b].images)]`` of a
+    (B, M, 3, H, W) tensor, exactly as for unpacked samples."""
+    if not rows:
+        raise ValueError("no rows to collate")
+    lengths = {len(r.tokens) for r in rows}
+    if len(lengths) != 1:
+        raise ValueError(f"rows of different lengths {sorted(lengths)}")
+
+    def col(name: str) -> torch.Tensor:
+        return torch.stack([torch.as_tensor(getattr(r, name), dtype=torch.long) for r in rows])
+
+    return col("tokens"), col("labels"), col("positions"), col("doc_ids")

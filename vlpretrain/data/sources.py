@@ -1,0 +1,205 @@
+"""Data sources behind one interface, and the data manifest that names them.
+
+Three kinds, all random access (the sampler decides the order):
+
+* ``shards``: webdataset tar shards with an index (multimodal samples, SFT conversations); the JSON member is
+  read for planning, the image members only by the rank that feeds the vision encoder.
+* ``indexed``: a Megatron .bin/.idx token corpus (text); each document is cut into chunks of at most
+  ``seq_len`` tokens, and one chunk is one sample.
+* ``jsonl``: one JSON sample per line, images as paths relative to the file (the demo's simple format).
+
+The manifest (YAML, ``data.manifest``: a path as given, else relative to ``data.root``) lists sources with
+``name, type, path, modality, category, weight``; source paths are relative to ``data.root``, so one manifest
+(e.g. configs/data/*.yaml, the paper's mixtures) serves wherever the data lives.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+from vlpretrain.config import ConfigError, DataConfig, SourceConfig, _build
+from vlpretrain.data.indexed import IndexedDataset, idx_path
+from vlpretrain.data.preprocess import load_image
+from vlpretrain.data.shards import BadSample, ShardReader, decode_image, expand_shards
+
+
+class Source:
+    """``len()`` samples; ``record(i)`` is the text side (dict with "text" or "conversation" and "images": one
+    entry per placeholder); ``image(i, j)`` decodes image j of sample i (uint8 (3, H, W)); ``tokens(i)`` gives
+    pre-tokenized ids for corpora (else None)."""
+
+    def __init__(self, cfg: SourceConfig):
+        self.cfg = cfg
+        self.name = cfg.name or Path(cfg.path).stem
+        self.modality = cfg.modality
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def key(self, i: int) -> str:
+        return f"{self.name}/{i}"
+
+    def record(self, i: int) -> dict:
+        raise NotImplementedError
+
+    def tokens(self, i: int) -> np.ndarray | None:
+        return None
+
+    def image(self, i: int, j: int, record: dict) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class JsonlSource(Source):
+    def __init__(self, cfg: SourceConfig, path: Path):
+        super().__init__(cfg)
+        self.root = path.parent
+        self.lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+    def __len__(self) -> int:
+        return len(self.lines)
+
+    def record(self, i: int) -> dict:
+        try:
+            rec = json.loads(self.lines[i])
+        except ValueError as e:
+            raise BadSample(f"corrupt JSON line: {e}", self.cfg.path, str(i)) from None
+        if not isinstance(rec, dict):
+            raise BadSample("JSON line is not an object", self.cfg.path, str(i))
+        return rec
+
+    def key(self, i: int) -> str:
+        return f"{self.name}/{i}"
+
+    def image(self, i: int, j: int, record: dict) -> torch.Tensor:
+        path = self.root / record["images"][j]
+        try:
+            return load_image(path)
+        except (OSError, ValueError) as e:
+            raise BadSample(f"unreadable image {path}: {e}", self.cfg.path, str(i)) from None
+
+
+class ShardSource(Source):
+    def __init__(self, cfg: SourceConfig, paths: list[Path]):
+        super().__init__(cfg)
+        self.reader = ShardReader(paths)
+
+    def __len__(self) -> int:
+        return len(self.reader)
+
+    def key(self, i: int) -> str:
+        shard, key = self.reader.locate(i)
+        return f"{self.name}/{shard.stem}/{key}"
+
+    def record(self, i: int) -> dict:
+        shard, key = self.reader.locate(i)
+        try:
+            rec = json.loads(self.reader.read_member(i, "json").decode("utf-8"))
+        except (UnicodeDecodeError, ValueError) as e:
+            if isinstance(e, BadSample):
+                raise
+            raise BadSample(f"corrupt JSON member: {e}", shard, key) from None
+        if not isinstance(rec, dict):
+            raise BadSample("JSON member is not an object", shard, key)
+        return rec
+
+    def image(self, i: int, j: int, record: dict) -> torch.Tensor:
+        shard, key = self.reader.locate(i)
+        raw = self.reader.read_member(i, str(record["images"][j]).lower())
+        return decode_image(raw, str(shard), key)
+
+
+class IndexedSource(Source):
+    """A token corpus: document d of n tokens gives ceil(n / chunk) samples of at most ``chunk`` tokens."""
+
+    def __init__(self, cfg: SourceConfig, prefix: str, chunk: int):
+        super().__init__(cfg)
+        self.ds = IndexedDataset(prefix)
+        lengths = self.ds.sequence_lengths.astype(np.int64)
+        per_seq = np.maximum((lengths + chunk - 1) // chunk, 0)
+        self.seq_of_chunk = np.repeat(np.arange(len(lengths)), per_seq)
+        first = np.concatenate([[0], np.cumsum(per_seq)[:-1]]) if len(per_seq) else np.zeros(0, np.int64)
+        self.offset_of_chunk = (np.arange(len(self.seq_of_chunk)) - np.repeat(first, per_seq)) * chunk
+        self.chunk = chunk
+
+    def __len__(self) -> int:
+        return len(self.seq_of_chunk)
+
+    def key(self, i: int) -> str:
+        return f"{self.name}/{int(self.seq_of_chunk[i])}:{int(self.offset_of_chunk[i])}"
+
+    def record(self, i: int) -> dict:
+        return {"images": []}
+
+    def tokens(self, i: int) -> np.ndarray:
+        seq, off = int(self.seq_of_chunk[i]), int(self.offset_of_chunk[i])
+        n = min(self.chunk, int(self.ds.sequence_lengths[seq]) - off)
+        return np.asarray(self.ds.get(seq, off, n), dtype=np.int64)
+
+
+def _resolve(base: Path, path: str) -> Path:
+    p = Path(path)
+    return p if p.is_absolute() else base / p
+
+
+def open_source(cfg: SourceConfig, base: Path, seq_len: int) -> Source:
+    """Open one source; a missing path fails here, at start-up, with a one-line error naming it."""
+    path = _resolve(base, cfg.path)
+    kind = cfg.type
+    if kind == "auto":
+        if Path(idx_path(path)).is_file():
+            kind = "indexed"
+        elif path.suffix == ".jsonl":
+            kind = "jsonl"
+        else:
+            kind = "shards"
+    name = cfg.name or cfg.path
+    if kind == "jsonl":
+        if not path.is_file():
+            raise FileNotFoundError(f"data source '{name}': file not found: {path}")
+        return JsonlSource(cfg, path)
+    if kind == "indexed":
+        if not Path(idx_path(path)).is_file():
+            raise FileNotFoundError(f"data source '{name}': no Megatron index {idx_path(path)}")
+        return IndexedSource(cfg, str(path), chunk=seq_len)  # + BOS = seq_len + 1 ids = seq_len targets
+    try:
+        paths = expand_shards(str(path))
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"data source '{name}': {e}") from None
+    return ShardSource(cfg, paths)
+
+
+@dataclass
+class Manifest:
+    base: Path
+    sources: list[SourceConfig]
+
+
+def load_manifest(data: DataConfig) -> Manifest:
+    """Sources from ``data.manifest`` (a YAML file) or, without one, ``data.sources`` (relative to data.root)."""
+    if not data.manifest:
+        return Manifest(Path(data.root), list(data.sources))
+    path = Path(data.manifest) if Path(data.manifest).is_file() else _resolve(Path(data.root), data.manifest)
+    if not path.is_file():
+        raise FileNotFoundError(f"data.manifest not found: {path}")
+    raw = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(raw, dict) or not isinstance(raw.get("sources"), list):
+        raise ConfigError(f"config error: data.manifest {path}: needs a 'sources' list")
+    unknown = set(raw) - {"sources", "description"}
+    if unknown:
+        raise ConfigError(f"config error: data.manifest {path}: unknown key '{sorted(unknown)[0]}'")
+    sources = []
+    for i, s in enumerate(raw["sources"]):
+        if not isinstance(s, dict):
+            raise ConfigError(f"config error: data.manifest {path}: sources[{i}] is not a mapping")
+        src = _build(SourceConfig, s, f"manifest.sources[{i}]")
+        if src.weight <= 0:
+            raise ConfigError(f"config error: manifest.sources[{i}].weight: must be positive, got {src.weight}")
+        sources.append(src)
+    if not sources:
+        raise ConfigError(f"config error: data.manifest {path}: no sources")
+    return Manifest(Path(data.root), sources)
