@@ -65,6 +65,7 @@ class GlobalBatch:
     num_label_tokens: int  # supervised tokens in the whole global batch (the loss denominator)
     num_tokens: int  # non-pad input tokens in the whole global batch
     num_images: int
+    num_samples: int  # documents in the global step (= sequences unless packed)
     language_ratio_target: float
     language_ratio_realized: float
     samples_digest: str  # hash of the ordered sample keys of the global step: equal across layouts
@@ -274,7 +275,7 @@ class DataPipeline:
             step=step, modality=modality, microbatches=micro,
             num_label_tokens=sum(sum(1 for x in p.sample.labels if x != IGNORE) for p in slots),
             num_tokens=sum(len(p.sample.tokens) for p in slots),
-            num_images=sum(len(p.sample.images) for p in slots),
+            num_images=sum(len(p.sample.images) for p in slots), num_samples=len(slots),
             language_ratio_target=self.plans.schedule.ratio(step),
             language_ratio_realized=self.plans.language_steps / step, samples_digest=digest,
             source_counts=counts, bad_samples=bad, bad_images=counter[0], data_state=self.state_dict())

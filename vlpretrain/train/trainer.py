@@ -111,7 +111,7 @@ def train(cfg: Config) -> dict:
             torch.cuda.synchronize(device)
         dt = time.perf_counter() - t0
 
-        consumed += tc.global_batch_size
+        consumed += batch.num_samples
         first_loss = loss if first_loss is None else first_loss
         flops = step_flops(cfg.model, tc.global_batch_size, tc.seq_len, batch.num_images, trainable).total
         flops_per_device = flops / lay.world_size
