@@ -1,6 +1,6 @@
 """Samples/s of the stage-2 multimodal image stream at real resolution: our pipeline vs plain webdataset + PIL.
 
-    python bench/data_throughput.py [--samples 200] [--workers 1 2] [--repeats 3] [--size 1024] [--low 384]
+    python bench/data_throughput.py [--samples 128] [--workers 1 2] [--repeats 3] [--size 1024] [--low 384]
 
 Makes a synthetic shard set first (photo-like 640x480 JPEGs, written with ShardWriter into a temp dir), so it needs
 nothing else. Both pipelines do the same work per sample: decode the JPEG, resize the longer side to ``--size``
@@ -20,8 +20,10 @@ the median epoch gives samples/s. Every configuration runs in this one process, 
 from __future__ import annotations
 
 import argparse
+import gc
 import io
 import os
+import resource
 import statistics
 import sys
 import tempfile
@@ -69,7 +71,10 @@ def make_shards(out: Path, n: int, per_shard: int, seed: int = 0) -> list[Path]:
 
 
 def _low(x: torch.Tensor, low: int) -> torch.Tensor:
-    """The SigLIP input as the model derives it (models/vision.py): antialiased bilinear resize."""
+    """The SigLIP input as the model derives it (models/vision.py): antialiased bilinear resize (``--low 0``: none,
+    an empty tensor instead)."""
+    if low <= 0:
+        return x.new_empty(0)
     return F.interpolate(x.unsqueeze(0), size=(low, low), mode="bilinear", align_corners=False,
                          antialias=True).squeeze(0)
 
@@ -114,7 +119,7 @@ class PILMap:
         m = max(w, h)
         nh, nw = max(int(h / m * self.size), 14), max(int(w / m * self.size), 14)
         pil = _expand2square(pil.resize((nw, nh), Image.Resampling.BICUBIC), self.fill)
-        x = torch.from_numpy(np.asarray(pil)).permute(2, 0, 1).float().div_(255.0)
+        x = torch.from_numpy(np.array(pil)).permute(2, 0, 1).float().div_(255.0)
         return x, _low(x, self.low)
 
 
@@ -126,7 +131,8 @@ def wds_dataset(shards: list[Path], size: int, low: int):
 
 
 def _collate(items):
-    return torch.stack([a for a, _ in items]), torch.stack([b for _, b in items])
+    """Stack the 1024 and the 384 tensors (default_collate: in a worker it stacks straight into shared memory)."""
+    return torch.utils.data.default_collate(items)
 
 
 # ----------------------------------------------------------------------------- timing
@@ -137,6 +143,7 @@ def run(name: str, dataset, workers: int, repeats: int, expected: int, shuffle: 
                   prefetch_factor=2 if workers > 0 else None)
     if shuffle:
         kwargs.update(shuffle=True, generator=torch.Generator().manual_seed(0))
+    cpu0, wall0 = _cpu_seconds(), time.perf_counter()
     loader = torch.utils.data.DataLoader(dataset, **kwargs)
     times, counts = [], []
     for epoch in range(repeats + 1):  # epoch 0: warm-up (worker start, page cache, allocator)
@@ -147,26 +154,64 @@ def run(name: str, dataset, workers: int, repeats: int, expected: int, shuffle: 
         dt = time.perf_counter() - t0
         if n != expected:
             raise RuntimeError(f"{name}: epoch gave {n} samples, expected {expected}")
-        if hi.shape[1:] != (3, args.size, args.size) or lo.shape[1:] != (3, args.low, args.low):
+        if hi.shape[1:] != (3, args.size, args.size) or (args.low > 0 and lo.shape[1:] != (3, args.low, args.low)):
             raise RuntimeError(f"{name}: unexpected shapes {tuple(hi.shape)} {tuple(lo.shape)}")
         if epoch:
             times.append(dt)
             counts.append(n)
-    del loader
+    del hi, lo, loader  # shuts the workers down (joined: their CPU time lands in RUSAGE_CHILDREN)
+    gc.collect()
+    cores = (_cpu_seconds() - cpu0) / (time.perf_counter() - wall0)
     rates = [c / t for c, t in zip(counts, times)]
-    return {"name": name, "workers": workers, "rate": statistics.median(rates), "rates": rates}
+    return {"name": name, "workers": workers, "rate": statistics.median(rates), "rates": rates, "cores": cores}
+
+
+def _cpu_seconds() -> float:
+    """User + system CPU seconds of this process and its finished (joined) children."""
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def per_sample_ms(shards: list[Path], size: int, low: int, n: int = 32, repeats: int = 3) -> tuple[float, float]:
+    """In-process, one torch thread, no DataLoader: median ms per sample of each pipeline's per-sample work
+    (everything but collation), insensitive to other load on the machine's other core."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        ours = OursDataset(shards, size, low)
+        pil = PILMap(size, low)
+        idx = list(range(min(n, len(ours))))
+        samples = []
+        for i in idx:  # the raw webdataset-style dicts (bytes already read), as WebDataset hands them to .map
+            rec = ours.reader.read(i)
+            samples.append({"__key__": rec["__key__"], "0.jpg": rec["images"][0]})
+
+        def timed(fn) -> float:
+            fn(0)
+            runs = []
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                for i in idx:
+                    fn(i)
+                runs.append((time.perf_counter() - t0) / len(idx) * 1000)
+            return statistics.median(runs)
+
+        return timed(lambda i: ours[i]), timed(lambda i: pil(samples[i]))
+    finally:
+        torch.set_num_threads(threads)
 
 
 def main(argv=None) -> int:
     global args
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--samples", type=int, default=200, help="samples in the synthetic shard set (= one epoch)")
-    p.add_argument("--per-shard", type=int, default=25, help="samples per shard (webdataset splits shards "
+    p.add_argument("--samples", type=int, default=128, help="samples in the synthetic shard set (= one epoch)")
+    p.add_argument("--per-shard", type=int, default=16, help="samples per shard (webdataset splits shards "
                                                              "across workers)")
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     p.add_argument("--repeats", type=int, default=3, help="timed epochs per configuration (median)")
     p.add_argument("--size", type=int, default=1024, help="SAM input side")
-    p.add_argument("--low", type=int, default=384, help="SigLIP input side (derived from the --size tensor)")
+    p.add_argument("--low", type=int, default=384, help="SigLIP input side (derived from the --size tensor; 0: leave "
+                                                             "that resize out)")
     args = p.parse_args(argv)
 
     import webdataset
@@ -178,9 +223,13 @@ def main(argv=None) -> int:
         print(f"data: {args.samples} samples (640x480 JPEG) in {len(shards)} shards, {mb:.1f} MB, made in "
               f"{time.perf_counter() - t_start:.1f} s; {os.cpu_count()} CPUs, torch {torch.__version__}, "
               f"webdataset {webdataset.__version__}, Pillow {Image.__version__}")
-        print(f"work per sample: decode -> bicubic longer side {args.size} -> pad (mean colour) -> [0,1] float "
-              f"-> bilinear antialiased {args.low}; batch {BATCH}; {args.repeats} timed epochs after 1 warm-up, "
+        low = f" -> bilinear antialiased {args.low}" if args.low > 0 else ""
+        print(f"work per sample: decode -> bicubic longer side {args.size} -> pad (mean colour) -> [0,1] float"
+              f"{low}; batch {BATCH}; {args.repeats} timed epochs after 1 warm-up, "
               f"median")
+        a, b = per_sample_ms(shards, args.size, args.low)
+        print(f"  in-process, 1 thread, per sample (no collation): ours {a:.1f} ms | webdataset+PIL map {b:.1f} ms "
+              f"| ratio {b / a:.2f}x", flush=True)
         results = {}
         for k in args.workers:
             for name, ds, shuffle in (("ours", OursDataset(shards, args.size, args.low), True),
@@ -190,11 +239,12 @@ def main(argv=None) -> int:
                 r = run(name, ds, k, args.repeats, args.samples, shuffle)
                 results[(name, k)] = r
                 print(f"  {name:>15s} {k} worker{'s' if k > 1 else ' '}: {r['rate']:7.1f} samples/s  "
-                      f"(epochs: {', '.join(f'{x:.1f}' for x in r['rates'])})", flush=True)
+                      f"(epochs: {', '.join(f'{x:.1f}' for x in r['rates'])}; CPU cores used {r['cores']:.2f})",
+                      flush=True)
 
     print()
-    print(f"| workers | ours (samples/s) | webdataset+PIL (samples/s) | ratio |")
-    print(f"|---|---|---|---|")
+    print("| workers | ours (samples/s) | webdataset+PIL (samples/s) | ratio |")
+    print("|---|---|---|---|")
     for k in args.workers:
         a, b = results[("ours", k)]["rate"], results[("webdataset+PIL", k)]["rate"]
         print(f"| {k} | {a:.1f} | {b:.1f} | {a / b:.2f}x |")
@@ -207,7 +257,8 @@ def main(argv=None) -> int:
         for name in ("ours", "webdataset+PIL"):
             s = results[(name, k1)]["rate"] / results[(name, k0)]["rate"]
             print(f"{name}: {k1} vs {k0} workers: {s:.2f}x")
-    print(f"total {time.perf_counter() - t_start:.1f} s")
+    print(f"total {time.perf_counter() - t_start:.1f} s (CPU cores used well below workers + 1 means other load "
+          f"on the machine: the worker-scaling numbers are then not meaningful)")
     return 0
 
 

@@ -130,6 +130,14 @@ def test_output_range_and_dtype():
         preprocess_image(img[:1], 64, CLIP_MEAN)
 
 
+@pytest.mark.parametrize("hw, size", [((48, 80), 64), ((80, 48), 64), ((33, 33), 64), ((4, 300), 100),
+                                      ((64, 64), 64), ((200, 90), 64)])
+def test_float_output_equals_uint8_canvas_over_255(hw, size):
+    img = _t(_photo(*hw, seed=5))
+    for mean in (CLIP_MEAN, SIGLIP_MEAN, None):
+        assert torch.equal(preprocess_image(img, size, mean), resize_and_pad(img, size, mean).float() / 255)
+
+
 def test_no_resize_when_longer_side_matches():
     img = _t(_photo(64, 128, seed=1))
     out = resize_and_pad(img, 128, SIGLIP_MEAN)

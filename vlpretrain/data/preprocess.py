@@ -12,16 +12,17 @@ The official processor (``deepseek_vl/models/image_processing_vlm.py``), for an 
 3. divides by 255 -> float in [0, 1]. (The hybrid model's towers normalise internally; SigLIP's 384 input is
    derived inside the model from the 1024 image by antialiased bilinear resizing, see ``models/vision.py``.)
 
-Resizing here is ``F.interpolate(mode="bicubic", antialias=True)`` on the uint8 tensor itself. Torch's CPU kernel
-for uint8 + antialias uses PIL's filter (cubic with a = -0.5, support scaled by the downscale factor) in PIL's
-fixed-point arithmetic with a uint8 intermediate between the horizontal and vertical passes, so it reproduces
-PIL's BICUBIC resize almost bit for bit: measured on torch 2.14.1, 2.13.0 and 2.11.0 (CPU) for photo-like and
-noise images, 640x480 -> 1024x768, 300x300 -> 1024 (upscale), 2000x1500 -> 1024x768 and 640x480 -> 384x288
-(downscale): mean |torch - PIL| <= 0.009 levels, max 2 levels, >= 99.1 % of pixels identical. The same resize
-in float32 (then rounded and clamped) differs from PIL by 0.15-0.27 levels on average and up to 23 levels on
-noise (no clipping between the passes), and is ~15x slower than the uint8 kernel on CPU, so it is only the
-fallback: for tensors on other devices (CUDA has no uint8 bicubic kernel) and for a torch build without the uint8
-kernel. Native uint8 bicubic + antialias exists on CPU since torch 2.1 (torchvision >= 0.16 relies on it).
+Resizing here is ``F.interpolate(mode="bicubic", antialias=True)`` on the uint8 tensor itself. On CPU torch's
+uint8 + antialias kernel uses PIL's cubic filter (a = -0.5, support widened by the downscale factor) and matches
+PIL's BICUBIC resize almost bit for bit. Measured on torch 2.14.1 (CPU), photo-like and noise images, 640x480 ->
+1024x768 and 300x300 -> 1024 (upscale), 2000x1500 -> 1024x768 and 640x480 -> 384x288 (downscale), 100x1000 ->
+14x140 (min_size): mean |torch - PIL| <= 0.009 levels, max 2 levels, >= 99.1 % of pixels identical; torch 2.13.0
+and 2.11.0 give the same (uint8 supported, 640x480 -> 1024x768: mean 0.00001, max 1; -> 384x288: mean 0.0006,
+max 1). The same resize in float32, rounded and clamped back, differs from PIL by 0.15-0.27 levels on average and
+by up to 4 levels on photo-like images (23 on pure noise: PIL rounds and clips between its two passes), and is
+~15x slower on CPU (50 ms vs 3.4 ms for 640x480 -> 1024x768), so it is only the fallback: for tensors on other
+devices (torchvision treats uint8 bicubic as CPU-only) and for a torch without the uint8 kernel (it exists on
+CPU since torch 2.1; torchvision >= 0.16 relies on it).
 """
 from __future__ import annotations
 
@@ -106,14 +107,18 @@ def pad_to_square(img: torch.Tensor, fill: tuple[int, int, int], size: int | Non
     return canvas
 
 
-def resize_and_pad(img: torch.Tensor, size: int, mean: Sequence[float] | None,
-                   min_size: int = MIN_SIZE) -> torch.Tensor:
-    """uint8 (3, H, W) -> uint8 (3, size, size): the official resize (longer side to ``size``, bicubic,
-    antialiased) then pad with the mean colour. What :func:`preprocess_image` returns, before / 255."""
+def _check(img: torch.Tensor) -> None:
     if img.dtype != torch.uint8:
         raise TypeError(f"expected a uint8 image, got {img.dtype}")
     if img.dim() != 3 or img.shape[0] != 3:
         raise ValueError(f"expected a (3, H, W) image, got shape {tuple(img.shape)}")
+
+
+def resize_and_pad(img: torch.Tensor, size: int, mean: Sequence[float] | None,
+                   min_size: int = MIN_SIZE) -> torch.Tensor:
+    """uint8 (3, H, W) -> uint8 (3, size, size): the official resize (longer side to ``size``, bicubic,
+    antialiased) then pad with the mean colour. What :func:`preprocess_image` returns, before / 255."""
+    _check(img)
     _, h, w = img.shape
     img = resize_uint8(img, resized_size(h, w, size, min_size), mode="bicubic")
     return pad_to_square(img, background_color(mean), size)
@@ -123,4 +128,19 @@ def preprocess_image(img: torch.Tensor, size: int, mean: Sequence[float] | None,
                      min_size: int = MIN_SIZE) -> torch.Tensor:
     """uint8 (3, H, W) -> float32 (3, size, size) in [0, 1], as ``VLMImageProcessor`` (without normalisation):
     longer side resized to ``size`` (bicubic, antialiased), padded to square with ``int(mean * 255)``, / 255."""
-    return resize_and_pad(img, size, mean, min_size).float().div_(255.0)
+    _check(img)
+    _, h, w = img.shape
+    img = resize_uint8(img, resized_size(h, w, size, min_size), mode="bicubic")
+    _, h, w = img.shape
+    # Straight into the float canvas (same values as uint8 canvas -> float / 255, one pass less).
+    out = torch.empty(3, size, size, dtype=torch.float32, device=img.device)
+    fill = torch.tensor(background_color(mean), dtype=torch.float32, device=img.device).div_(255.0).view(3, 1, 1)
+    top, left = (size - h) // 2, (size - w) // 2
+    out[:, :top] = fill
+    out[:, top + h:] = fill
+    out[:, top:top + h, :left] = fill
+    out[:, top:top + h, left + w:] = fill
+    region = out[:, top:top + h, left:left + w]
+    region.copy_(img)
+    region.div_(255.0)
+    return out
