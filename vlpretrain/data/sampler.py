@@ -87,19 +87,20 @@ class FeistelPermutation:
 
 
 class WeightedChooser:
-    """Deterministic weighted choice (smooth weighted round-robin): after k draws every choice's count is
-    within one of k x its weight share."""
+    """Deterministic weighted choice by Balinski and Young's quota method: after k draws every choice's count
+    is within one of k x its weight share (smooth round-robin breaks that bound beyond three choices)."""
 
     def __init__(self, weights: list[float]):
         total = sum(weights)
         self.weights = [w / total for w in weights]
-        self.credit = [0.0] * len(weights)
+        self.counts = [0] * len(weights)
 
     def next(self) -> int:
-        for i, w in enumerate(self.weights):
-            self.credit[i] += w
-        best = max(range(len(self.credit)), key=lambda i: self.credit[i])
-        self.credit[best] -= 1.0
+        k = sum(self.counts) + 1
+        # eligible: a choice that stays at or below its upper quota ceil(k x share) after this draw
+        eligible = [i for i, (w, c) in enumerate(zip(self.weights, self.counts)) if c < math.ceil(k * w - 1e-12)]
+        best = max(eligible or range(len(self.weights)), key=lambda i: self.weights[i] / (self.counts[i] + 1))
+        self.counts[best] += 1
         return best
 
 
@@ -159,8 +160,8 @@ class SamplePlanner:
 
     def state_dict(self) -> dict:
         return {"step": self.step, "seed": self.seed, "counters": list(self.counters),
-                "credits": {m: list(ch.credit) for m, ch in self.choosers.items()},
-                "mixed_credits": list(self.mixed.credit), "sizes": list(self.sizes)}
+                "chooser_counts": {m: list(ch.counts) for m, ch in self.choosers.items()},
+                "mixed_counts": list(self.mixed.counts), "sizes": list(self.sizes)}
 
     def load_state_dict(self, state: dict) -> None:
         if state["sizes"] != self.sizes or state["seed"] != self.seed:
@@ -168,6 +169,6 @@ class SamplePlanner:
                              f"{state['seed']}, not {self.sizes} / {self.seed}")
         self.step = state["step"]
         self.counters = list(state["counters"])
-        for m, credit in state["credits"].items():
-            self.choosers[m].credit = list(credit)
-        self.mixed.credit = list(state["mixed_credits"])
+        for m, counts in state["chooser_counts"].items():
+            self.choosers[m].counts = list(counts)
+        self.mixed.counts = list(state["mixed_counts"])

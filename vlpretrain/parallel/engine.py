@@ -167,7 +167,10 @@ def text_loss(logits: torch.Tensor, labels: torch.Tensor, num_label_tokens: floa
 
 
 def _to(t: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
-    return t.to(device, non_blocking=True) if t is not None else None
+    if t is None:
+        return None
+    t = t.to(device, non_blocking=True)
+    return t.float().div_(255.0) if t.dtype == torch.uint8 else t  # images travel as uint8
 
 
 def _plain(t: torch.Tensor) -> torch.Tensor:
