@@ -76,6 +76,15 @@ class GlobalBatch:
     bad_images: int = 0  # images this rank could not decode (replaced by blanks)
     data_state: dict = field(default_factory=dict)  # planner state after this step (for checkpoints)
 
+    def pin_memory(self) -> "GlobalBatch":
+        """Page-locked host tensors for asynchronous host-to-GPU copies (called by the DataLoader)."""
+        for mb in self.microbatches:
+            for name in ("tokens", "labels", "images", "positions", "doc_ids"):
+                t = getattr(mb, name)
+                if t is not None:
+                    setattr(mb, name, t.pin_memory())
+        return self
+
 
 class StepPlanner:
     """Plans global steps: the samples of every slot, encoded. Identical on every rank."""
@@ -290,14 +299,15 @@ class DataPipeline:
     def __next__(self) -> GlobalBatch:
         return self.build(*self.plans.plan())
 
-    def steps(self):
+    def steps(self, pin_memory: bool = False):
         """Iterator over the coming steps; with ``data.num_workers`` > 0 worker processes prepare whole steps
-        ahead (worker w builds the steps w, w + W, ... and plans every step to keep the sequence)."""
+        ahead (worker w builds the steps w, w + W, ... and plans every step to keep the sequence), pinned for
+        fast copies to the GPU when ``pin_memory``."""
         if self.cfg.data.num_workers == 0:
-            return iter(self)
+            return (b.pin_memory() for b in self) if pin_memory else iter(self)
         loader = torch.utils.data.DataLoader(
             _WorkerSteps(self), batch_size=None, num_workers=self.cfg.data.num_workers,
-            prefetch_factor=self.cfg.data.prefetch_steps, collate_fn=_identity)
+            prefetch_factor=self.cfg.data.prefetch_steps, collate_fn=_identity, pin_memory=pin_memory)
         return iter(loader)
 
     def skipped(self) -> dict[str, int]:

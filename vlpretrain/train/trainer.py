@@ -70,7 +70,7 @@ def train(cfg: Config) -> dict:
     data = DataPipeline(cfg, tokenizer, dp_rank=ctx.dp_rank, dp_size=lay.dp)  # opens every source now
     model = ParallelModel(cfg, ctx)
     data.load_images = model.has_first  # only ranks that run the vision encoder decode images
-    batches = data.steps()
+    batches = data.steps(pin_memory=device.type == "cuda")
 
     # ---- weights, optimizer
     if init_file is not None:
