@@ -28,7 +28,7 @@ MODEL = {  # heavy vision side, light decoder: 8 layers so pp=4 still has 2 per 
     "max_seq_len": 256, "image_token_id": 2,
     "siglip": {"image_size": 64, "patch_size": 8, "width": 128, "depth": 4, "heads": 4},
     "sam": {"enabled": True, "image_size": 128, "patch_size": 8, "width": 128, "depth": 4, "heads": 4,
-            "window_size": 8, "global_attn_indexes": [1, 3], "neck_chans": 64, "interp_size": 16,
+            "window_size": 8, "global_attn_indexes": [1, 3], "neck_chans": 64, "interp_size": 32,
             "downsample_channels": [96, 128], "hd_path": True},
 }
 

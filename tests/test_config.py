@@ -154,9 +154,9 @@ def test_parse_overrides_nesting():
     (["train.trainable=[vision]"], "train.trainable[0]"),
     (["model.siglip=3"], "model.siglip"),
     # impossible values
-    (["train.global_batch_size=24"], "train.global_batch_size"),  # micro batch 16
-    (["parallel.dp=3"], "train.global_batch_size"),  # 32 % (16 x 3)
-    (["train.micro_batch_size=8", "parallel.dp=8"], "train.global_batch_size"),  # 32 % 64
+    (["train.global_batch_size=20"], "train.global_batch_size"),  # micro batch 8
+    (["parallel.dp=3"], "train.global_batch_size"),  # 16 % (8 x 3)
+    (["train.micro_batch_size=4", "parallel.dp=8"], "train.global_batch_size"),  # 16 % 32
     (["parallel.tp=3"], "parallel.tp"),  # 4 heads
     (["parallel.tp=8"], "parallel.tp"),
     (["parallel.pp=2", "parallel.vpp=2", "parallel.layer_split=[1,1,1,2]"], "parallel.layer_split"),  # sums to 5
@@ -185,8 +185,8 @@ def test_error_messages_exact():
     assert _error(TINY / "stage2.yaml", ["train.steps=abc"]) == "config error: train.steps: expected int, got 'abc'"
     assert _error(TINY / "stage2.yaml", ["parallel.tp=3"]) == \
         "config error: parallel.tp: 3 does not divide the attention heads (4 q, 4 kv)"
-    assert _error(TINY / "stage2.yaml", ["train.global_batch_size=24"]) == \
-        "config error: train.global_batch_size: 24 is not divisible by train.micro_batch_size=16"
+    assert _error(TINY / "stage2.yaml", ["train.global_batch_size=20"]) == \
+        "config error: train.global_batch_size: 20 is not divisible by train.micro_batch_size=8"
     assert _error(TINY / "stage2.yaml", ["parallel.pp=2", "parallel.vpp=2", "parallel.layer_split=[1,1,1,2]"]) == \
         "config error: parallel.layer_split: sums to 5, model has 4 layers"
 
