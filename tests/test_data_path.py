@@ -1,5 +1,5 @@
-"""Data path: sample encoding (placeholders, labels, SFT masking, truncation), the modality schedule, the
-fixed-shape step batches on the demo data (bad samples skipped and counted), and image preprocessing."""
+"""Data path: sample encoding (placeholders, labels, SFT masking, truncation), the modality schedule and image
+preprocessing. The step pipeline itself is tested in test_pipeline.py."""
 from __future__ import annotations
 
 import math

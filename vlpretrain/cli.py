@@ -66,9 +66,9 @@ def cmd_eval(args: argparse.Namespace, cfg: Config) -> int:
     from vlpretrain.eval.mcppl import evaluate_mcppl
     from vlpretrain.models.vlm import build_model
     from vlpretrain.train.checkpoint import load_weights
-    from vlpretrain.train.trainer import resolve_device
+    from vlpretrain.parallel.mesh import local_device
 
-    device = resolve_device(cfg)
+    device = local_device(cfg)
     tokenizer = TextTokenizer(resolve(cfg.data.root, cfg.data.tokenizer))
     path = args.eval_file or (resolve(cfg.data.root, cfg.train.eval_file) if cfg.train.eval_file else None)
     if path is None:

@@ -2,6 +2,8 @@
 
 ``ModalitySchedule`` gives the target language share r(step) and decides each global step's modality by
 deterministic error diffusion: after any step t, |language steps so far - sum of r(1..t)| < 1.
+``SamplePlanner`` picks each slot's source (``WeightedChooser``) and sample (``FeistelPermutation`` per epoch);
+its state is a small dict, so a resumed run continues the exact sequence.
 """
 from __future__ import annotations
 
@@ -159,7 +161,7 @@ class SamplePlanner:
         return [c // n for c, n in zip(self.counters, self.sizes)]
 
     def state_dict(self) -> dict:
-        return {"step": self.step, "seed": self.seed, "counters": list(self.counters),
+        return {"step": self.step, "seed": self.seed, "counters": list(self.counters), "epochs": self.epochs(),
                 "chooser_counts": {m: list(ch.counts) for m, ch in self.choosers.items()},
                 "mixed_counts": list(self.mixed.counts), "sizes": list(self.sizes)}
 

@@ -33,7 +33,7 @@ def apply_tensor_parallel(stage: nn.Module, tp_mesh: DeviceMesh, sequence_parall
         if sp:
             plan[f"{p}.attention_norm"] = SequenceParallel()
             plan[f"{p}.ffn_norm"] = SequenceParallel()
-            # attention(x, positions, attn_mask) and feed_forward(x) see the full sequence
+            # attention(x, positions, mask) and feed_forward(x) see the full sequence
             plan[f"{p}.attention"] = PrepareModuleInput(input_layouts=(Shard(1), None, None),
                                                         desired_input_layouts=(Replicate(), None, None))
             plan[f"{p}.feed_forward"] = PrepareModuleInput(input_layouts=(Shard(1),),

@@ -1,7 +1,7 @@
 """Weight checkpoints in safetensors, written atomically (temp dir -> verify -> rename -> ``latest`` last).
 
-This is the single-process weights path used by ``init_from`` between stages; full training state goes
-through DCP in the distributed checkpoint module.
+Used for ``init_from`` between stages and for the weights a run leaves behind (multi-process runs gather the
+full tensors to rank 0 first); ``meta.json`` carries the data state beside them.
 """
 from __future__ import annotations
 

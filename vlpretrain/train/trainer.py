@@ -28,10 +28,6 @@ from vlpretrain.train.metrics import MetricsLogger, device_peak_tflops
 from vlpretrain.train.optim import build_optimizer, lr_multiplier
 
 
-def resolve_device(cfg: Config) -> torch.device:
-    return local_device(cfg)
-
-
 def _check_inputs(cfg: Config) -> tuple[TextTokenizer, Path | None, Path | None]:
     """Everything a user can get wrong, checked before any process group or model exists."""
     tc = cfg.train
