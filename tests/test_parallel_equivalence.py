@@ -39,6 +39,9 @@ CASES = {
         {"name": "pp2_vpp2_interleaved", "overrides": {"parallel.pp": 2, "parallel.vpp": 2,
                                                        "parallel.schedule": "interleaved_1f1b",
                                                        "parallel.layer_split": "uniform"}},
+        *[{"name": f"pp2_vpp2_{sched}", "overrides": {"parallel.pp": 2, "parallel.vpp": 2, "parallel.schedule": sched,
+                                                      "parallel.layer_split": "uniform"}}
+          for sched in ("zero_bubble", "zbv", "dualpipev")],
         {"name": "pp2_gpipe_uneven_split", "overrides": {"parallel.pp": 2, "parallel.schedule": "gpipe",
                                                          "parallel.layer_split": [1, 3]}},
         {"name": "pp2_stage1_frozen_rank", "overrides": {"parallel.pp": 2, "train.stage": 1, **SPLIT2}},

@@ -47,6 +47,9 @@ def _check_inputs(cfg: Config) -> tuple[TextTokenizer, Path | None, Path | None]
         path = getattr(tc.pretrained, key)
         if path and not Path(path).exists():
             raise FileNotFoundError(f"train.pretrained.{key} not found: {path}")
+        if path and world_size_from_env() > 1:
+            raise ConfigError("config error: train.pretrained loads on a single process for now: run stage 1 "
+                              "for one step on one process and pass its run dir as train.init_from")
     return tokenizer, eval_path, init_file
 
 
@@ -74,9 +77,6 @@ def train(cfg: Config) -> dict:
             load_weights(m, init_file)
     pre = tc.pretrained
     if pre.llm or pre.siglip or pre.sam:
-        if lay.world_size > 1:
-            raise ConfigError("config error: train.pretrained loads on a single process for now; convert the "
-                              "weights with a single-process stage-1 run (steps: 1) and use train.init_from")
         load_pretrained_parts(model.modules[0], llm=pre.llm or None, siglip=pre.siglip or None,
                               sam=pre.sam or None)
     params = model.trainable_parameters()
