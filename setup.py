@@ -19,8 +19,8 @@ setup(
         "pillow",
     ],
     extras_require={
-        "test": ["pytest>=8", "transformers>=4.40"],
-        "dev": ["pytest>=8", "transformers>=4.40", "ruff"],
+        "test": ["pytest>=8", "transformers>=4.40", "webdataset"],
+        "dev": ["pytest>=8", "transformers>=4.40", "webdataset", "ruff"],
         "logging": ["wandb", "tensorboard"],
         # GPU-only accelerations, imported behind guards; build from source on the GPU image
         "gpu": ["transformer-engine[pytorch]"],

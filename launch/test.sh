@@ -4,4 +4,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash launch/setup.sh
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
-exec python3 -m pytest -q tests "$@"
+exec "${PYTHON:-python3}" -m pytest -q tests "$@"
