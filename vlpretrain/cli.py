@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from vlpretrain.config import Config, ConfigError, load_config, trainable_parts
@@ -24,6 +25,8 @@ def cmd_train(args: argparse.Namespace, cfg: Config) -> int:
     from vlpretrain.train.trainer import train
 
     summary = train(cfg)
+    if int(os.environ.get("RANK", "0")) != 0:  # one summary line per job, from rank 0
+        return 0
     print(json.dumps({"train": "done", **{k: v for k, v in summary.items() if k != "eval"},
                       **({"mcppl_accuracy": summary["eval"]["accuracy"]} if "eval" in summary else {})}))
     return 0

@@ -435,8 +435,7 @@ def validate(cfg: Config) -> None:
                f"{t.global_batch_size} is not divisible by micro_batch_size x dp = {t.micro_batch_size * p.dp}")
     _check(t.lr > 0 and math.isfinite(t.lr), "train.lr", f"must be positive, got {t.lr}")
     _check(0 <= t.min_lr_ratio <= 1, "train.min_lr_ratio", "must lie in [0, 1]")
-    _check(0 <= t.warmup_steps < max(t.steps, 1) or t.warmup_steps == 0, "train.warmup_steps",
-           f"{t.warmup_steps} must be smaller than train.steps={t.steps}")
+    _check(t.warmup_steps >= 0, "train.warmup_steps", f"must be >= 0, got {t.warmup_steps}")
     _check(all(0 < x < 1 for x in t.step_milestones), "train.step_milestones", "fractions must lie in (0, 1)")
     _check(t.grad_clip >= 0, "train.grad_clip", "must be >= 0 (0 disables clipping)")
     _check(0 <= t.beta1 < 1 and 0 <= t.beta2 < 1, "train.beta1", "betas must lie in [0, 1)")
