@@ -71,7 +71,7 @@ def test_include_gives_stage_file_the_model_section():
     assert (cfg.train.stage, cfg.train.steps, cfg.train.lr) == (1, 60, 3.0e-3)
     assert [s.name for s in cfg.data.sources] == ["captions", "ocr"]
     # untouched sections keep the dataclass defaults
-    assert cfg.checkpoint.async_save is False and cfg.train.beta2 == 0.95
+    assert cfg.checkpoint.resume == "" and cfg.train.beta2 == 0.95
 
 
 def test_include_composition_later_keys_win(tmp_path: Path):

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from conftest import CONFIGS
 from vlpretrain.config import TrainConfig, load_config
 from vlpretrain.models.vlm import build_model, part_of
-from vlpretrain.train.checkpoint import find_weights, load_weights
+from vlpretrain.train.checkpoint import find_weights, load_weights, read_weights
 from vlpretrain.train.optim import build_optimizer, lr_multiplier
 from vlpretrain.train.trainer import train
 
@@ -26,9 +26,10 @@ def _metrics(run_dir: Path) -> list[dict]:
 
 
 def _weights(run_dir: Path, step: int | None = None) -> dict[str, torch.Tensor]:
+    """Full weights of the run's final checkpoint, or of an intermediate one (DCP shards)."""
     if step is None:
         return load_file(str(find_weights(run_dir)))
-    return load_file(str(run_dir / "checkpoints" / f"step_{step:08d}" / "model.safetensors"))
+    return read_weights(run_dir / "checkpoints" / f"step_{step:08d}")
 
 
 # ---------------------------------------------------------------------------------------------------------------

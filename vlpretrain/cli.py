@@ -109,11 +109,71 @@ def cmd_plan(args: argparse.Namespace, cfg: Config) -> int:
     return 0
 
 
+def cmd_ckpt_inspect(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from torch.distributed.checkpoint import FileSystemReader
+
+    from vlpretrain.train.checkpointer import TRAIN_STATE, find_resumable, verify
+
+    path = Path(args.path)
+    step_dir = path if (path / TRAIN_STATE).is_file() else find_resumable(path, str(path))
+    state = json.loads((step_dir / TRAIN_STATE).read_text())
+    meta = FileSystemReader(str(step_dir)).read_metadata()
+    files = [f for f in step_dir.iterdir() if f.is_file()]
+    cfg = state.get("config", {})
+    info = {"path": str(step_dir), "step": state["step"], "problem": verify(step_dir),
+            "layout": dict(zip(("dp", "tp", "pp", "vpp"), state.get("layout", []))), "split": state.get("split"),
+            "model": cfg.get("model", {}).get("name"), "stage": cfg.get("train", {}).get("stage"),
+            "consumed_samples": state.get("consumed_samples"),
+            "data_epochs": state.get("data_state", {}).get("planner", {}).get("epochs"),
+            "tensors": sum(1 for k in meta.state_dict_metadata if k.startswith("model.")),
+            "optimizer_entries": sum(1 for k in meta.state_dict_metadata if k.startswith("optim.")),
+            "bytes": sum(f.stat().st_size for f in files), "full_weights": (step_dir / "model.safetensors").is_file()}
+    print(json.dumps(info, indent=None if args.json else 1))
+    return 0
+
+
+def cmd_ckpt_export(args: argparse.Namespace, cfg: Config) -> int:
+    from vlpretrain.models.interop import export_deepseek_vl, export_hf_llama
+    from vlpretrain.models.vlm import build_model
+    from vlpretrain.train.checkpoint import load_weights
+
+    model = build_model(cfg.model, "cpu")
+    load_weights(model, args.path)
+    export = export_hf_llama if args.format == "hf" else export_deepseek_vl
+    export(model, cfg.model, args.out)
+    print(json.dumps({"exported": args.path, "format": args.format, "out": args.out}))
+    return 0
+
+
+def cmd_ckpt_import(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    import yaml
+
+    from vlpretrain.config import config_from_dict
+    from vlpretrain.models.interop import import_deepseek_vl
+    from vlpretrain.models.vlm import build_model
+    from vlpretrain.train.checkpoint import save_checkpoint
+
+    model_section, state = import_deepseek_vl(args.path)
+    cfg = config_from_dict({"model": model_section, "train": {"seq_len": model_section.get("max_seq_len", 4096)}})
+    model = build_model(cfg.model, "meta")
+    model.load_state_dict(state, assign=True)
+    step_dir = save_checkpoint(model, Path(args.out), 0, {"imported_from": args.path}, keep_last=1)
+    (Path(args.out) / "model.yaml").write_text(yaml.safe_dump({"model": cfg.to_dict()["model"]}, sort_keys=False))
+    print(json.dumps({"imported": args.path, "checkpoint": str(step_dir), "model_config": str(Path(args.out) / "model.yaml")}))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vlpretrain", description="DeepSeek-VL-style VLM pretraining")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("train", help="train one stage (under torchrun for several processes)")
     _add_config_args(p)
+    p.add_argument("--resume", default=None, metavar="auto|PATH",
+                   help="continue from the newest good checkpoint of the run (auto) or from PATH")
     p.set_defaults(func=cmd_train)
     p = sub.add_parser("info", help="parameter counts per part (meta device, instant)")
     _add_config_args(p)
@@ -137,13 +197,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--world-size", type=int, default=None, help="GPUs in all (for dp: auto); default dp=1")
     p.add_argument("--images-per-sample", type=float, default=1.0, help="expected images per sequence")
     p.set_defaults(func=cmd_plan)
+    p = sub.add_parser("ckpt", help="checkpoint tools")
+    csub = p.add_subparsers(dest="ckpt_command", required=True)
+    p = csub.add_parser("inspect", help="step, layout, config and sizes of a checkpoint")
+    p.add_argument("path", help="a checkpoint step dir, a checkpoints dir or a run dir")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_ckpt_inspect, config=None)
+    p = csub.add_parser("export", help="as a HF LLaMA directory (the LLM) or in DeepSeek-VL's released layout")
+    _add_config_args(p)
+    p.add_argument("path", help="our checkpoint (step dir, checkpoints dir or run dir) or a .safetensors file")
+    p.add_argument("--format", choices=["hf", "deepseek-vl"], required=True)
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_ckpt_export)
+    p = csub.add_parser("import", help="DeepSeek-VL's released layout -> our weights checkpoint (for init_from)")
+    p.add_argument("path", help="a DeepSeek-VL checkpoint directory (config.json + safetensors)")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_ckpt_import, config=None)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        cfg = load_config(args.config, args.overrides)
+        if args.config is None:  # commands that need no config
+            return args.func(args)
+        overrides = list(args.overrides)
+        if getattr(args, "resume", None):
+            overrides.append(f"checkpoint.resume={args.resume}")
+        cfg = load_config(args.config, overrides)
         return args.func(args, cfg)
     except ConfigError as e:
         print(str(e), file=sys.stderr)

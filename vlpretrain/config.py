@@ -212,7 +212,7 @@ class CheckpointConfig:
     interval: int = 0  # 0: only at the end
     dir: str = ""  # empty: <run_dir>/checkpoints
     keep_last: int = 2
-    async_save: bool = False
+    resume: str = ""  # "auto": the newest good checkpoint in dir (none: start fresh); or a checkpoint path
 
 
 @dataclass

@@ -132,6 +132,9 @@ class ParallelModel:
                 dist.all_reduce(total, group=self.ctx.submesh("pp").get_group())
         if self.ctx.layout.dp > 1:
             dist.all_reduce(total, group=self.ctx.submesh("dp").get_group())
+        for p in self.trainable_parameters():  # e.g. the adaptor on a text step: a zero gradient, as data
+            if p.grad is None:                  # parallelism gives, so every layout keeps the same Adam state
+                p.grad = torch.zeros_like(p)
         return float(total)
 
     # ---- gradient norm over dp, tp and pp

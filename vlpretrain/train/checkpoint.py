@@ -12,10 +12,11 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 WEIGHTS = "model.safetensors"
+DCP_METADATA = ".metadata"
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
@@ -58,12 +59,15 @@ def save_checkpoint(model: nn.Module | dict, ckpt_dir: Path, step: int, meta: di
 
 
 def find_weights(path: str | Path) -> Path:
-    """A .safetensors file, a checkpoint step dir, or a checkpoints dir with ``latest``."""
+    """A .safetensors file, a checkpoint step dir (full weights, else its DCP shards), a checkpoints dir with
+    ``latest``, or a run dir."""
     p = Path(path)
     if p.is_file():
         return p
     if (p / WEIGHTS).is_file():
         return p / WEIGHTS
+    if (p / DCP_METADATA).is_file():
+        return p
     if (p / "latest").is_file():
         return find_weights(p / (p / "latest").read_text().strip())
     if (p / "checkpoints").is_dir():
@@ -71,13 +75,31 @@ def find_weights(path: str | Path) -> Path:
     raise FileNotFoundError(f"no weights found at {path} (expected a .safetensors file or a checkpoint dir)")
 
 
+def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """Full weights (CPU tensors, our parameter names) from a safetensors file or a DCP checkpoint; one process."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import FileSystemReader
+
+    found = find_weights(path)
+    if found.is_file():
+        return load_file(str(found))
+    meta = FileSystemReader(str(found)).read_metadata()
+    template = {k: torch.empty(m.size, dtype=m.properties.dtype)
+                for k, m in meta.state_dict_metadata.items() if k.startswith("model.") and hasattr(m, "size")}
+    dcp.load(template, checkpoint_id=str(found), no_dist=True)
+    return {k[len("model."):]: v for k, v in template.items()}
+
+
 def load_weights(model: nn.Module, path: str | Path) -> list[str]:
     """Load every parameter ``model`` holds (a whole model or one pipeline stage, plain or sharded) from the
-    full weights at ``path``; returns the checkpoint keys the model does not hold."""
+    weights at ``path``; returns the checkpoint keys the model does not hold. From DCP shards the load is a
+    collective over all ranks (each rank reads what its shards need: any layout)."""
     from vlpretrain.parallel.engine import copy_full_
 
     file = find_weights(path)
     own = model.state_dict()
+    if file.is_dir():
+        return _load_dcp_weights(model, file)
     with safe_open(str(file), framework="pt") as f:
         keys = set(f.keys())
         missing = sorted(set(own) - keys)
@@ -90,4 +112,22 @@ def load_weights(model: nn.Module, path: str | Path) -> list[str]:
         with torch.no_grad():
             for k, v in own.items():
                 copy_full_(v, f.get_tensor(k).to(v.dtype))
+    return sorted(keys - set(own))
+
+
+def _load_dcp_weights(model: nn.Module, step_dir: Path) -> list[str]:
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+
+    meta = FileSystemReader(str(step_dir)).read_metadata()
+    keys = {k[len("model."):] for k in meta.state_dict_metadata if k.startswith("model.")}
+    own = get_model_state_dict(model)
+    missing = sorted(set(own) - keys)
+    if missing:
+        raise ValueError(f"{step_dir}: missing {len(missing)} model keys, e.g. {missing[:3]}")
+    state = {"model": own}
+    dcp.load(state, checkpoint_id=str(step_dir), no_dist=not dist.is_initialized())
+    set_model_state_dict(model, state["model"])
     return sorted(keys - set(own))

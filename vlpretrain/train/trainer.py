@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import signal
 import time
 from pathlib import Path
 
@@ -23,7 +25,9 @@ from vlpretrain.models.flops import step_flops
 from vlpretrain.models.pretrained import load_pretrained_parts
 from vlpretrain.parallel.engine import ParallelModel
 from vlpretrain.parallel.mesh import init_parallel, local_device, resolve_layout, world_size_from_env
-from vlpretrain.train.checkpoint import find_weights, load_weights, save_checkpoint
+from vlpretrain.parallel.gather import gather_full_state_dict
+from vlpretrain.train.checkpoint import find_weights, load_weights
+from vlpretrain.train.checkpointer import TRAIN_STATE, Checkpointer, find_resumable
 from vlpretrain.train.metrics import MetricsLogger, device_peak_tflops
 from vlpretrain.train.optim import build_optimizer, lr_multiplier
 
@@ -43,6 +47,9 @@ def _check_inputs(cfg: Config) -> tuple[TextTokenizer, Path | None, Path | None]
     if eval_path is not None and not eval_path.is_file():
         raise FileNotFoundError(f"train.eval_file not found: {eval_path}")
     init_file = find_weights(tc.init_from) if tc.init_from else None
+    resume = None
+    if cfg.checkpoint.resume:  # checked on every rank alike (a shared file system): the same answer everywhere
+        resume = find_resumable(checkpoint_dir(cfg), cfg.checkpoint.resume)
     for key in ("llm", "siglip", "sam"):
         path = getattr(tc.pretrained, key)
         if path and not Path(path).exists():
@@ -50,13 +57,18 @@ def _check_inputs(cfg: Config) -> tuple[TextTokenizer, Path | None, Path | None]
         if path and world_size_from_env() > 1:
             raise ConfigError("config error: train.pretrained loads on a single process for now: run stage 1 "
                               "for one step on one process and pass its run dir as train.init_from")
-    return tokenizer, eval_path, init_file
+    return tokenizer, eval_path, init_file, resume
+
+
+def checkpoint_dir(cfg: Config) -> Path:
+    return Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else Path(cfg.train.run_dir) / "checkpoints"
 
 
 def train(cfg: Config) -> dict:
     t_start = time.perf_counter()
     tc = cfg.train
-    tokenizer, eval_path, init_file = _check_inputs(cfg)
+    tokenizer, eval_path, init_file, resume = _check_inputs(cfg)
+    resumed = json.loads((resume / TRAIN_STATE).read_text()) if resume else None
     device = local_device(cfg)
     ctx = init_parallel(cfg, device)
     lay = ctx.layout
@@ -66,7 +78,8 @@ def train(cfg: Config) -> dict:
         (run_dir / "config.yaml").write_text(cfg.to_yaml())
 
     # ---- data: every rank follows the same global sample sequence and keeps its dp slice
-    data = DataPipeline(cfg, tokenizer, dp_rank=ctx.dp_rank, dp_size=lay.dp)  # opens every source now
+    data = DataPipeline(cfg, tokenizer, dp_rank=ctx.dp_rank, dp_size=lay.dp,  # opens every source now
+                        state=resumed["data_state"] if resumed else None)
     model = ParallelModel(cfg, ctx)
     data.load_images = model.has_first  # only ranks that run the vision encoder decode images
     batches = data.steps(pin_memory=device.type == "cuda")
@@ -79,30 +92,47 @@ def train(cfg: Config) -> dict:
     if pre.llm or pre.siglip or pre.sam:
         load_pretrained_parts(model.modules[0], llm=pre.llm or None, siglip=pre.siglip or None,
                               sam=pre.sam or None)
-    params = model.trainable_parameters()
-    optimizer, scheduler = build_optimizer(params, tc) if params else (None, None)
+    # one optimizer per model part (pipeline stages of this rank), so that checkpoints key every state by
+    # parameter name and load into any layout; a part without trainable parameters has none
+    optimizers = [build_optimizer([p for p in m.parameters() if p.requires_grad], tc)[0]
+                  if any(p.requires_grad for p in m.parameters()) else None for m in model.modules]
+    ckpt = Checkpointer(checkpoint_dir(cfg), model.modules, optimizers, cfg.checkpoint.keep_last, ctx.is_main)
+    start, consumed = 0, 0
+    if resume is not None:
+        state = ckpt.load(resume)
+        start, consumed = state["step"], state["consumed_samples"]
+        if ctx.is_main:
+            print(f"resumed from {resume} (step {start}, saved in layout {state['layout']})", flush=True)
+    schedulers = [torch.optim.lr_scheduler.LambdaLR(o, lambda i: lr_multiplier(i, tc), last_epoch=-1)
+                  for o in optimizers if o is not None]
+    for sch in schedulers:  # the schedule is a function of the step: resume by moving to it
+        for _ in range(start):
+            sch.step()
+    preempt = PreemptionFlag()
     trainable = trainable_parts(cfg)
     peak = device_peak_tflops(cfg, device)
     logger = MetricsLogger(cfg, run_dir, tc.steps, is_main=ctx.is_main)
-    ckpt_dir = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else run_dir / "checkpoints"
     if ctx.is_main:
         print(f"training stage {tc.stage} ({'+'.join(trainable)}) of {cfg.model.name} on {device}: "
               f"{tc.steps} steps x {tc.global_batch_size} samples x {tc.seq_len} tokens; layout dp={lay.dp} "
               f"tp={lay.tp} pp={lay.pp} vpp={lay.vpp} split={model.split}", flush=True)
 
     # ---- the loop
-    consumed, first_loss, loss, data_state = 0, None, float("nan"), data.state_dict()
-    for step in range(1, tc.steps + 1):
+    first_loss, loss, data_state = None, float("nan"), data.state_dict()
+    for step in range(start + 1, tc.steps + 1):
         t0 = time.perf_counter()
         batch = next(batches)
         data_state = batch.data_state
         loss = model.forward_backward(batch.microbatches, batch.num_label_tokens)
+        _test_fault(step)
         grad_norm = model.clip_grad_norm_(tc.grad_clip)
         lr = tc.lr * lr_multiplier(step - 1, tc)
-        if optimizer is not None:
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+        for opt in optimizers:
+            if opt is not None:
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+        for sch in schedulers:
+            sch.step()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         dt = time.perf_counter() - t0
@@ -123,18 +153,31 @@ def train(cfg: Config) -> dict:
         })
         if not math.isfinite(loss):
             raise FloatingPointError(f"loss is {loss} at step {step}")
+        train_state = {"consumed_samples": consumed, "data_state": data_state, "config": cfg.to_dict(),
+                       "layout": [lay.dp, lay.tp, lay.pp, lay.vpp], "split": model.split}
+        if preempt.requested(ctx):  # SIGTERM / SIGUSR1 (e.g. Slurm's warning): save at this step's end, exit
+            ckpt.save(step, train_state)
+            if ctx.is_main:
+                print(f"preempted: saved step {step}; exiting with {EXIT_PREEMPTED}", flush=True)
+            logger.close()
+            if dist.is_initialized():
+                dist.destroy_process_group()
+            raise SystemExit(EXIT_PREEMPTED)
         if cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0 and step < tc.steps:
-            _save(model, ctx, ckpt_dir, step, cfg, data_state)
+            ckpt.save(step, train_state)
         if eval_path is not None and tc.eval_interval and step % tc.eval_interval == 0 and step < tc.steps \
                 and lay.world_size == 1:
             acc = evaluate_mcppl(model.modules[0], cfg, tokenizer, eval_path, device)["accuracy"]
             print(f"eval step {step}: mcppl accuracy {acc:.3f}", flush=True)
 
-    _save(model, ctx, ckpt_dir, tc.steps, cfg, data_state)
+    if start < tc.steps:  # the final checkpoint also carries the full weights (init_from, eval, export)
+        ckpt.save(tc.steps, {"consumed_samples": consumed, "data_state": data_state, "config": cfg.to_dict(),
+                             "layout": [lay.dp, lay.tp, lay.pp, lay.vpp], "split": model.split},
+                  weights=gather_full_state_dict(model, ctx))
     logger.close()
     summary = {"steps": tc.steps, "first_loss": first_loss, "final_loss": loss,
                "wall_time_s": round(time.perf_counter() - t_start, 2), "skipped_samples": data_state["bad_total"],
-               "checkpoint": str(ckpt_dir)}
+               "checkpoint": str(checkpoint_dir(cfg))}
     if eval_path is not None and lay.world_size == 1:
         summary["eval"] = evaluate_mcppl(model.modules[0], cfg, tokenizer, eval_path, device)
     if ctx.is_main:
@@ -145,15 +188,36 @@ def train(cfg: Config) -> dict:
     return summary
 
 
-def _save(model: ParallelModel, ctx, ckpt_dir: Path, step: int, cfg: Config, data_state: dict) -> None:
-    """Weights checkpoint (safetensors) + the data state. Multi-process layouts gather to rank 0 first."""
-    meta = {"stage": cfg.train.stage, "model": cfg.model.name, "data_state": data_state}
-    if ctx.layout.world_size == 1:
-        save_checkpoint(model.modules[0], ckpt_dir, step, meta, cfg.checkpoint.keep_last)
-        return
-    from vlpretrain.parallel.gather import gather_full_state_dict
+EXIT_PREEMPTED = 42  # distinct from failures: the job saved a checkpoint and can be resumed
 
-    state = gather_full_state_dict(model, ctx)
-    if ctx.is_main:
-        save_checkpoint(state, ckpt_dir, step, meta, cfg.checkpoint.keep_last)
-    dist.barrier()
+
+class PreemptionFlag:
+    """SIGTERM or SIGUSR1 sets a flag; at the end of each step all ranks agree (one tiny all-reduce) and, if
+    any rank was signalled, every rank saves and exits together."""
+
+    def __init__(self):
+        self.flag = False
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handler)
+
+    def _handler(self, signum, frame) -> None:
+        self.flag = True
+
+    def requested(self, ctx) -> bool:
+        if not dist.is_initialized():
+            return self.flag
+        t = torch.tensor([1.0 if self.flag else 0.0], device=ctx.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
+
+
+def _test_fault(step: int) -> None:
+    """Fault injection for the recovery tests: VLP_FAULT="kill:<step>:<rank>" SIGKILLs that rank in the middle
+    of that step (after its backward, before the optimizer) on the first attempt; "term:<step>:<rank>" sends
+    it SIGTERM there instead."""
+    spec = os.environ.get("VLP_FAULT")
+    if not spec or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
+        return
+    kind, at, rank = spec.split(":")
+    if int(at) == step and int(os.environ.get("RANK", "0")) == int(rank):
+        os.kill(os.getpid(), signal.SIGKILL if kind == "kill" else signal.SIGTERM)
