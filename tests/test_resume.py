@@ -89,6 +89,32 @@ def test_resume_across_layouts(demo_dir, tmp_path):
             assert got[s]["loss"] == pytest.approx(ref[s]["loss"], rel=1e-5), (name, s)
 
 
+def test_resume_in_the_same_3d_layout_is_bitwise(demo_dir, tmp_path):
+    layout = ["parallel.dp=2", "parallel.tp=2", "parallel.pp=2", "parallel.sequence_parallel=true",
+              "parallel.layer_split=[1,3]"]
+    src = tmp_path / "src"
+    proc = _train(src, demo_dir, 8, *layout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    dst = tmp_path / "dst"
+    _resume_copy(src, dst, 2)
+    proc = _train(dst, demo_dir, 8, *layout, resume=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ref, got = _metrics(src), _metrics(dst)
+    for s in (3, 4):
+        assert got[s]["loss"] == ref[s]["loss"] and got[s]["grad_norm"] == ref[s]["grad_norm"], s
+
+
+def test_init_from_across_layouts(reference, demo_dir, tmp_path):
+    """Stage 3 from the (single-process) stage-2 weights: a pp=2 run and a one-process run start equal."""
+    ref_dir, _ = reference
+    one, two = tmp_path / "one", tmp_path / "two"
+    stage3 = ["train.stage=3", f"train.init_from={ref_dir}", "train.steps=1"]
+    assert _train(one, demo_dir, 1, *stage3).returncode == 0
+    proc = _train(two, demo_dir, 2, *stage3, "parallel.pp=2", "parallel.layer_split=[2,2]")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert _metrics(two)[1]["loss"] == pytest.approx(_metrics(one)[1]["loss"], rel=1e-6)
+
+
 def test_sigterm_saves_and_exits_then_resumes(reference, demo_dir, tmp_path):
     _, ref = reference
     proc = _train(tmp_path, demo_dir, 2, "parallel.dp=2", env_extra={"VLP_FAULT": "term:3:1"})

@@ -7,6 +7,7 @@ The same code runs a single process (every degree 1, no collective) and any torc
 """
 from __future__ import annotations
 
+import base64
 import json
 import math
 import os
@@ -71,6 +72,7 @@ def train(cfg: Config) -> dict:
     resumed = json.loads((resume / TRAIN_STATE).read_text()) if resume else None
     device = local_device(cfg)
     ctx = init_parallel(cfg, device)
+    torch.manual_seed(tc.seed)  # weights and data order do not use it (they hash the seed); other randomness does
     lay = ctx.layout
     run_dir = Path(tc.run_dir)
     if ctx.is_main:
@@ -101,6 +103,7 @@ def train(cfg: Config) -> dict:
     if resume is not None:
         state = ckpt.load(resume)
         start, consumed = state["step"], state["consumed_samples"]
+        _set_rng_state(state.get("rng"))
         if ctx.is_main:
             print(f"resumed from {resume} (step {start}, saved in layout {state['layout']})", flush=True)
     schedulers = [torch.optim.lr_scheduler.LambdaLR(o, lambda i: lr_multiplier(i, tc), last_epoch=-1)
@@ -154,7 +157,7 @@ def train(cfg: Config) -> dict:
         if not math.isfinite(loss):
             raise FloatingPointError(f"loss is {loss} at step {step}")
         train_state = {"consumed_samples": consumed, "data_state": data_state, "config": cfg.to_dict(),
-                       "layout": [lay.dp, lay.tp, lay.pp, lay.vpp], "split": model.split}
+                       "layout": [lay.dp, lay.tp, lay.pp, lay.vpp], "split": model.split, "rng": _rng_state()}
         if preempt.requested(ctx):  # SIGTERM / SIGUSR1 (e.g. Slurm's warning): save at this step's end, exit
             ckpt.save(step, train_state)
             if ctx.is_main:
@@ -172,7 +175,8 @@ def train(cfg: Config) -> dict:
 
     if start < tc.steps:  # the final checkpoint also carries the full weights (init_from, eval, export)
         ckpt.save(tc.steps, {"consumed_samples": consumed, "data_state": data_state, "config": cfg.to_dict(),
-                             "layout": [lay.dp, lay.tp, lay.pp, lay.vpp], "split": model.split},
+                             "layout": [lay.dp, lay.tp, lay.pp, lay.vpp], "split": model.split,
+                             "rng": _rng_state()},
                   weights=gather_full_state_dict(model, ctx))
     logger.close()
     summary = {"steps": tc.steps, "first_loss": first_loss, "final_loss": loss,
@@ -186,6 +190,22 @@ def train(cfg: Config) -> dict:
         dist.barrier()
         dist.destroy_process_group()
     return summary
+
+
+def _rng_state() -> dict:
+    """The RNG states (every rank seeds alike and draws alike, so rank 0's stand for all)."""
+    state = {"torch": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode()}
+    if torch.cuda.is_available():
+        state["cuda"] = base64.b64encode(torch.cuda.get_rng_state().numpy().tobytes()).decode()
+    return state
+
+
+def _set_rng_state(state: dict | None) -> None:
+    if not state:
+        return
+    torch.set_rng_state(torch.frombuffer(bytearray(base64.b64decode(state["torch"])), dtype=torch.uint8))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(torch.frombuffer(bytearray(base64.b64decode(state["cuda"])), dtype=torch.uint8))
 
 
 EXIT_PREEMPTED = 42  # distinct from failures: the job saved a checkpoint and can be resumed
