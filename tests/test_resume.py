@@ -1,5 +1,6 @@
-"""Checkpoints and resume (DCP): bitwise on one process, across layouts under torchrun, after SIGTERM (save and
-exit 42); damaged checkpoints fall back to the previous one."""
+"""Checkpoints and resume (DCP): bitwise on one process and in (2, 2, 2), across layouts under torchrun, after
+SIGTERM (save and exit 42) and after a SIGKILLed rank with torchrun restarts; damaged checkpoints fall back to the
+previous one; init_from across layouts; the ckpt CLI."""
 from __future__ import annotations
 
 import json
@@ -19,7 +20,7 @@ STEPS = 4
 
 
 def _train(run_dir: Path, demo_dir: Path, nproc: int = 1, *overrides: str, resume: bool = False,
-           env_extra: dict | None = None) -> subprocess.CompletedProcess:
+           env_extra: dict | None = None, restarts: int = 0) -> subprocess.CompletedProcess:
     sets = [f"data.root={demo_dir}", f"train.run_dir={run_dir}", "train.init_from=", "train.eval_file=",
             f"train.steps={STEPS}", "checkpoint.interval=2", "checkpoint.keep_last=5", "train.global_batch_size=8",
             "train.micro_batch_size=2", "train.seq_len=128", "data.packing=false", "train.warmup_steps=1",
@@ -28,7 +29,7 @@ def _train(run_dir: Path, demo_dir: Path, nproc: int = 1, *overrides: str, resum
     cmd = [sys.executable, "-m", "vlpretrain"]
     if nproc > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               "-m", "vlpretrain"]
+               f"--max-restarts={restarts}", "-m", "vlpretrain"]
     cmd += ["train", "--config", str(TINY / "stage2.yaml"), "--set", *sets] + (["--resume", "auto"] if resume else [])
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
 
@@ -124,6 +125,20 @@ def test_sigterm_saves_and_exits_then_resumes(reference, demo_dir, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = _metrics(tmp_path)
     assert sorted(got) == [1, 2, 3, 4]
+    for s in (1, 2, 3, 4):
+        assert got[s]["loss"] == pytest.approx(ref[s]["loss"], rel=1e-5)
+        assert got[s]["samples_digest"] == ref[s]["samples_digest"]
+
+
+def test_sigkill_rank_then_torchrun_restart(reference, demo_dir, tmp_path):
+    """Rank 1 dies mid-step 3 (SIGKILL); torchrun restarts the job, which resumes from step 2 and finishes."""
+    _, ref = reference
+    proc = _train(tmp_path, demo_dir, 2, "parallel.pp=2", "parallel.layer_split=[2,2]", resume=True,
+                  env_extra={"VLP_FAULT": "kill:3:1"}, restarts=1)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resumed from" in proc.stdout and "exitcode: -9" in proc.stderr  # the kill happened
+    got = _metrics(tmp_path)
+    assert sorted(got) == [1, 2, 3, 4]  # step 3 never finished in the first attempt: no duplicate line
     for s in (1, 2, 3, 4):
         assert got[s]["loss"] == pytest.approx(ref[s]["loss"], rel=1e-5)
         assert got[s]["samples_digest"] == ref[s]["samples_digest"]

@@ -108,8 +108,22 @@ def init_parallel(cfg: Config, device: torch.device) -> ParallelContext:
         backend = "nccl" if device.type == "cuda" else "gloo"
         if device.type == "cuda":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend=backend)
+        dist.init_process_group(backend=backend, **_elastic_store())
     return ParallelContext(layout, device, build_mesh(layout, device))
+
+
+def _elastic_store() -> dict:
+    """Under torchrun the agent hosts the store and keeps it across restarts (``--max-restarts``): key the
+    process group by the restart attempt, so restarted workers never read a dead worker's address."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return {}
+    from datetime import timedelta
+
+    client = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                           timeout=timedelta(minutes=10))
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return {"store": dist.PrefixStore(f"vlpretrain/attempt_{attempt}", client),
+            "rank": int(os.environ["RANK"]), "world_size": int(os.environ["WORLD_SIZE"])}
 
 
 def build_mesh(layout: Layout, device: torch.device) -> DeviceMesh:
