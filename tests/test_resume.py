@@ -68,6 +68,25 @@ def test_single_process_resume_is_bitwise(reference, demo_dir, tmp_path):
         assert got[s]["samples_digest"] == ref[s]["samples_digest"]
 
 
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_async_save_resumes_bitwise(reference, demo_dir, tmp_path, nproc):
+    """Interval checkpoints written in the background (checkpoint.async_save) resume like synchronous ones."""
+    _, ref = reference
+    layout = ["parallel.dp=2"] if nproc == 2 else []
+    src = tmp_path / "src"
+    proc = _train(src, demo_dir, nproc, "checkpoint.async_save=true", *layout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (src / "checkpoints" / "step_00000002" / "train_state.json").is_file()
+    dst = tmp_path / "dst"
+    _resume_copy(src, dst, 2)
+    proc = _train(dst, demo_dir, nproc, *layout, resume=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for s in (3, 4):
+        assert _metrics(dst)[s]["loss"] == _metrics(src)[s]["loss"]
+        if nproc == 1:
+            assert _metrics(dst)[s]["loss"] == ref[s]["loss"]
+
+
 def test_resume_across_layouts(demo_dir, tmp_path):
     """Saved by (dp, tp, pp) = (2, 2, 2) with SP, resumed in (1, 2, 1), (2, 1, 2) and (4, 1, 1)."""
     src = tmp_path / "src"

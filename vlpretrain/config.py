@@ -213,6 +213,7 @@ class CheckpointConfig:
     dir: str = ""  # empty: <run_dir>/checkpoints
     keep_last: int = 2
     resume: str = ""  # "auto": the newest good checkpoint in dir (none: start fresh); or a checkpoint path
+    async_save: bool = False  # write interval checkpoints in the background while training continues
 
 
 @dataclass

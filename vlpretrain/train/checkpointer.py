@@ -89,9 +89,14 @@ def _fail(msg: str):
 class Checkpointer:
     """Saves and restores this rank's model parts and their optimizers (one optimizer per part)."""
 
-    def __init__(self, ckpt_dir: Path, modules: list, optimizers: list, keep_last: int, is_main: bool):
+    def __init__(self, ckpt_dir: Path, modules: list, optimizers: list, keep_last: int, is_main: bool,
+                 async_save: bool = False):
         self.dir, self.modules, self.optimizers = ckpt_dir, modules, optimizers
         self.keep_last, self.is_main = keep_last, is_main
+        self.async_save = async_save
+        self._pending = None  # (future, step, train_state, tmp, final) of an asynchronous save
+        # background saves talk over their own gloo group, never interleaving with training collectives
+        self._group = dist.new_group(backend="gloo") if async_save and dist.is_initialized() else None
 
     def _state(self) -> dict:
         model, optim = {}, {}
@@ -102,14 +107,38 @@ class Checkpointer:
         return {"model": model, "optim": optim}
 
     def save(self, step: int, train_state: dict, weights: dict | None = None) -> Path:
-        """Collective. ``weights``: full tensors (on rank 0) to store beside the shards as model.safetensors."""
+        """Collective. ``weights``: full tensors (on rank 0) to store beside the shards as model.safetensors.
+        With ``async_save`` the shards are staged in memory and written in the background while training goes
+        on; the checkpoint is verified and published (renamed, ``latest``) by the next save or ``wait()``."""
+        self.wait()
         final, tmp = self.dir / f"step_{step:08d}", self.dir / f".tmp_step_{step:08d}"
         if self.is_main:
             self.dir.mkdir(parents=True, exist_ok=True)
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir()
         _barrier()
-        dcp.save(self._state(), checkpoint_id=str(tmp), no_dist=not dist.is_initialized())
+        no_dist = not dist.is_initialized()
+        if self.async_save and weights is None:
+            future = dcp.async_save(self._state(), checkpoint_id=str(tmp), process_group=self._group,
+                                    no_dist=no_dist)
+            self._pending = (future, step, train_state, tmp, final)
+            return final
+        dcp.save(self._state(), checkpoint_id=str(tmp), no_dist=no_dist)
+        self._publish(step, train_state, tmp, final, weights)
+        return final
+
+    def wait(self) -> None:
+        """Finish and publish a pending asynchronous save (collective)."""
+        if self._pending is None:
+            return
+        future, step, train_state, tmp, final = self._pending
+        self._pending = None
+        result = future.result()
+        if hasattr(result, "upload_completion"):  # newer torch: an AsyncSaveResponse
+            result.upload_completion.result()
+        self._publish(step, train_state, tmp, final, None)
+
+    def _publish(self, step: int, train_state: dict, tmp: Path, final: Path, weights: dict | None) -> None:
         _barrier()
         if self.is_main:
             if weights:
@@ -125,7 +154,6 @@ class Checkpointer:
             for old in _step_dirs(self.dir)[:-self.keep_last]:
                 shutil.rmtree(old, ignore_errors=True)
         _barrier()
-        return final
 
     def load(self, path: Path) -> dict:
         """Restore model and optimizer states (any layout) and return the train state."""

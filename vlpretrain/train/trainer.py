@@ -98,7 +98,8 @@ def train(cfg: Config) -> dict:
     # parameter name and load into any layout; a part without trainable parameters has none
     optimizers = [build_optimizer([p for p in m.parameters() if p.requires_grad], tc)[0]
                   if any(p.requires_grad for p in m.parameters()) else None for m in model.modules]
-    ckpt = Checkpointer(checkpoint_dir(cfg), model.modules, optimizers, cfg.checkpoint.keep_last, ctx.is_main)
+    ckpt = Checkpointer(checkpoint_dir(cfg), model.modules, optimizers, cfg.checkpoint.keep_last, ctx.is_main,
+                        async_save=cfg.checkpoint.async_save)
     start, consumed = 0, 0
     if resume is not None:
         state = ckpt.load(resume)
@@ -160,6 +161,7 @@ def train(cfg: Config) -> dict:
                        "layout": [lay.dp, lay.tp, lay.pp, lay.vpp], "split": model.split, "rng": _rng_state()}
         if preempt.requested(ctx):  # SIGTERM / SIGUSR1 (e.g. Slurm's warning): save at this step's end, exit
             ckpt.save(step, train_state)
+            ckpt.wait()
             if ctx.is_main:
                 print(f"preempted: saved step {step}; exiting with {EXIT_PREEMPTED}", flush=True)
             logger.close()
