@@ -160,7 +160,8 @@ class Checkpointer:
         state = self._state()  # templates in this layout: DCP fills them, resharding as needed
         dcp.load(state, checkpoint_id=str(path), no_dist=not dist.is_initialized())
         for m, opt in zip(self.modules, self.optimizers):
-            set_model_state_dict(m, {k: v for k, v in state["model"].items() if k in get_model_state_dict(m)})
+            own_model = get_model_state_dict(m)
+            set_model_state_dict(m, {k: v for k, v in state["model"].items() if k in own_model})
             if opt is not None:
                 own = get_optimizer_state_dict(m, opt, options=FLAT)
                 set_optimizer_state_dict(m, opt, {k: state["optim"][k] for k in own}, options=FLAT)
