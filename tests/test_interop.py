@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import sys
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -33,6 +34,9 @@ from vlpretrain.models.interop import (
 from vlpretrain.models.pretrained import load_hf_llm, load_sam, load_siglip
 from vlpretrain.models.vlm import build_model
 
+sys.path.insert(0, str(Path(__file__).parent / "dist"))
+from equivalence_worker import tiny_hybrid as worker_tiny_hybrid  # noqa: E402
+
 transformers = pytest.importorskip("transformers")
 
 REPO = Path(__file__).resolve().parents[1]
@@ -41,22 +45,8 @@ HIGH, LOW, SINGLE = interop.DS_HIGH, interop.DS_LOW, interop.DS_SINGLE
 
 
 def tiny_hybrid(**over) -> dict:
-    """The model section of tests/dist/equivalence_worker.py ``tiny_hybrid()`` (SigLIP + SAM with neck_hd, GQA)."""
-    model = {
-        "name": "tiny-test", "vocab_size": 256, "dim": 64, "n_layers": 4, "n_heads": 4, "n_kv_heads": 2,
-        "ffn_dim": 128, "max_seq_len": 128, "image_token_id": IMAGE_ID,
-        "siglip": {"image_size": 32, "patch_size": 8, "width": 32, "depth": 2, "heads": 2},
-        "sam": {"enabled": True, "image_size": 64, "patch_size": 8, "width": 32, "depth": 2, "heads": 2,
-                "window_size": 3, "global_attn_indexes": [1], "neck_chans": 16, "interp_size": 16,
-                "downsample_channels": [24, 32], "hd_path": True},
-    }
-    for key, value in over.items():
-        node = model
-        *path, leaf = key.split(".")
-        for p in path:
-            node = node[p]
-        node[leaf] = value
-    return model
+    """The model section of the equivalence worker's tiny hybrid model (SigLIP + SAM with neck_hd, GQA)."""
+    return worker_tiny_hybrid(**{f"model.{k}": v for k, v in over.items()})["model"]
 
 
 def tiny_siglip_only(**over) -> dict:
