@@ -10,6 +10,7 @@ import os
 import sys
 
 from vlpretrain.config import Config, ConfigError, load_config, trainable_parts
+from vlpretrain.errors import UserError
 
 
 def _add_config_args(p: argparse.ArgumentParser, positional: bool = False) -> None:
@@ -226,8 +227,9 @@ def main(argv: list[str] | None = None) -> int:
             overrides.append(f"checkpoint.resume={args.resume}")
         cfg = load_config(args.config, overrides)
         return args.func(args, cfg)
-    except ConfigError as e:
-        print(str(e), file=sys.stderr)
+    except UserError as e:  # config errors already start with "config error:"
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        print(msg if isinstance(e, ConfigError) else f"error: {msg}", file=sys.stderr)
         return 2
     except FileNotFoundError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -17,8 +17,10 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
+from vlpretrain.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     """A bad config: the message is one line that names the offending key."""
 
 

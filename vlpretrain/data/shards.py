@@ -41,6 +41,8 @@ import tarfile
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
+from vlpretrain.errors import UserError
+
 log = logging.getLogger(__name__)
 
 IMAGE_PLACEHOLDER = "<image_placeholder>"  # == vlpretrain.data.tokenizer.IMAGE (not imported: no tokenizers needed)
@@ -66,7 +68,7 @@ class BadSample(ValueError):
         super().__init__(where + message)
 
 
-class ShardError(RuntimeError):
+class ShardError(UserError, RuntimeError):
     """A shard that cannot be indexed at all (not a tar file, empty, unreadable)."""
 
 
