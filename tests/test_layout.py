@@ -20,28 +20,35 @@ def test_dp_auto_and_explicit():
     assert resolve_layout(_cfg("parallel.dp=4"), 4).dp == 4
 
 
-@pytest.mark.parametrize("overrides, world, message", [
-    (["parallel.tp=2"], 3, "world size 3 is not divisible by tp x pp = 2"),
-    (["parallel.dp=2"], 4, "dp x tp x pp = 2 x 1 x 1 = 2 but the world size is 4"),
-    (["parallel.dp=auto", "train.global_batch_size=6", "train.micro_batch_size=2"], 2,
-     "global_batch_size=6 is not divisible by micro_batch_size x dp = 2 x 2"),
-    (["parallel.pp=2", "train.global_batch_size=2", "train.micro_batch_size=2"], 2,
+@pytest.mark.parametrize("overrides, world, key, message", [
+    (["parallel.tp=2"], 3, "parallel.tp", "world size 3 is not divisible by tp x pp = 2"),
+    (["parallel.pp=2"], 3, "parallel.pp", "world size 3 is not divisible by tp x pp = 2"),
+    (["parallel.dp=2"], 4, "parallel.dp", "dp x tp x pp = 2 x 1 x 1 = 2 but the world size is 4"),
+    (["parallel.dp=auto", "train.global_batch_size=6", "train.micro_batch_size=2"], 2, "train.global_batch_size",
+     "6 is not divisible by micro_batch_size x dp = 2 x 2"),
+    (["parallel.pp=2", "train.global_batch_size=2", "train.micro_batch_size=2"], 2, "train.global_batch_size",
      "1 microbatches per step"),
     (["parallel.pp=2", "parallel.vpp=2", "parallel.schedule=interleaved_1f1b", "parallel.layer_split=uniform",
-      "train.global_batch_size=6"], 2, "multiple of pp=2"),
-    (["parallel.tp=2", "parallel.sequence_parallel=true", "train.seq_len=127"], 2, "divisible by tp=2"),
+      "train.global_batch_size=6"], 2, "train.global_batch_size", "multiple of pp=2"),
+    (["parallel.tp=2", "parallel.sequence_parallel=true", "train.seq_len=127"], 2, "train.seq_len",
+     "divisible by tp=2"),
 ])
-def test_bad_layouts_fail_with_one_line(overrides, world, message):
+def test_bad_layouts_fail_with_one_line(overrides, world, key, message):
+    # like every config error: one line, "config error: <the key to change>: ..."
     with pytest.raises(ConfigError) as e:
         resolve_layout(_cfg(*overrides), world)
     text = str(e.value)
-    assert text.startswith("layout error: ") and message in text and "\n" not in text
+    assert text.startswith(f"config error: {key}: ") and message in text and "\n" not in text
 
 
 @pytest.mark.parametrize("overrides, key", [
     (["parallel.tp=3"], "parallel.tp"),  # does not divide the 4 heads
     (["model.ffn_dim=342", "parallel.tp=4"], "parallel.tp"),  # divides heads, not the FFN
     (["parallel.pp=4", "parallel.vpp=2", "parallel.schedule=interleaved_1f1b"], "parallel.vpp"),  # 8 > 6 parts
+    (["parallel.pp=9"], "parallel.pp"),  # 9 > 6 parts: the key the user set, not vpp (which is 1)
+    (["parallel.pp=0"], "parallel.pp"),
+    (["parallel.vpp=0"], "parallel.vpp"),
+    (["parallel.dp=0"], "parallel.dp"),
     (["parallel.pp=2", "parallel.layer_split=[1,2]"], "parallel.layer_split"),  # sums to 3, not 4
     (["parallel.pp=2", "parallel.layer_split=[1,1,2]"], "parallel.layer_split"),  # 3 entries for 2 stages
     (["parallel.pp=2", "parallel.vpp=2", "parallel.schedule=1f1b"], "parallel.schedule"),

@@ -21,7 +21,10 @@ from vlpretrain.errors import UserError
 
 
 class ConfigError(UserError, ValueError):
-    """A bad config: the message is one line that names the offending key."""
+    """A bad config: the message is one line (``config error: <key>: ...``) that names the offending key."""
+
+    def __init__(self, msg: str = ""):
+        super().__init__(re.sub(r"\s*\n\s*", " ", str(msg)).strip())  # one line, whatever was interpolated
 
 
 class _Loader(yaml.SafeLoader):
@@ -34,8 +37,45 @@ _Loader.add_implicit_resolver(
     list("-+0123456789"))
 
 
-def _yaml_load(text: str):
-    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+def _yaml_load(text: str, where: str, prefix: str = ""):
+    """Parse YAML with ``_Loader``; a key repeated in one mapping is an error (yaml keeps the last silently)."""
+    loader = _Loader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _check_duplicate_keys(node, where, prefix, set())
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
+def _check_duplicate_keys(node: yaml.Node, where: str, prefix: str, seen: set[int]) -> None:
+    if id(node) in seen:  # an alias: already checked (and recursive anchors terminate)
+        return
+    seen.add(id(node))
+    if isinstance(node, yaml.MappingNode):
+        lines: dict[str, int] = {}
+        for k, v in node.value:
+            if k.tag == "tag:yaml.org,2002:merge" or not isinstance(k, yaml.ScalarNode):
+                continue  # ``<<: *base`` merges may be overridden by design
+            key = f"{prefix}.{k.value}" if prefix else str(k.value)
+            if k.value in lines:
+                raise ConfigError(f"config error: {where}: duplicate key '{key}' (lines {lines[k.value]} and "
+                                  f"{k.start_mark.line + 1})")
+            lines[k.value] = k.start_mark.line + 1
+            _check_duplicate_keys(v, where, key, seen)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, v in enumerate(node.value):
+            _check_duplicate_keys(v, where, f"{prefix}[{i}]", seen)
+
+
+def _f(default: Any = dataclasses.MISSING, *, factory: Any = dataclasses.MISSING, **rules: Any) -> Any:
+    """A dataclass field with value rules that ``validate`` checks for every config (declared next to the
+    default, so the dataclasses stay the one source of both): ``ge gt le lt`` bound a number or each number of
+    a list; ``len`` is a list's exact length; ``nonempty`` a string or list."""
+    assert set(rules) <= {"ge", "gt", "le", "lt", "len", "nonempty"}, rules
+    return field(default=default, default_factory=factory, metadata=rules)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -46,14 +86,14 @@ def _yaml_load(text: str):
 class SigLIPConfig:
     """timm VisionTransformer (``vit_large_patch16_siglip_384`` at real size), no pooling head."""
 
-    image_size: int = 384
-    patch_size: int = 16
-    width: int = 1024
-    depth: int = 24
-    heads: int = 16
-    mlp_ratio: float = 4.0
-    mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
-    std: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
+    image_size: int = _f(384, ge=1)
+    patch_size: int = _f(16, ge=1)
+    width: int = _f(1024, ge=1)
+    depth: int = _f(24, ge=1)
+    heads: int = _f(16, ge=1)
+    mlp_ratio: float = _f(4.0, gt=0)
+    mean: list[float] = _f(factory=lambda: [0.5, 0.5, 0.5], len=3, ge=0, le=1)
+    std: list[float] = _f(factory=lambda: [0.5, 0.5, 0.5], len=3, gt=0)
 
 
 @dataclass
@@ -61,41 +101,41 @@ class SAMConfig:
     """timm VisionTransformerSAM (``samvit_base_patch16``) + DeepSeek-VL's interpolate/downsample tail."""
 
     enabled: bool = True
-    image_size: int = 1024
-    patch_size: int = 16
-    width: int = 768
-    depth: int = 12
-    heads: int = 12
-    window_size: int = 14
-    global_attn_indexes: list[int] = field(default_factory=lambda: [2, 5, 8, 11])
-    neck_chans: int = 256
+    image_size: int = _f(1024, ge=1)
+    patch_size: int = _f(16, ge=1)
+    width: int = _f(768, ge=1)
+    depth: int = _f(12, ge=1)
+    heads: int = _f(12, ge=1)
+    window_size: int = _f(14, ge=1)
+    global_attn_indexes: list[int] = _f(factory=lambda: [2, 5, 8, 11], ge=0)  # and < depth (validate)
+    neck_chans: int = _f(256, ge=1)
     # the neck output (64x64 at real size) is bilinearly resized to this grid before the stride-2 convs
-    interp_size: int = 96
-    downsample_channels: list[int] = field(default_factory=lambda: [512, 1024])
+    interp_size: int = _f(96, ge=1)
+    downsample_channels: list[int] = _f(factory=lambda: [512, 1024], nonempty=True, ge=1)
     # DeepSeek-VL's ``neck_hd`` side path from the first global-attention block, scaled by a learned scalar
     hd_path: bool = False
-    mean: list[float] = field(default_factory=lambda: [0.48145466, 0.4578275, 0.40821073])
-    std: list[float] = field(default_factory=lambda: [0.26862954, 0.26130258, 0.27577711])
+    mean: list[float] = _f(factory=lambda: [0.48145466, 0.4578275, 0.40821073], len=3, ge=0, le=1)
+    std: list[float] = _f(factory=lambda: [0.26862954, 0.26130258, 0.27577711], len=3, gt=0)
 
 
 @dataclass
 class ModelConfig:
     name: str = "custom"
     # LLaMA-style decoder
-    vocab_size: int = 102400
-    dim: int = 4096
-    n_layers: int = 30
-    n_heads: int = 32
-    n_kv_heads: Optional[int] = None  # None: multi-head attention (n_kv_heads = n_heads)
-    ffn_dim: int = 11008
-    norm_eps: float = 1e-6
-    rope_theta: float = 10000.0
-    max_seq_len: int = 4096
-    init_std: float = 0.02
+    vocab_size: int = _f(102400, ge=1)
+    dim: int = _f(4096, ge=1)
+    n_layers: int = _f(30, ge=1)
+    n_heads: int = _f(32, ge=1)
+    n_kv_heads: Optional[int] = _f(None, ge=1)  # None: multi-head attention (n_kv_heads = n_heads)
+    ffn_dim: int = _f(11008, ge=1)
+    norm_eps: float = _f(1e-6, gt=0)
+    rope_theta: float = _f(10000.0, gt=0)
+    max_seq_len: int = _f(4096, ge=1)
+    init_std: float = _f(0.02, gt=0)
     # vision side
     siglip: SigLIPConfig = field(default_factory=SigLIPConfig)
     sam: SAMConfig = field(default_factory=SAMConfig)
-    image_token_id: int = 100015  # id of <image_placeholder> in the tokenizer
+    image_token_id: int = _f(100015, ge=0)  # id of <image_placeholder> in the tokenizer (< vocab_size)
 
     @property
     def kv_heads(self) -> int:
@@ -123,13 +163,13 @@ class ModelConfig:
 
 @dataclass
 class ParallelConfig:
-    dp: Union[int, Literal["auto"]] = "auto"
-    tp: int = 1
-    pp: int = 1
-    vpp: int = 1  # virtual pipeline stages per pipeline rank
+    dp: Union[int, Literal["auto"]] = _f("auto", ge=1)
+    tp: int = _f(1, ge=1)
+    pp: int = _f(1, ge=1)
+    vpp: int = _f(1, ge=1)  # virtual pipeline stages per pipeline rank
     schedule: Literal["1f1b", "interleaved_1f1b", "gpipe", "zero_bubble", "zbv", "dualpipev"] = "1f1b"
     sequence_parallel: bool = False
-    layer_split: Union[Literal["uniform", "auto"], list[int]] = "auto"
+    layer_split: Union[Literal["uniform", "auto"], list[int]] = _f("auto", ge=0)
     activation_checkpointing: Literal["none", "selective", "full"] = "none"
     fsdp_reshard_after_forward: bool = True
 
@@ -138,26 +178,26 @@ class ParallelConfig:
 class LanguageRatioConfig:
     """Share of language-only global steps: warms down from ``start`` to ``end`` (paper: 1.0 -> 0.7)."""
 
-    start: float = 1.0
-    end: float = 0.7
-    warmup_steps: int = 0
+    start: float = _f(1.0, ge=0, le=1)
+    end: float = _f(0.7, ge=0, le=1)
+    warmup_steps: int = _f(0, ge=0)
     shape: Literal["linear", "cosine", "step"] = "linear"
 
 
 @dataclass
 class SourceConfig:
     name: str = ""
-    path: str = ""  # shards (dir / glob / brace pattern), corpus prefix (.bin/.idx) or .jsonl; relative to root
+    path: str = _f("", nonempty=True)  # shards (dir / glob / brace pattern), corpus prefix (.bin/.idx) or .jsonl; relative to root
     type: Literal["auto", "shards", "indexed", "jsonl"] = "auto"
     modality: Literal["text", "multimodal"] = "multimodal"
     category: str = ""
-    weight: float = 1.0
+    weight: float = _f(1.0, gt=0)
 
 
 @dataclass
 class DataConfig:
     root: str = "demo_data"
-    tokenizer: str = "tokenizer.json"  # relative to root unless absolute
+    tokenizer: str = _f("tokenizer.json", nonempty=True)  # relative to root unless absolute
     manifest: str = ""  # a YAML file listing the sources (relative to root); else data.sources
     sources: list[SourceConfig] = field(default_factory=list)
     group_by_modality: bool = True
@@ -165,8 +205,8 @@ class DataConfig:
     document_causal: bool = True  # with packing: no attention across packed documents
     language_ratio: LanguageRatioConfig = field(default_factory=LanguageRatioConfig)
     system_prompt: str = ""
-    num_workers: int = 0  # DataLoader worker processes (each prepares whole steps)
-    prefetch_steps: int = 2
+    num_workers: int = _f(0, ge=0)  # DataLoader worker processes (each prepares whole steps)
+    prefetch_steps: int = _f(2, ge=1)
 
 
 @dataclass
@@ -183,45 +223,50 @@ class TrainConfig:
     stage: Literal[1, 2, 3] = 1
     # which parts learn; empty = the paper's choice for the stage (S1 adaptor; S2 + llm; S3 + siglip)
     trainable: list[Literal["siglip", "sam", "adaptor", "llm"]] = field(default_factory=list)
-    steps: int = 100
-    global_batch_size: int = 8
-    micro_batch_size: int = 8
-    seq_len: int = 4096
-    seed: int = 0
-    lr: float = 1e-3
-    min_lr_ratio: float = 0.1  # cosine floor, as a fraction of lr
+    steps: int = _f(100, ge=1)
+    global_batch_size: int = _f(8, ge=1)
+    micro_batch_size: int = _f(8, ge=1)
+    seq_len: int = _f(4096, ge=1)
+    seed: int = _f(0, ge=0)
+    lr: float = _f(1e-3, gt=0)
+    min_lr_ratio: float = _f(0.1, ge=0, le=1)  # cosine floor, as a fraction of lr
     lr_schedule: Literal["cosine", "step", "constant"] = "cosine"
-    warmup_steps: int = 0
-    step_milestones: list[float] = field(default_factory=lambda: [0.8, 0.9])  # fractions of steps
-    step_gamma: float = 0.316  # LR multiplier at each milestone (DeepSeek-LLM: 31.6%, then 10%)
-    weight_decay: float = 0.0
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
-    grad_clip: float = 1.0
+    warmup_steps: int = _f(0, ge=0)
+    step_milestones: list[float] = _f(factory=lambda: [0.8, 0.9], gt=0, lt=1)  # fractions of steps
+    step_gamma: float = _f(0.316, gt=0, le=1)  # LR multiplier at each milestone (DeepSeek-LLM: 31.6%, then 10%)
+    weight_decay: float = _f(0.0, ge=0)
+    beta1: float = _f(0.9, ge=0, lt=1)
+    beta2: float = _f(0.95, ge=0, lt=1)
+    eps: float = _f(1e-8, gt=0)
+    grad_clip: float = _f(1.0, ge=0)  # 0 disables clipping
     dtype: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU
     compile: bool = False
     device: Literal["auto", "cpu", "cuda"] = "auto"
     init_from: str = ""  # weights of a previous stage (checkpoint dir or .safetensors file)
     pretrained: PretrainedConfig = field(default_factory=PretrainedConfig)
-    run_dir: str = "runs/default"
-    eval_interval: int = 0  # 0: only at the end
+    run_dir: str = _f("runs/default", nonempty=True)
+    eval_interval: int = _f(0, ge=0)  # 0: only at the end
     eval_file: str = ""  # multi-choice eval set (jsonl), relative to data.root
+    # preemption: these signals (and a first Ctrl-C) make every rank save at the end of the step and exit 42
+    preempt_signals: list[Literal["SIGTERM", "SIGUSR1", "SIGUSR2", "SIGHUP"]] = field(
+        default_factory=lambda: ["SIGTERM", "SIGUSR1", "SIGUSR2"])
+    max_wall_time: float = 0.0  # seconds; > 0: save and exit 42 before it runs out (a Slurm job's end counts too)
+    exit_margin_s: float = 0.0  # kept for the last save before a deadline; 0: 2 x slowest step + 2 x slowest save
 
 
 @dataclass
 class CheckpointConfig:
-    interval: int = 0  # 0: only at the end
+    interval: int = _f(0, ge=0)  # 0: only at the end
     dir: str = ""  # empty: <run_dir>/checkpoints
-    keep_last: int = 2
+    keep_last: int = _f(2, ge=1)
     resume: str = ""  # "auto": the newest good checkpoint in dir (none: start fresh); or a checkpoint path
     async_save: bool = False  # write interval checkpoints in the background while training continues
 
 
 @dataclass
 class LoggingConfig:
-    log_interval: int = 1
-    peak_tflops: float = 0.0  # per device; 0: guess from the device (H100/A100 bf16), CPU default 1.0
+    log_interval: int = _f(1, ge=1)
+    peak_tflops: float = _f(0.0, ge=0)  # per device; 0: guess from the device (H100/A100 bf16), CPU default 1.0
     wandb: bool = False
     wandb_project: str = "vlpretrain"
     tensorboard: bool = False
@@ -295,6 +340,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):
+                raise ConfigError(f"config error: {key}: expected a finite number, got {value!r}")
             return float(value)
     elif tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
@@ -329,21 +376,34 @@ def _deep_merge(base: dict, over: dict) -> dict:
     return out
 
 
+def _yaml_error(e: yaml.YAMLError) -> str:
+    mark = getattr(e, "problem_mark", None)
+    problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+    return f"{problem} at line {mark.line + 1}" if mark is not None else problem
+
+
 def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
     path = path.resolve()
     if not path.is_file():
-        raise ConfigError(f"config error: file not found: {path}")
+        where = f" (included from {seen[-1]})" if seen else ""
+        raise ConfigError(f"config error: file not found: {path}{where}")
     if path in seen:
         raise ConfigError(f"config error: include cycle at {path}")
     try:
-        data = _yaml_load(path.read_text()) or {}
+        data = _yaml_load(path.read_text(), str(path))
     except yaml.YAMLError as e:
-        raise ConfigError(f"config error: {path}: invalid YAML ({str(e).splitlines()[0]})") from None
+        raise ConfigError(f"config error: {path}: invalid YAML ({_yaml_error(e)})") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"config error: {path}: cannot read ({type(e).__name__}: {e})") from None
+    data = {} if data is None else data
     if not isinstance(data, dict):
-        raise ConfigError(f"config error: {path}: top level must be a mapping")
+        raise ConfigError(f"config error: {path}: top level must be a mapping, got {type(data).__name__}")
     includes = data.pop("include", [])
     if isinstance(includes, str):
         includes = [includes]
+    if not isinstance(includes, list) or not all(isinstance(i, str) and i for i in includes):
+        raise ConfigError(f"config error: {path}: include must be a file name or a list of file names, "
+                          f"got {includes!r}")
     merged: dict = {}
     for inc in includes:
         merged = _deep_merge(merged, _read_yaml(path.parent / inc, seen + (path,)))
@@ -358,7 +418,7 @@ def parse_overrides(overrides: list[str]) -> dict:
             raise ConfigError(f"config error: override '{item}' is not of the form key=value")
         key, raw = item.split("=", 1)
         try:
-            value = _yaml_load(raw) if raw != "" else ""
+            value = _yaml_load(raw, f"override '{key}'", key.strip()) if raw != "" else ""
         except yaml.YAMLError:
             value = raw
         node = out
@@ -394,15 +454,47 @@ def _check(cond: bool, key: str, msg: str) -> None:
         raise ConfigError(f"config error: {key}: {msg}")
 
 
+_BOUNDS = {"ge": (">=", lambda v, b: v >= b), "gt": (">", lambda v, b: v > b),
+           "le": ("<=", lambda v, b: v <= b), "lt": ("<", lambda v, b: v < b)}
+
+
+def _bounds_text(rules: dict) -> str:
+    low = next(((op, rules[op]) for op in ("ge", "gt") if op in rules), None)
+    high = next(((op, rules[op]) for op in ("le", "lt") if op in rules), None)
+    if low and high:
+        return f"must lie in {'[' if low[0] == 'ge' else '('}{low[1]}, {high[1]}{']' if high[0] == 'le' else ')'}"
+    op, bound = low or high
+    return f"must be {_BOUNDS[op][0]} {bound}"
+
+
+def _check_rules(obj: Any, prefix: str = "") -> None:
+    """Check every field's declared rules (``_f(..., ge=1)``), recursing into sections and lists of them."""
+    for f in dataclasses.fields(obj):
+        key, value, rules = f"{prefix}.{f.name}" if prefix else f.name, getattr(obj, f.name), f.metadata
+        if dataclasses.is_dataclass(value):
+            _check_rules(value, key)
+            continue
+        if isinstance(value, list) and value and dataclasses.is_dataclass(value[0]):
+            for i, item in enumerate(value):
+                _check_rules(item, f"{key}[{i}]")
+            continue
+        if rules.get("nonempty") and isinstance(value, (str, list)):
+            _check(len(value) > 0, key, "must not be empty")
+        if "len" in rules and isinstance(value, list):
+            _check(len(value) == rules["len"], key, f"needs {rules['len']} values, got {len(value)}")
+        bounds = {op: b for op, b in rules.items() if op in _BOUNDS}
+        if not bounds:
+            continue
+        items = [(f"{key}[{i}]", v) for i, v in enumerate(value)] if isinstance(value, list) else [(key, value)]
+        for k, v in items:
+            if isinstance(v, (int, float)) and not isinstance(v, bool):  # not None, not 'auto'
+                _check(all(_BOUNDS[op][1](v, b) for op, b in bounds.items()), k,
+                       f"{_bounds_text(bounds)}, got {v}")
+
+
 def validate(cfg: Config) -> None:
     m, t, p, d = cfg.model, cfg.train, cfg.parallel, cfg.data
-    for key, v in [("model.vocab_size", m.vocab_size), ("model.dim", m.dim), ("model.n_layers", m.n_layers),
-                   ("model.n_heads", m.n_heads), ("model.ffn_dim", m.ffn_dim), ("model.max_seq_len", m.max_seq_len),
-                   ("train.steps", t.steps), ("train.global_batch_size", t.global_batch_size),
-                   ("train.micro_batch_size", t.micro_batch_size), ("train.seq_len", t.seq_len),
-                   ("parallel.tp", p.tp), ("parallel.pp", p.pp), ("parallel.vpp", p.vpp),
-                   ("logging.log_interval", cfg.logging.log_interval)]:
-        _check(v > 0, key, f"must be positive, got {v}")
+    _check_rules(cfg)  # ranges first: the checks below divide by these values
     _check(m.dim % m.n_heads == 0, "model.dim", f"{m.dim} is not divisible by model.n_heads={m.n_heads}")
     _check(m.head_dim % 2 == 0, "model.dim", "head dim (dim / n_heads) must be even for rotary embeddings")
     _check(m.n_heads % m.kv_heads == 0, "model.n_kv_heads",
@@ -433,34 +525,25 @@ def validate(cfg: Config) -> None:
     _check(t.global_batch_size % t.micro_batch_size == 0, "train.global_batch_size",
            f"{t.global_batch_size} is not divisible by train.micro_batch_size={t.micro_batch_size}")
     if isinstance(p.dp, int):
-        _check(p.dp > 0, "parallel.dp", f"must be positive or 'auto', got {p.dp}")
         _check(t.global_batch_size % (t.micro_batch_size * p.dp) == 0, "train.global_batch_size",
                f"{t.global_batch_size} is not divisible by micro_batch_size x dp = {t.micro_batch_size * p.dp}")
-    _check(t.lr > 0 and math.isfinite(t.lr), "train.lr", f"must be positive, got {t.lr}")
-    _check(0 <= t.min_lr_ratio <= 1, "train.min_lr_ratio", "must lie in [0, 1]")
-    _check(t.warmup_steps >= 0, "train.warmup_steps", f"must be >= 0, got {t.warmup_steps}")
-    _check(all(0 < x < 1 for x in t.step_milestones), "train.step_milestones", "fractions must lie in (0, 1)")
-    _check(t.grad_clip >= 0, "train.grad_clip", "must be >= 0 (0 disables clipping)")
-    _check(0 <= t.beta1 < 1 and 0 <= t.beta2 < 1, "train.beta1", "betas must lie in [0, 1)")
     if not m.sam.enabled:
         _check("sam" not in t.trainable, "train.trainable", "'sam' is trainable but model.sam.enabled is false")
-    lr_ = d.language_ratio
-    for key, v in [("data.language_ratio.start", lr_.start), ("data.language_ratio.end", lr_.end)]:
-        _check(0.0 <= v <= 1.0, key, f"must lie in [0, 1], got {v}")
-    _check(lr_.warmup_steps >= 0, "data.language_ratio.warmup_steps", "must be >= 0")
-    for i, src in enumerate(d.sources):
-        _check(src.weight > 0, f"data.sources[{i}].weight", f"must be positive, got {src.weight}")
-        _check(bool(src.path), f"data.sources[{i}].path", "is empty")
-    _check(cfg.checkpoint.interval >= 0, "checkpoint.interval", "must be >= 0")
-    _check(cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last", "must be >= 1")
+    names: dict[str, int] = {}
+    for i, src in enumerate(d.sources):  # a source's name defaults to its path (data/sources.py)
+        name = src.name or src.path
+        _check(name not in names, f"data.sources[{i}].name",
+               f"'{name}' is already the name of data.sources[{names.get(name)}]")
+        names[name] = i
     if isinstance(p.layer_split, list):
-        _check(all(x >= 0 for x in p.layer_split), "parallel.layer_split", "layer counts must be >= 0")
         _check(sum(p.layer_split) == m.n_layers, "parallel.layer_split",
                f"sums to {sum(p.layer_split)}, model has {m.n_layers} layers")
         _check(len(p.layer_split) == p.pp * p.vpp, "parallel.layer_split",
                f"has {len(p.layer_split)} entries, pp x vpp = {p.pp * p.vpp} virtual stages")
-    _check(p.pp * p.vpp <= m.n_layers + 2, "parallel.vpp",
-           f"pp x vpp = {p.pp * p.vpp} virtual stages exceed the {m.n_layers + 2} model parts")
+    # name the key the user most likely set: pp alone, or vpp on top of it
+    _check(p.pp * p.vpp <= m.n_layers + 2, "parallel.vpp" if p.vpp > 1 else "parallel.pp",
+           f"pp x vpp = {p.pp * p.vpp} virtual stages exceed the {m.n_layers + 2} model parts "
+           f"(embed, {m.n_layers} layers, head)")
     _check(m.n_heads % p.tp == 0 and m.kv_heads % p.tp == 0, "parallel.tp",
            f"{p.tp} does not divide the attention heads ({m.n_heads} q, {m.kv_heads} kv)")
     _check(m.ffn_dim % p.tp == 0, "parallel.tp", f"{p.tp} does not divide model.ffn_dim={m.ffn_dim}")

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from vlpretrain.config import Config, ConfigError
+from vlpretrain.parallel.launch_env import apply_launch_env, pg_timeout_s, process_group_store
 
 V_SCHEDULES = ("zbv", "dualpipev")  # V-shaped: rank r holds stages r and 2 pp - 1 - r
 
@@ -34,30 +36,34 @@ class Layout:
         return self.pp * self.vpp
 
 
-def _fail(msg: str) -> None:
-    raise ConfigError(f"layout error: {msg}")
+def _fail(key: str, msg: str) -> None:
+    """One line naming the key to change, like every config error (the world size comes from the launcher)."""
+    raise ConfigError(f"config error: {key}: {msg}")
 
 
 def resolve_layout(cfg: Config, world_size: int) -> Layout:
     """Check the parallel layout against the world size; derive ``dp: auto``. Raises ConfigError."""
     p, t = cfg.parallel, cfg.train
     if world_size % (p.tp * p.pp) != 0:
-        _fail(f"world size {world_size} is not divisible by tp x pp = {p.tp * p.pp}")
+        _fail("parallel.tp" if p.pp == 1 else "parallel.pp",
+              f"world size {world_size} is not divisible by tp x pp = {p.tp * p.pp}")
     dp = world_size // (p.tp * p.pp) if p.dp == "auto" else p.dp
     if dp * p.tp * p.pp != world_size:
-        _fail(f"dp x tp x pp = {dp} x {p.tp} x {p.pp} = {dp * p.tp * p.pp} but the world size is {world_size}")
+        _fail("parallel.dp",
+              f"dp x tp x pp = {dp} x {p.tp} x {p.pp} = {dp * p.tp * p.pp} but the world size is {world_size}")
     if t.global_batch_size % (t.micro_batch_size * dp) != 0:
-        _fail(f"train.global_batch_size={t.global_batch_size} is not divisible by micro_batch_size x dp = "
-              f"{t.micro_batch_size} x {dp}")
+        _fail("train.global_batch_size", f"{t.global_batch_size} is not divisible by micro_batch_size x dp = "
+                                         f"{t.micro_batch_size} x {dp} (world size {world_size})")
     n_mb = t.global_batch_size // (t.micro_batch_size * dp)
     if p.pp > 1:  # (schedule / vpp consistency is checked with the config)
         if n_mb < p.pp:
-            _fail(f"{n_mb} microbatches per step (global batch / (micro batch x dp)) cannot fill {p.pp} "
-                  f"pipeline ranks: need at least {p.pp}")
+            _fail("train.global_batch_size", f"{n_mb} microbatches per step (global batch / (micro batch x dp)) "
+                                             f"cannot fill {p.pp} pipeline ranks: need at least {p.pp}")
         if p.vpp > 1 and n_mb % p.pp != 0:
-            _fail(f"{p.schedule} needs the microbatch count ({n_mb}) to be a multiple of pp={p.pp}")
+            _fail("train.global_batch_size",
+                  f"{p.schedule} needs the microbatch count ({n_mb}) to be a multiple of pp={p.pp}")
     if p.sequence_parallel and p.tp > 1 and t.seq_len % p.tp != 0:
-        _fail(f"sequence parallel needs train.seq_len={t.seq_len} divisible by tp={p.tp}")
+        _fail("train.seq_len", f"sequence parallel needs train.seq_len={t.seq_len} divisible by tp={p.tp}")
     return Layout(dp=dp, tp=p.tp, pp=p.pp, vpp=p.vpp)
 
 
@@ -95,35 +101,28 @@ class ParallelContext:
 
 
 def world_size_from_env() -> int:
+    """The job's process count, from torchrun's variables or (when RANK is absent) an srun step's, which are
+    copied into torchrun's names first so that everything downstream reads one view."""
+    apply_launch_env()
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def init_parallel(cfg: Config, device: torch.device) -> ParallelContext:
-    """Check the layout, then (for world size > 1) start the process group and build the mesh."""
+    """Check the layout, then (for world size > 1) start the process group and build the mesh. Every wait is
+    bounded (``VLP_PG_TIMEOUT_S`` or ``parallel.timeout_s``) and a timeout names the missing ranks."""
     world = world_size_from_env()
     layout = resolve_layout(cfg, world)
     if world == 1:
         return ParallelContext(layout, device, None)
     if not dist.is_initialized():
+        timeout_s = pg_timeout_s(getattr(cfg.parallel, "timeout_s", None))
         backend = "nccl" if device.type == "cuda" else "gloo"
         if device.type == "cuda":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend=backend, **_elastic_store())
+            torch.cuda.set_device(device)
+        store = process_group_store(timeout_s)
+        dist.init_process_group(backend=backend, store=store, rank=int(os.environ["RANK"]), world_size=world,
+                                timeout=timedelta(seconds=timeout_s))
     return ParallelContext(layout, device, build_mesh(layout, device))
-
-
-def _elastic_store() -> dict:
-    """Under torchrun the agent hosts the store and keeps it across restarts (``--max-restarts``): key the
-    process group by the restart attempt, so restarted workers never read a dead worker's address."""
-    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
-        return {}
-    from datetime import timedelta
-
-    client = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
-                           timeout=timedelta(minutes=10))
-    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-    return {"store": dist.PrefixStore(f"vlpretrain/attempt_{attempt}", client),
-            "rank": int(os.environ["RANK"]), "world_size": int(os.environ["WORLD_SIZE"])}
 
 
 def build_mesh(layout: Layout, device: torch.device) -> DeviceMesh:
