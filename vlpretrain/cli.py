@@ -226,6 +226,10 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, "resume", None):
             overrides.append(f"checkpoint.resume={args.resume}")
         cfg = load_config(args.config, overrides)
+        if args.command == "train":  # first thing, before torch, the model and the data load (seconds)
+            from vlpretrain.train.preemption import PREEMPTION
+
+            PREEMPTION.install(cfg.train.preempt_signals)
         return args.func(args, cfg)
     except UserError as e:  # config errors already start with "config error:"
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
@@ -234,3 +238,6 @@ def main(argv: list[str] | None = None) -> int:
     except FileNotFoundError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # a second Ctrl-C: abort without a traceback
+        print("aborted", file=sys.stderr)
+        return 130

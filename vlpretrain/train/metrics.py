@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -38,10 +39,30 @@ def format_duration(seconds: float) -> str:
     return f"{h}h{m:02d}m{s:02d}s" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
 
 
+def truncate_after(path: Path, step: int) -> None:
+    """Drop the lines of steps after ``step`` (a resumed run logs them again), atomically; keep the rest."""
+    if not path.is_file():
+        return
+    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    keep = []
+    for line in lines:
+        try:
+            if json.loads(line)["step"] > step:
+                continue
+        except (ValueError, KeyError, TypeError):  # a line cut by a crash: drop it too
+            continue
+        keep.append(line if line.endswith("\n") else line + "\n")
+    if len(keep) == len(lines) and all(a == b for a, b in zip(keep, lines)):
+        return
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(keep), encoding="utf-8")
+    os.replace(tmp, path)
+
+
 class MetricsLogger:
     """Writes ``<run_dir>/metrics.jsonl`` (appending, flushed per line) and prints progress on rank 0."""
 
-    def __init__(self, cfg: Config, run_dir: Path, total_steps: int, is_main: bool = True):
+    def __init__(self, cfg: Config, run_dir: Path, total_steps: int, is_main: bool = True, resume_step: int = 0):
         self.cfg = cfg
         self.total = total_steps
         self.is_main = is_main
@@ -54,6 +75,7 @@ class MetricsLogger:
         if not is_main:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
+        truncate_after(run_dir / "metrics.jsonl", resume_step)
         self._file = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")
         if cfg.logging.wandb:
             try:

@@ -11,7 +11,6 @@ import base64
 import json
 import math
 import os
-import signal
 import time
 from pathlib import Path
 
@@ -29,8 +28,11 @@ from vlpretrain.parallel.mesh import init_parallel, local_device, resolve_layout
 from vlpretrain.parallel.gather import gather_full_state_dict
 from vlpretrain.train.checkpoint import find_weights, load_weights
 from vlpretrain.train.checkpointer import TRAIN_STATE, Checkpointer, find_resumable
+from vlpretrain.train import faults
 from vlpretrain.train.metrics import MetricsLogger, device_peak_tflops
 from vlpretrain.train.optim import build_optimizer, lr_multiplier
+from vlpretrain.train.preemption import EXIT_PREEMPTED, PREEMPTED_MARKER, PREEMPTION, Deadline
+from vlpretrain.train.rundir import RunDirLock
 
 
 def _check_inputs(cfg: Config) -> tuple[TextTokenizer, Path | None, Path | None]:
@@ -66,9 +68,26 @@ def checkpoint_dir(cfg: Config) -> Path:
 
 
 def train(cfg: Config) -> dict:
+    """One stage, start to end; under torchrun/srun every rank runs it. Exits 42 when preempted."""
+    PREEMPTION.install(cfg.train.preempt_signals)  # the CLI did it already, before torch was imported
+    tokenizer, eval_path, init_file, resume = _check_inputs(cfg)
+    run_dir = Path(cfg.train.run_dir)
+    lock = RunDirLock(run_dir)
+    if _global_rank() == 0:  # before any process group: a second job on this run dir stops here
+        lock.acquire()
+    try:
+        return _train(cfg, tokenizer, eval_path, init_file, resume, lock)
+    finally:
+        lock.release()
+
+
+def _global_rank() -> int:
+    return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
+
+
+def _train(cfg: Config, tokenizer, eval_path, init_file, resume, lock: RunDirLock) -> dict:
     t_start = time.perf_counter()
     tc = cfg.train
-    tokenizer, eval_path, init_file, resume = _check_inputs(cfg)
     resumed = json.loads((resume / TRAIN_STATE).read_text()) if resume else None
     device = local_device(cfg)
     ctx = init_parallel(cfg, device)
@@ -78,6 +97,7 @@ def train(cfg: Config) -> dict:
     if ctx.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(cfg.to_yaml())
+        (run_dir / PREEMPTED_MARKER).unlink(missing_ok=True)
 
     # ---- data: every rank follows the same global sample sequence and keeps its dp slice
     data = DataPipeline(cfg, tokenizer, dp_rank=ctx.dp_rank, dp_size=lay.dp,  # opens every source now
@@ -112,23 +132,46 @@ def train(cfg: Config) -> dict:
     for sch in schedulers:  # the schedule is a function of the step: resume by moving to it
         for _ in range(start):
             sch.step()
-    preempt = PreemptionFlag()
+    deadline = Deadline(tc.max_wall_time, tc.exit_margin_s, PREEMPTION.t0)
     trainable = trainable_parts(cfg)
     peak = device_peak_tflops(cfg, device)
-    logger = MetricsLogger(cfg, run_dir, tc.steps, is_main=ctx.is_main)
+    logger = MetricsLogger(cfg, run_dir, tc.steps, is_main=ctx.is_main, resume_step=start)
     if ctx.is_main:
         print(f"training stage {tc.stage} ({'+'.join(trainable)}) of {cfg.model.name} on {device}: "
               f"{tc.steps} steps x {tc.global_batch_size} samples x {tc.seq_len} tokens; layout dp={lay.dp} "
               f"tp={lay.tp} pp={lay.pp} vpp={lay.vpp} split={model.split}", flush=True)
 
+    def train_state() -> dict:
+        return {"consumed_samples": consumed, "data_state": data_state, "config": cfg.to_dict(),
+                "layout": [lay.dp, lay.tp, lay.pp, lay.vpp], "split": model.split, "rng": _rng_state()}
+
+    def stop_here(step: int, save: bool = True):
+        """Preempted: every rank saves this step (unless it is saved already) and exits 42 together."""
+        if save:
+            ckpt.save(step, train_state())
+        ckpt.wait()
+        logger.close()
+        if ctx.is_main:
+            (run_dir / PREEMPTED_MARKER).write_text(json.dumps(
+                {"step": step, "reason": PREEMPTION.signal_name or "deadline", "time": time.time()}))
+            print(f"preempted ({PREEMPTION.signal_name or 'deadline'}): saved step {step}; exiting with "
+                  f"{EXIT_PREEMPTED}", flush=True)
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        raise SystemExit(EXIT_PREEMPTED)
+
     # ---- the loop
-    first_loss, loss, data_state = None, float("nan"), data.state_dict()
+    first_loss, loss, data_state = None, None, data.state_dict()
+    if start >= tc.steps and ctx.is_main:
+        print(f"nothing to train: the checkpoint is at step {start} and train.steps is {tc.steps}", flush=True)
+    elif _preempted(ctx, deadline):  # a signal during start-up: a step-`start` checkpoint, then exit
+        stop_here(start, save=resume is None)
     for step in range(start + 1, tc.steps + 1):
         t0 = time.perf_counter()
         batch = next(batches)
         data_state = batch.data_state
         loss = model.forward_backward(batch.microbatches, batch.num_label_tokens)
-        _test_fault(step)
+        faults.inject(step, ctx.rank, run_dir)
         grad_norm = model.clip_grad_norm_(tc.grad_clip)
         lr = tc.lr * lr_multiplier(step - 1, tc)
         for opt in optimizers:
@@ -157,29 +200,23 @@ def train(cfg: Config) -> dict:
         })
         if not math.isfinite(loss):
             raise FloatingPointError(f"loss is {loss} at step {step}")
-        train_state = {"consumed_samples": consumed, "data_state": data_state, "config": cfg.to_dict(),
-                       "layout": [lay.dp, lay.tp, lay.pp, lay.vpp], "split": model.split, "rng": _rng_state()}
-        if preempt.requested(ctx):  # SIGTERM / SIGUSR1 (e.g. Slurm's warning): save at this step's end, exit
-            ckpt.save(step, train_state)
-            ckpt.wait()
-            if ctx.is_main:
-                print(f"preempted: saved step {step}; exiting with {EXIT_PREEMPTED}", flush=True)
-            logger.close()
-            if dist.is_initialized():
-                dist.destroy_process_group()
-            raise SystemExit(EXIT_PREEMPTED)
+        lock.refresh()
+        deadline.observe(step_s=dt)
+        if step < tc.steps and _preempted(ctx, deadline):  # a signal or the deadline: save this step, exit
+            stop_here(step)
         if cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0 and step < tc.steps:
-            ckpt.save(step, train_state)
+            t_save = time.perf_counter()
+            ckpt.save(step, train_state())
+            deadline.observe(save_s=time.perf_counter() - t_save)
+            if _preempted(ctx, deadline):  # arrived during the save: it is complete, so just exit
+                stop_here(step, save=False)
         if eval_path is not None and tc.eval_interval and step % tc.eval_interval == 0 and step < tc.steps \
                 and lay.world_size == 1:
             acc = evaluate_mcppl(model.modules[0], cfg, tokenizer, eval_path, device)["accuracy"]
             print(f"eval step {step}: mcppl accuracy {acc:.3f}", flush=True)
 
     if start < tc.steps:  # the final checkpoint also carries the full weights (init_from, eval, export)
-        ckpt.save(tc.steps, {"consumed_samples": consumed, "data_state": data_state, "config": cfg.to_dict(),
-                             "layout": [lay.dp, lay.tp, lay.pp, lay.vpp], "split": model.split,
-                             "rng": _rng_state()},
-                  weights=gather_full_state_dict(model, ctx))
+        ckpt.save(tc.steps, train_state(), weights=gather_full_state_dict(model, ctx))
     logger.close()
     summary = {"steps": tc.steps, "first_loss": first_loss, "final_loss": loss,
                "wall_time_s": round(time.perf_counter() - t_start, 2), "skipped_samples": data_state["bad_total"],
@@ -210,36 +247,12 @@ def _set_rng_state(state: dict | None) -> None:
         torch.cuda.set_rng_state(torch.frombuffer(bytearray(base64.b64decode(state["cuda"])), dtype=torch.uint8))
 
 
-EXIT_PREEMPTED = 42  # distinct from failures: the job saved a checkpoint and can be resumed
-
-
-class PreemptionFlag:
-    """SIGTERM or SIGUSR1 sets a flag; at the end of each step all ranks agree (one tiny all-reduce) and, if
-    any rank was signalled, every rank saves and exits together."""
-
-    def __init__(self):
-        self.flag = False
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self._handler)
-
-    def _handler(self, signum, frame) -> None:
-        self.flag = True
-
-    def requested(self, ctx) -> bool:
-        if not dist.is_initialized():
-            return self.flag
-        t = torch.tensor([1.0 if self.flag else 0.0], device=ctx.device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return bool(t.item())
-
-
-def _test_fault(step: int) -> None:
-    """Fault injection for the recovery tests: VLP_FAULT="kill:<step>:<rank>" SIGKILLs that rank in the middle
-    of that step (after its backward, before the optimizer) on the first attempt; "term:<step>:<rank>" sends
-    it SIGTERM there instead."""
-    spec = os.environ.get("VLP_FAULT")
-    if not spec or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
-        return
-    kind, at, rank = spec.split(":")
-    if int(at) == step and int(os.environ.get("RANK", "0")) == int(rank):
-        os.kill(os.getpid(), signal.SIGKILL if kind == "kill" else signal.SIGTERM)
+def _preempted(ctx, deadline: Deadline) -> bool:
+    """Did any rank get a preemption signal, or has the deadline come (rank 0's clock decides)? All ranks
+    get the same answer."""
+    want = PREEMPTION.requested or (ctx.is_main and deadline.reached())
+    if not dist.is_initialized():
+        return want
+    t = torch.tensor([1.0 if want else 0.0], device=ctx.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())

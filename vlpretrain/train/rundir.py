@@ -1,0 +1,107 @@
+"""An exclusive lock on a run dir, so that two jobs never write one run's metrics and checkpoints.
+
+The lock is a file created with O_EXCL (atomic on local and network file systems) holding the holder's host,
+pid, job id and start time; the holder refreshes its mtime as it trains. A lock is stale, and taken over with
+a warning, when its holder is provably gone: the same host and a dead pid, the same job (a restarted or
+requeued attempt of this job), or no refresh for ``STALE_AFTER_S``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+
+from vlpretrain.errors import UserError
+
+LOCK_NAME = ".lock"
+STALE_AFTER_S = 1800.0
+_REFRESH_EVERY_S = 60.0
+
+
+def job_id() -> str:
+    """What stays the same across restarts of one job: Slurm's job id or torchrun's rendezvous id."""
+    for key in ("SLURM_JOB_ID", "TORCHELASTIC_RUN_ID"):
+        value = os.environ.get(key, "")
+        if value and value != "none":
+            return f"{key.split('_')[0].lower()}:{value}"
+    return ""
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class RunDirLock:
+    def __init__(self, run_dir: Path):
+        self.path = Path(run_dir) / LOCK_NAME
+        self.held = False
+        self._refreshed = 0.0
+
+    def _stale_reason(self, holder: dict) -> str | None:
+        if holder.get("job") and holder["job"] == job_id():
+            return "an earlier attempt of this job"
+        if holder.get("host") == socket.gethostname() and not _pid_alive(int(holder.get("pid", 0))):
+            return "its process is gone"
+        age = time.time() - self.path.stat().st_mtime
+        if age > STALE_AFTER_S:
+            return f"not refreshed for {age / 60:.0f} min"
+        return None
+
+    def acquire(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        me = {"host": socket.gethostname(), "pid": os.getpid(), "job": job_id(),
+              "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        for _ in range(3):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                try:
+                    holder = json.loads(self.path.read_text() or "{}")
+                    reason = self._stale_reason(holder)
+                except (OSError, ValueError):  # vanished or half-written by a racing job: look again
+                    time.sleep(0.2)
+                    continue
+                if reason is None:
+                    raise UserError(
+                        f"run dir {self.path.parent} is in use by host {holder.get('host')} pid {holder.get('pid')}"
+                        f"{' (' + holder['job'] + ')' if holder.get('job') else ''} since {holder.get('started')}; "
+                        f"use another train.run_dir, or delete {self.path} if that job is dead")
+                print(f"warning: taking over the lock of {self.path.parent} from host {holder.get('host')} pid "
+                      f"{holder.get('pid')} ({reason})", file=sys.stderr, flush=True)
+                try:
+                    self.path.unlink()
+                except FileNotFoundError:
+                    pass
+                continue
+            with os.fdopen(fd, "w") as f:
+                f.write(json.dumps(me))
+            self.held = True
+            self._refreshed = time.time()
+            return
+        raise UserError(f"could not lock run dir {self.path.parent} (another job keeps taking it)")
+
+    def refresh(self) -> None:
+        """Cheap heartbeat (an mtime update at most once a minute)."""
+        if self.held and time.time() - self._refreshed > _REFRESH_EVERY_S:
+            try:
+                os.utime(self.path)
+            except OSError:
+                pass
+            self._refreshed = time.time()
+
+    def release(self) -> None:
+        if self.held:
+            try:
+                self.path.unlink()
+            except FileNotFoundError:
+                pass
+            self.held = False
