@@ -20,7 +20,7 @@ import torch.distributed as dist
 from vlpretrain.config import Config, ConfigError, trainable_parts
 from vlpretrain.data.loader import DataPipeline, resolve
 from vlpretrain.data.tokenizer import TextTokenizer
-from vlpretrain.eval.mcppl import evaluate_mcppl
+from vlpretrain.eval.mcppl import check_eval_file, evaluate_mcppl
 from vlpretrain.models.flops import step_flops
 from vlpretrain.models.pretrained import load_pretrained_parts
 from vlpretrain.parallel.engine import ParallelModel
@@ -49,6 +49,7 @@ def _check_inputs(cfg: Config) -> tuple[TextTokenizer, Path | None, Path | None]
     eval_path = resolve(cfg.data.root, tc.eval_file) if tc.eval_file else None
     if eval_path is not None and not eval_path.is_file():
         raise FileNotFoundError(f"train.eval_file not found: {eval_path}")
+    check_eval_file(eval_path, cfg, tokenizer)  # fields, images, lengths: fail now, not after training
     init_file = find_weights(tc.init_from) if tc.init_from else None
     resume = None
     if cfg.checkpoint.resume:  # checked on every rank alike (a shared file system): the same answer everywhere
