@@ -266,3 +266,55 @@ def test_cli_subprocess():
     assert bad.returncode == 2 and bad.stdout == ""
     lines = bad.stderr.splitlines()
     assert lines == ["config error: unknown key 'model.siglip.foo'"], bad.stderr
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# malformed files: includes, non-mappings, duplicate keys (issue 8)
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("include: 5\n", "include must be a file name or a list of file names, got 5"),
+    ("include: [null]\n", "include must be a file name or a list of file names, got [None]"),
+    ("include: ['']\n", "include must be a file name or a list of file names"),
+    ("include: {a: 1}\n", "include must be a file name or a list of file names"),
+    ("42\n", "top level must be a mapping, got int"),
+    ("'just text'\n", "top level must be a mapping, got str"),
+    ("train: {lr: 1.0e-3}\ntrain: {steps: 3}\n", "duplicate key 'train' (lines 1 and 2)"),
+    ("train:\n  lr: 1.0e-3\n  steps: 3\n  lr: 2.0e-3\n", "duplicate key 'train.lr' (lines 2 and 4)"),
+    ("data:\n  sources:\n    - {name: a, path: x, name: b}\n", "duplicate key 'data.sources[0].name'"),
+])
+def test_malformed_files_one_line(tmp_path: Path, text, expected):
+    (tmp_path / "c.yaml").write_text(text)
+    msg = _error(tmp_path / "c.yaml")
+    assert str(tmp_path / "c.yaml") in msg and expected in msg, msg
+
+
+def test_included_file_errors_name_that_file(tmp_path: Path):
+    (tmp_path / "a.yaml").write_text("include: [b.yaml]\n")
+    (tmp_path / "b.yaml").write_text("model: {dim: 64}\nmodel: {dim: 32}\n")
+    assert _error(tmp_path / "a.yaml") == f"config error: {tmp_path / 'b.yaml'}: duplicate key 'model' (lines 1 and 2)"
+    (tmp_path / "b.yaml").write_text("- 1\n")
+    assert _error(tmp_path / "a.yaml") == f"config error: {tmp_path / 'b.yaml'}: top level must be a mapping, got list"
+    (tmp_path / "a.yaml").write_text("include: [gone.yaml]\n")
+    assert _error(tmp_path / "a.yaml") == \
+        f"config error: file not found: {tmp_path / 'gone.yaml'} (included from {tmp_path / 'a.yaml'})"
+    (tmp_path / "bin.yaml").write_bytes(b"\xff\xfe\x00bad")
+    assert "cannot read" in _error(tmp_path / "bin.yaml")
+
+
+def test_yaml_merge_keys_and_anchors_are_not_duplicates(tmp_path: Path):
+    (tmp_path / "c.yaml").write_text(
+        "train: &t {steps: 3, lr: 1.0e-3}\ncheckpoint: {interval: 0}\n"
+        "data:\n  language_ratio: {<<: {start: 1.0, end: 0.5}, end: 0.7}\n")
+    cfg = load_config(tmp_path / "c.yaml")
+    assert (cfg.train.steps, cfg.data.language_ratio.start, cfg.data.language_ratio.end) == (3, 1.0, 0.7)
+
+
+def test_duplicate_key_in_an_override_and_cli(capsys):
+    msg = _error(TINY / "stage2.yaml", ["data.language_ratio={start: 1.0, start: 0.5}"])
+    assert msg == "config error: override 'data.language_ratio': duplicate key 'data.language_ratio.start' " \
+                  "(line 1)"
+    rc = cli_main(["config", "show", str(TINY / "stage2.yaml"), "--set", "parallel.pp=9"])
+    out = capsys.readouterr()
+    assert rc == 2 and out.err == "config error: parallel.pp: pp x vpp = 9 virtual stages exceed the 6 model " \
+                                  "parts (embed, 4 layers, head)\n"

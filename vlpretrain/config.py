@@ -61,8 +61,9 @@ def _check_duplicate_keys(node: yaml.Node, where: str, prefix: str, seen: set[in
                 continue  # ``<<: *base`` merges may be overridden by design
             key = f"{prefix}.{k.value}" if prefix else str(k.value)
             if k.value in lines:
-                raise ConfigError(f"config error: {where}: duplicate key '{key}' (lines {lines[k.value]} and "
-                                  f"{k.start_mark.line + 1})")
+                line = k.start_mark.line + 1
+                at = f"line {line}" if line == lines[k.value] else f"lines {lines[k.value]} and {line}"
+                raise ConfigError(f"config error: {where}: duplicate key '{key}' ({at})")
             lines[k.value] = k.start_mark.line + 1
             _check_duplicate_keys(v, where, key, seen)
     elif isinstance(node, yaml.SequenceNode):
@@ -250,8 +251,10 @@ class TrainConfig:
     # preemption: these signals (and a first Ctrl-C) make every rank save at the end of the step and exit 42
     preempt_signals: list[Literal["SIGTERM", "SIGUSR1", "SIGUSR2", "SIGHUP"]] = field(
         default_factory=lambda: ["SIGTERM", "SIGUSR1", "SIGUSR2"])
-    max_wall_time: float = 0.0  # seconds; > 0: save and exit 42 before it runs out (a Slurm job's end counts too)
-    exit_margin_s: float = 0.0  # kept for the last save before a deadline; 0: 2 x slowest step + 2 x slowest save
+    # seconds; > 0: save and exit 42 before it runs out (a Slurm job's end counts too)
+    max_wall_time: float = _f(0.0, ge=0)
+    # kept for the last save before a deadline; 0: 2 x slowest step + 2 x slowest save
+    exit_margin_s: float = _f(0.0, ge=0)
 
 
 @dataclass
@@ -467,16 +470,16 @@ def _bounds_text(rules: dict) -> str:
     return f"must be {_BOUNDS[op][0]} {bound}"
 
 
-def _check_rules(obj: Any, prefix: str = "") -> None:
+def check_rules(obj: Any, prefix: str = "") -> None:
     """Check every field's declared rules (``_f(..., ge=1)``), recursing into sections and lists of them."""
     for f in dataclasses.fields(obj):
         key, value, rules = f"{prefix}.{f.name}" if prefix else f.name, getattr(obj, f.name), f.metadata
         if dataclasses.is_dataclass(value):
-            _check_rules(value, key)
+            check_rules(value, key)
             continue
         if isinstance(value, list) and value and dataclasses.is_dataclass(value[0]):
             for i, item in enumerate(value):
-                _check_rules(item, f"{key}[{i}]")
+                check_rules(item, f"{key}[{i}]")
             continue
         if rules.get("nonempty") and isinstance(value, (str, list)):
             _check(len(value) > 0, key, "must not be empty")
@@ -494,7 +497,7 @@ def _check_rules(obj: Any, prefix: str = "") -> None:
 
 def validate(cfg: Config) -> None:
     m, t, p, d = cfg.model, cfg.train, cfg.parallel, cfg.data
-    _check_rules(cfg)  # ranges first: the checks below divide by these values
+    check_rules(cfg)  # ranges first: the checks below divide by these values
     _check(m.dim % m.n_heads == 0, "model.dim", f"{m.dim} is not divisible by model.n_heads={m.n_heads}")
     _check(m.head_dim % 2 == 0, "model.dim", "head dim (dim / n_heads) must be even for rotary embeddings")
     _check(m.n_heads % m.kv_heads == 0, "model.n_kv_heads",
