@@ -7,7 +7,7 @@
                                             # teardown that can itself hang, and ends the process (torchrun/Slurm
                                             # then restart or requeue the job)
 : "${TORCH_NCCL_DUMP_ON_TIMEOUT:=1}"        # on a timeout, write the flight recorder (which collective, which
-: "${TORCH_NCCL_TRACE_BUFFER_SIZE:=2000}"   # ranks) to TORCH_FR_DUMP_TEMP_FILE<rank>: needs the buffer size > 0
+: "${TORCH_FR_BUFFER_SIZE:=2000}"           # ranks) to TORCH_FR_DUMP_TEMP_FILE<rank>: needs the buffer size > 0
 : "${TORCH_FR_DUMP_TEMP_FILE:=${VLP_RUN_DIR:-/tmp}/nccl_trace_rank_}"
 : "${NCCL_DEBUG:=WARN}"                     # INFO to see the topology/transport picked on the first run
 : "${NCCL_IB_TIMEOUT:=19}"                  # InfiniBand retry timeout 4.096 us * 2^19 ~ 2 s (Megatron's value;
@@ -27,7 +27,7 @@
 : "${OMP_NUM_THREADS:=1}"                   # data workers and ranks share the node's cores; torch's default
                                             # (all cores per process) oversubscribes 8 ranks x N cores
 
-export TORCH_NCCL_ASYNC_ERROR_HANDLING TORCH_NCCL_DUMP_ON_TIMEOUT TORCH_NCCL_TRACE_BUFFER_SIZE \
+export TORCH_NCCL_ASYNC_ERROR_HANDLING TORCH_NCCL_DUMP_ON_TIMEOUT TORCH_FR_BUFFER_SIZE \
     TORCH_FR_DUMP_TEMP_FILE NCCL_DEBUG NCCL_IB_TIMEOUT VLP_PG_TIMEOUT_S TORCH_NCCL_AVOID_RECORD_STREAMS \
     CUDA_DEVICE_MAX_CONNECTIONS PYTORCH_CUDA_ALLOC_CONF PYTHONFAULTHANDLER PYTHONUNBUFFERED OMP_NUM_THREADS
 
