@@ -222,3 +222,31 @@ def test_duplicate_source_names():
 
 def test_config_error_is_always_one_line():
     assert str(ConfigError("config error: x: a\n  b\n")) == "config error: x: a b"
+
+
+def test_every_config_error_in_the_code_starts_with_config_error():
+    """Static check of every ``ConfigError(...)`` raised in vlpretrain/: its literal text starts with
+    ``config error:`` and holds no newline (the class also folds any interpolated newline)."""
+    import ast
+
+    from conftest import REPO
+
+    # data problems raised as ConfigError ("data error: ...") by the loader; its owner is moving them to a
+    # data UserError subclass: drop this entry then
+    not_yet = {"vlpretrain/data/loader.py"}
+    bad = []
+    for path in sorted((REPO / "vlpretrain").rglob("*.py")):
+        rel = path.relative_to(REPO).as_posix()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not (isinstance(node, ast.Call) and node.args and getattr(node.func, "id", getattr(
+                    node.func, "attr", None)) == "ConfigError"):
+                continue
+            arg = node.args[0]
+            parts = arg.values if isinstance(arg, ast.JoinedStr) else [arg]
+            texts = [p.value for p in parts if isinstance(p, ast.Constant) and isinstance(p.value, str)]
+            if not texts or rel in not_yet:
+                continue  # a message built elsewhere
+            if not (isinstance(parts[0], ast.Constant) and texts[0].startswith("config error: ")) or \
+                    any("\n" in t for t in texts):
+                bad.append(f"{rel}:{node.lineno}")
+    assert not bad, f"ConfigError messages must be one line starting with 'config error: ': {bad}"
