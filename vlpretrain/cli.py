@@ -67,7 +67,7 @@ def cmd_config_show(args: argparse.Namespace, cfg: Config) -> int:
 def cmd_eval(args: argparse.Namespace, cfg: Config) -> int:
     from vlpretrain.data.loader import resolve
     from vlpretrain.data.tokenizer import TextTokenizer
-    from vlpretrain.eval.mcppl import evaluate_mcppl
+    from vlpretrain.eval.mcppl import check_eval_file, evaluate_mcppl
     from vlpretrain.models.vlm import build_model
     from vlpretrain.train.checkpoint import load_weights
     from vlpretrain.parallel.mesh import local_device
@@ -77,6 +77,7 @@ def cmd_eval(args: argparse.Namespace, cfg: Config) -> int:
     path = args.eval_file or (resolve(cfg.data.root, cfg.train.eval_file) if cfg.train.eval_file else None)
     if path is None:
         raise ConfigError("config error: train.eval_file is empty and no --eval-file given")
+    check_eval_file(path, cfg, tokenizer)  # a bad file fails before the model is built
     model = build_model(cfg.model, device, seed=cfg.train.seed)
     if args.weights:
         load_weights(model, args.weights)
@@ -110,28 +111,71 @@ def cmd_plan(args: argparse.Namespace, cfg: Config) -> int:
     return 0
 
 
-def cmd_ckpt_inspect(args: argparse.Namespace) -> int:
+def _step_dir(path_arg: str):
+    """A step dir as given, or the newest good one under a checkpoints dir or run dir."""
     from pathlib import Path
 
-    from torch.distributed.checkpoint import FileSystemReader
+    from vlpretrain.train.checkpointer import TRAIN_STATE, find_resumable
 
-    from vlpretrain.train.checkpointer import TRAIN_STATE, find_resumable, verify
+    path = Path(path_arg)
+    return path if (path / TRAIN_STATE).is_file() else find_resumable(path, str(path))
 
-    path = Path(args.path)
-    step_dir = path if (path / TRAIN_STATE).is_file() else find_resumable(path, str(path))
-    state = json.loads((step_dir / TRAIN_STATE).read_text())
-    meta = FileSystemReader(str(step_dir)).read_metadata()
+
+def cmd_ckpt_inspect(args: argparse.Namespace) -> int:
+    from vlpretrain.errors import CheckpointError
+    from vlpretrain.train.checkpoint import WEIGHTS
+    from vlpretrain.train.checkpointer import TRAIN_STATE, verify
+    from vlpretrain.train.integrity import SafeReader
+
+    step_dir = _step_dir(args.path)
+    problem = verify(step_dir)
+    try:
+        state = json.loads((step_dir / TRAIN_STATE).read_text())
+        meta = SafeReader(str(step_dir)).read_metadata()  # checksum first, then no code can run
+    except CheckpointError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a damaged checkpoint: one line
+        raise CheckpointError(f"{step_dir}: {problem or f'unreadable ({type(e).__name__}: {e})'}") from None
+    state = state if isinstance(state, dict) else {}
     files = [f for f in step_dir.iterdir() if f.is_file()]
     cfg = state.get("config", {})
-    info = {"path": str(step_dir), "step": state["step"], "problem": verify(step_dir),
+    info = {"path": str(step_dir), "step": state.get("step"), "problem": problem,
             "layout": dict(zip(("dp", "tp", "pp", "vpp"), state.get("layout", []))), "split": state.get("split"),
             "model": cfg.get("model", {}).get("name"), "stage": cfg.get("train", {}).get("stage"),
             "consumed_samples": state.get("consumed_samples"),
             "data_epochs": state.get("data_state", {}).get("planner", {}).get("epochs"),
             "tensors": sum(1 for k in meta.state_dict_metadata if k.startswith("model.")),
             "optimizer_entries": sum(1 for k in meta.state_dict_metadata if k.startswith("optim.")),
-            "bytes": sum(f.stat().st_size for f in files), "full_weights": (step_dir / "model.safetensors").is_file()}
+            "bytes": sum(f.stat().st_size for f in files), "full_weights": (step_dir / WEIGHTS).is_file()}
     print(json.dumps(info, indent=None if args.json else 1))
+    return 0
+
+
+def cmd_ckpt_verify(args: argparse.Namespace) -> int:
+    """Every file of a checkpoint against its manifest (sizes, checksums), its metadata and train state."""
+    from pathlib import Path
+
+    from vlpretrain.errors import CheckpointError
+    from vlpretrain.train.checkpoint import verified
+    from vlpretrain.train.checkpointer import TRAIN_STATE, _step_dirs, verify
+
+    path = Path(args.path)
+    if path.is_file():  # a weights file: checked against a manifest beside it, if there is one
+        verified(path)
+        print(json.dumps({"verified": str(path)}))
+        return 0
+    if (path / TRAIN_STATE).is_file():
+        dirs = [path]
+    else:  # every checkpoint of a checkpoints dir or run dir
+        ckpts = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+        dirs = _step_dirs(ckpts)
+        if not dirs:
+            raise CheckpointError(f"no checkpoint under {path}")
+    problems = {str(d): verify(d) for d in dirs}
+    print(json.dumps({"verified": {d: p or "ok" for d, p in problems.items()}}))
+    bad = [p for p in problems.values() if p]
+    if bad:
+        raise CheckpointError(f"{len(bad)} of {len(dirs)} checkpoints damaged: {bad[0]}")
     return 0
 
 
@@ -204,6 +248,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path", help="a checkpoint step dir, a checkpoints dir or a run dir")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_ckpt_inspect, config=None)
+    p = csub.add_parser("verify", help="check every file of a checkpoint against its manifest (exit 2 if damaged)")
+    p.add_argument("path", help="a checkpoint step dir, a checkpoints dir, a run dir or a .safetensors file")
+    p.set_defaults(func=cmd_ckpt_verify, config=None)
     p = csub.add_parser("export", help="as a HF LLaMA directory (the LLM) or in DeepSeek-VL's released layout")
     _add_config_args(p)
     p.add_argument("path", help="our checkpoint (step dir, checkpoints dir or run dir) or a .safetensors file")

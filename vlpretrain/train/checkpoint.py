@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -14,6 +15,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
+
+from vlpretrain.errors import CheckpointError
+from vlpretrain.train.integrity import (MANIFEST, SafeReader, check_file, check_manifest,
+                                        hash_files, read_manifest, write_manifest)
 
 WEIGHTS = "model.safetensors"
 DCP_METADATA = ".metadata"
@@ -33,7 +38,14 @@ def save_weights(model: nn.Module | dict, path: Path, metadata: dict | None = No
     tensors = {k: v.detach().contiguous().cpu() for k, v in _state(model).items()}
     tmp = path.with_name(path.name + ".tmp")
     save_file(tensors, str(tmp), metadata={k: str(v) for k, v in (metadata or {}).items()})
+    os.chmod(tmp, 0o666 & ~_umask())  # safetensors creates it 0600: honour the umask like every other file
     os.replace(tmp, path)
+
+
+def _umask() -> int:
+    mask = os.umask(0o22)
+    os.umask(mask)
+    return mask
 
 
 def save_checkpoint(model: nn.Module | dict, ckpt_dir: Path, step: int, meta: dict, keep_last: int) -> Path:
@@ -45,6 +57,7 @@ def save_checkpoint(model: nn.Module | dict, ckpt_dir: Path, step: int, meta: di
     tmp.mkdir()
     save_weights(model, tmp / WEIGHTS, {"step": step})
     (tmp / "meta.json").write_text(json.dumps({"step": step, **meta}, indent=1))
+    write_manifest(tmp, hash_files([tmp / WEIGHTS, tmp / "meta.json"]))
     with safe_open(str(tmp / WEIGHTS), framework="pt") as f:  # verify it reads back before publishing
         if set(f.keys()) != set(_state(model).keys()):
             raise RuntimeError(f"checkpoint verification failed for {tmp}")
@@ -52,8 +65,8 @@ def save_checkpoint(model: nn.Module | dict, ckpt_dir: Path, step: int, meta: di
         shutil.rmtree(final)
     os.replace(tmp, final)
     _atomic_write_text(ckpt_dir / "latest", final.name)
-    old = sorted(p for p in ckpt_dir.glob("step_*") if p.is_dir())
-    for p in old[:-keep_last]:
+    older = sorted(p for p in ckpt_dir.iterdir() if re.fullmatch(r"step_\d{8}", p.name) and p.name < final.name)
+    for p in older[:max(0, len(older) - (keep_last - 1))]:
         shutil.rmtree(p, ignore_errors=True)
     return final
 
@@ -75,18 +88,40 @@ def find_weights(path: str | Path) -> Path:
     raise FileNotFoundError(f"no weights found at {path} (expected a .safetensors file or a checkpoint dir)")
 
 
+_verified: set[tuple] = set()
+
+
+def verified(found: Path) -> Path:
+    """``found`` (from find_weights) after checking it against its manifest: a whole DCP checkpoint dir, or a
+    weights file with a manifest beside it (a bare file without one is taken as it is). CheckpointError (one
+    line) if a file is damaged. Checked once per process (a pipeline rank loads several parts from it)."""
+    key = (str(found.resolve()), found.stat().st_mtime_ns)
+    if key in _verified:
+        return found
+    if found.is_dir():
+        from vlpretrain.train.checkpointer import TRAIN_STATE, verify
+
+        problem = verify(found) if (found / TRAIN_STATE).is_file() else check_manifest(found)
+    else:
+        entry = (read_manifest(found.parent) or {}).get(found.name) if (found.parent / MANIFEST).is_file() else None
+        problem = check_file(found.parent, found.name, entry)
+    if problem:
+        raise CheckpointError(f"checkpoint unusable: {problem}")
+    _verified.add(key)
+    return found
+
+
 def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
     """Full weights (CPU tensors, our parameter names) from a safetensors file or a DCP checkpoint; one process."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint import FileSystemReader
 
-    found = find_weights(path)
+    found = verified(find_weights(path))
     if found.is_file():
         return load_file(str(found))
-    meta = FileSystemReader(str(found)).read_metadata()
+    meta = SafeReader(str(found)).read_metadata()
     template = {k: torch.empty(m.size, dtype=m.properties.dtype)
                 for k, m in meta.state_dict_metadata.items() if k.startswith("model.") and hasattr(m, "size")}
-    dcp.load(template, checkpoint_id=str(found), no_dist=True)
+    dcp.load(template, storage_reader=SafeReader(str(found)), no_dist=True)
     return {k[len("model."):]: v for k, v in template.items()}
 
 
@@ -96,7 +131,7 @@ def load_weights(model: nn.Module, path: str | Path) -> list[str]:
     collective over all ranks (each rank reads what its shards need: any layout)."""
     from vlpretrain.parallel.engine import copy_full_
 
-    file = find_weights(path)
+    file = verified(find_weights(path))
     own = model.state_dict()
     if file.is_dir():
         return _load_dcp_weights(model, file)
@@ -104,11 +139,11 @@ def load_weights(model: nn.Module, path: str | Path) -> list[str]:
         keys = set(f.keys())
         missing = sorted(set(own) - keys)
         if missing:
-            raise ValueError(f"{file}: missing {len(missing)} model keys, e.g. {missing[:3]}")
+            raise CheckpointError(f"{file}: missing {len(missing)} model keys, e.g. {missing[:3]}")
         for k, v in own.items():
             shape = tuple(f.get_slice(k).get_shape())
             if shape != tuple(v.shape):
-                raise ValueError(f"{file}: shape mismatch for {k}: {shape} vs {tuple(v.shape)}")
+                raise CheckpointError(f"{file}: shape mismatch for {k}: {shape} in the file, {tuple(v.shape)} here")
         with torch.no_grad():
             for k, v in own.items():
                 copy_full_(v, f.get_tensor(k).to(v.dtype))
@@ -118,16 +153,20 @@ def load_weights(model: nn.Module, path: str | Path) -> list[str]:
 def _load_dcp_weights(model: nn.Module, step_dir: Path) -> list[str]:
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 
-    meta = FileSystemReader(str(step_dir)).read_metadata()
+    meta = SafeReader(str(step_dir)).read_metadata()
     keys = {k[len("model."):] for k in meta.state_dict_metadata if k.startswith("model.")}
     own = get_model_state_dict(model)
     missing = sorted(set(own) - keys)
     if missing:
-        raise ValueError(f"{step_dir}: missing {len(missing)} model keys, e.g. {missing[:3]}")
+        raise CheckpointError(f"{step_dir}: missing {len(missing)} model keys, e.g. {missing[:3]}")
+    for k, v in own.items():
+        m = meta.state_dict_metadata[f"model.{k}"]
+        if hasattr(m, "size") and tuple(m.size) != tuple(v.shape):
+            raise CheckpointError(f"{step_dir}: shape mismatch for {k}: {tuple(m.size)} in the checkpoint, "
+                                  f"{tuple(v.shape)} here")
     state = {"model": own}
-    dcp.load(state, checkpoint_id=str(step_dir), no_dist=not dist.is_initialized())
+    dcp.load(state, storage_reader=SafeReader(str(step_dir)), no_dist=not dist.is_initialized())
     set_model_state_dict(model, state["model"])
     return sorted(keys - set(own))

@@ -1,46 +1,80 @@
 """Resumable training checkpoints with DCP (``torch.distributed.checkpoint``).
 
 One checkpoint is a directory ``<dir>/step_XXXXXXXX/`` holding DCP shards of the model and optimizer states
-(keyed by parameter name, so it loads into any dp/tp/pp/vpp layout: DCP reshards) and ``train_state.json``
-(step, the data planner's state, the resolved config, the layout it was saved in). Writing is atomic: every
-rank writes into ``.tmp_step_XXXXXXXX``, rank 0 checks that every file the DCP metadata names is there and
-whole, renames the directory, and only then points ``latest`` at it. A checkpoint that fails that check at
-load time is skipped for the previous one, with a warning.
+(keyed by parameter name, so it loads into any dp/tp/pp/vpp layout: DCP reshards), ``train_state.json`` (step,
+the data planner's state, the resolved config, the layout it was saved in) and ``manifest.json`` (size and
+checksum of every file; see integrity.py). Writing is atomic: every rank writes into ``.tmp_step_XXXXXXXX`` and
+hashes its own shards, rank 0 merges the manifest, checks that every file the DCP metadata names is there and
+whole, renames the directory, points ``latest`` at it, and only then prunes older ones. A checkpoint that fails
+its checks at load time is skipped for the previous one with a warning (and moved aside as ``*.damaged``, never
+deleted); pruning keeps the ``keep_last`` newest good ones and never counts or deletes a damaged one.
 """
 from __future__ import annotations
 
 import json
 import logging
 import os
+import re
 import shutil
 from pathlib import Path
 
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                      get_optimizer_state_dict, set_model_state_dict,
                                                      set_optimizer_state_dict)
 
+from vlpretrain.errors import CheckpointError
 from vlpretrain.train.checkpoint import WEIGHTS, save_weights
+from vlpretrain.train.integrity import (MANIFEST, METADATA, SafeReader, check_manifest, describe_write_error,
+                                        hash_files, rank_files, read_manifest, write_manifest)
 
 log = logging.getLogger(__name__)
 TRAIN_STATE = "train_state.json"
+TRAIN_STATE_KEYS = ("step", "consumed_samples", "data_state")
 # optimizer states keyed by parameter name ("state.<fqn>.exp_avg"): the same keys in every layout
 FLAT = StateDictOptions(flatten_optimizer_state_dict=True)
+STEP_DIR = re.compile(r"step_\d{8}")  # "step_00000006.damaged" is not one
+
+
+class NoCheckpointError(CheckpointError, FileNotFoundError):
+    """No usable checkpoint where one was asked for."""
 
 
 def _step_dirs(ckpt_dir: Path) -> list[Path]:
-    return sorted(p for p in ckpt_dir.glob("step_*") if p.is_dir())
+    if not ckpt_dir.is_dir():
+        return []
+    return sorted(p for p in ckpt_dir.iterdir() if STEP_DIR.fullmatch(p.name) and p.is_dir())
 
 
-def verify(path: Path) -> str | None:
-    """None if ``path`` is a complete checkpoint, else what is wrong (one line)."""
+def read_train_state(path: Path) -> dict:
+    """The train state of a checkpoint dir; CheckpointError (one line) if it is missing, unreadable or partial."""
+    f = path / TRAIN_STATE
+    try:
+        state = json.loads(f.read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{f}: unreadable ({type(e).__name__}: {e})") from None
+    missing = [k for k in TRAIN_STATE_KEYS if not isinstance(state, dict) or k not in state]
+    if missing or not isinstance(state["step"], int):
+        raise CheckpointError(f"{f}: damaged (lacks {', '.join(missing) or 'an integer step'})")
+    return state
+
+
+def verify(path: Path, checksums: bool = True) -> str | None:
+    """None if ``path`` is a complete, uncorrupted checkpoint, else what is wrong (one line). ``checksums``:
+    re-hash every file against the manifest (else sizes only: for pruning, right after a verified save)."""
     if not (path / TRAIN_STATE).is_file():
         return f"{path}: no {TRAIN_STATE}"
     try:
-        json.loads((path / TRAIN_STATE).read_text())
-        meta = FileSystemReader(str(path)).read_metadata()
+        problem = check_manifest(path, checksum=checksums)  # .metadata's checksum before it is unpickled
+        if problem:
+            return problem
+        read_train_state(path)
+        meta = SafeReader(str(path)).read_metadata()
+        manifest = read_manifest(path)
+    except CheckpointError as e:
+        return str(e)
     except Exception as e:  # noqa: BLE001 - any unreadable metadata means: not a usable checkpoint
         return f"{path}: unreadable metadata ({type(e).__name__}: {e})"
     sizes: dict[str, int] = {}
@@ -53,20 +87,27 @@ def verify(path: Path) -> str | None:
             return f"{path}: missing shard {name}"
         if f.stat().st_size < need:
             return f"{path}: shard {name} is truncated ({f.stat().st_size} < {need} bytes)"
+        if manifest is not None and name not in manifest:
+            return f"{path}: shard {name} is not in {MANIFEST}"
     return None
 
 
-def find_resumable(ckpt_dir: Path, resume: str) -> Path | None:
-    """``resume``: "auto" (the newest good checkpoint in ``ckpt_dir``, None if there is none) or a path."""
+def find_resumable(ckpt_dir: Path, resume: str, move_damaged: bool = False) -> Path | None:
+    """``resume``: "auto" (the newest good checkpoint in ``ckpt_dir``, None if there is none) or a path (a step
+    dir must be good: CheckpointError otherwise). ``move_damaged`` (one rank only): rename the damaged step dirs
+    met on the way to ``<name>.damaged``, out of the way of pruning and of later probes."""
     if resume != "auto":
         path = Path(resume)
         if (path / "latest").is_file() or path.name == "checkpoints" or not (path / TRAIN_STATE).exists():
             if (path / "checkpoints").is_dir():
                 path = path / "checkpoints"
-            return find_resumable(path, "auto") or _fail(f"no usable checkpoint under {resume}")
+            found = find_resumable(path, "auto", move_damaged)
+            if found is None:
+                raise NoCheckpointError(f"no usable checkpoint under {resume}")
+            return found
         problem = verify(path)
         if problem:
-            raise FileNotFoundError(f"checkpoint unusable: {problem}")
+            raise CheckpointError(f"checkpoint unusable: {problem}")
         return path
     candidates = _step_dirs(ckpt_dir)
     latest = ckpt_dir / "latest"
@@ -79,11 +120,23 @@ def find_resumable(ckpt_dir: Path, resume: str) -> Path | None:
             return path
         log.warning("skipping a damaged checkpoint: %s; trying the previous one", problem)
         print(f"warning: skipping a damaged checkpoint: {problem}", flush=True)
+        if move_damaged:
+            move_aside(path)
     return None
 
 
-def _fail(msg: str):
-    raise FileNotFoundError(msg)
+def move_aside(path: Path) -> Path | None:
+    """Rename a damaged checkpoint dir to ``<name>.damaged`` (kept for a post-mortem, never deleted)."""
+    target, n = path.with_name(path.name + ".damaged"), 1
+    while target.exists():
+        target, n = path.with_name(f"{path.name}.damaged.{n}"), n + 1
+    try:
+        os.replace(path, target)
+    except OSError as e:  # another rank or job moved it first, or a read-only dir: leave it, it is skipped anyway
+        log.warning("could not move %s aside: %s", path, e)
+        return None
+    print(f"warning: moved the damaged checkpoint {path.name} aside to {target.name}", flush=True)
+    return target
 
 
 class Checkpointer:
@@ -94,9 +147,11 @@ class Checkpointer:
         self.dir, self.modules, self.optimizers = ckpt_dir, modules, optimizers
         self.keep_last, self.is_main = keep_last, is_main
         self.async_save = async_save
+        self.rank = dist.get_rank() if dist.is_initialized() else 0
         self._pending = None  # (future, step, train_state, tmp, final) of an asynchronous save
-        # background saves talk over their own gloo group, never interleaving with training collectives
-        self._group = dist.new_group(backend="gloo") if async_save and dist.is_initialized() else None
+        # checkpoint bookkeeping (and background saves) talk over their own gloo group: CPU objects, and never
+        # interleaving with training collectives
+        self._group = dist.new_group(backend="gloo") if dist.is_initialized() else None
 
     def _state(self) -> dict:
         model, optim = {}, {}
@@ -109,22 +164,32 @@ class Checkpointer:
     def save(self, step: int, train_state: dict, weights: dict | None = None) -> Path:
         """Collective. ``weights``: full tensors (on rank 0) to store beside the shards as model.safetensors.
         With ``async_save`` the shards are staged in memory and written in the background while training goes
-        on; the checkpoint is verified and published (renamed, ``latest``) by the next save or ``wait()``."""
+        on; the checkpoint is verified and published (renamed, ``latest``) by the next save or ``wait()``.
+        A write failure (disk full, not writable) raises CheckpointError on every rank after the partial
+        directory was removed; the previous checkpoints and ``latest`` are untouched."""
         self.wait()
         final, tmp = self.dir / f"step_{step:08d}", self.dir / f".tmp_step_{step:08d}"
+        problem = None
         if self.is_main:
-            self.dir.mkdir(parents=True, exist_ok=True)
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir()
-        _barrier()
+            try:
+                self.dir.mkdir(parents=True, exist_ok=True)
+                shutil.rmtree(tmp, ignore_errors=True)
+                tmp.mkdir()
+            except OSError as e:
+                problem = describe_write_error(e, tmp)
+        self._raise_any([problem], tmp)
         no_dist = not dist.is_initialized()
         if self.async_save and weights is None:
             future = dcp.async_save(self._state(), checkpoint_id=str(tmp), process_group=self._group,
                                     no_dist=no_dist)
             self._pending = (future, step, train_state, tmp, final)
             return final
-        dcp.save(self._state(), checkpoint_id=str(tmp), no_dist=no_dist)
-        self._publish(step, train_state, tmp, final, weights)
+        try:
+            dcp.save(self._state(), checkpoint_id=str(tmp), no_dist=no_dist)
+            local = (None, hash_files(rank_files(tmp, self.rank)))
+        except (Exception, CheckpointException) as e:  # noqa: BLE001 - one line, after cleaning up, below
+            local = (describe_write_error(e, tmp), {})
+        self._publish(step, train_state, tmp, final, weights, local)
         return final
 
     def wait(self) -> None:
@@ -133,32 +198,85 @@ class Checkpointer:
             return
         future, step, train_state, tmp, final = self._pending
         self._pending = None
-        result = future.result()
-        if hasattr(result, "upload_completion"):  # newer torch: an AsyncSaveResponse
-            result.upload_completion.result()
-        self._publish(step, train_state, tmp, final, None)
+        try:
+            result = future.result()
+            if hasattr(result, "upload_completion"):  # newer torch: an AsyncSaveResponse
+                result.upload_completion.result()
+            local = (None, hash_files(rank_files(tmp, self.rank)))
+        except (Exception, CheckpointException) as e:  # noqa: BLE001 - DCP's is a BaseException
+            local = (describe_write_error(e, tmp), {})
+        self._publish(step, train_state, tmp, final, None, local)
 
-    def _publish(self, step: int, train_state: dict, tmp: Path, final: Path, weights: dict | None) -> None:
-        _barrier()
-        if self.is_main:
-            if weights:
-                save_weights(weights, tmp / WEIGHTS, {"step": step})
-            _write_atomic(tmp / TRAIN_STATE, json.dumps({"step": step, **train_state}, indent=1))
-            problem = verify(tmp)
-            if problem:
-                raise RuntimeError(f"checkpoint verification failed: {problem}")
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            _write_atomic(self.dir / "latest", final.name)
-            for old in _step_dirs(self.dir)[:-self.keep_last]:
-                shutil.rmtree(old, ignore_errors=True)
-        _barrier()
+    def _gather(self, obj) -> list:
+        if self._group is None:
+            return [obj]
+        out = [None] * dist.get_world_size(self._group)
+        dist.all_gather_object(out, obj, group=self._group)
+        return out
+
+    def _raise_any(self, problems: list, tmp: Path) -> None:
+        """Collective: if any rank had a problem, remove the partial dir and raise it on every rank."""
+        problem = next((p for p in self._gather(next((p for p in problems if p), None)) if p), None)
+        if problem:
+            if self.is_main:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise CheckpointError(problem)
+
+    def _publish(self, step: int, train_state: dict, tmp: Path, final: Path, weights: dict | None,
+                 local: tuple) -> None:
+        gathered = self._gather(local)  # every rank's (problem, {shard: size + checksum})
+        problem = next((p for p, _ in gathered if p), None)
+        if self.is_main and problem is None:
+            try:
+                files = {name: entry for _, part in gathered for name, entry in part.items()}
+                if weights:
+                    save_weights(weights, tmp / WEIGHTS, {"step": step})
+                _write_atomic(tmp / TRAIN_STATE, json.dumps({"step": step, **train_state}, indent=1))
+                files.update(hash_files([tmp / METADATA, tmp / TRAIN_STATE] + ([tmp / WEIGHTS] if weights else [])))
+                write_manifest(tmp, files)
+                bad = verify(tmp, checksums=False)  # just hashed: sizes, names and metadata suffice
+                if bad:
+                    problem = f"checkpoint verification failed: {bad}"
+                else:
+                    old = None
+                    if final.exists():  # an abandoned run's checkpoint of this step: replaced
+                        old = final.with_name(".old_" + final.name)
+                        shutil.rmtree(old, ignore_errors=True)
+                        os.replace(final, old)
+                    os.replace(tmp, final)
+                    _write_atomic(self.dir / "latest", final.name)
+                    if old is not None:
+                        shutil.rmtree(old, ignore_errors=True)
+                    self._prune(final)
+            except Exception as e:  # noqa: BLE001
+                problem = describe_write_error(e, tmp)
+        self._raise_any([problem], tmp)
+
+    def _prune(self, newest: Path) -> None:
+        """After ``newest`` is verified and published: keep it and the ``keep_last - 1`` newest good older ones,
+        move damaged ones aside (not counted, not deleted), delete the rest. Dirs newer than ``newest`` (from a
+        run that went further before it was resumed from an earlier step) are not counted; damaged ones go
+        aside, good ones stay until this run replaces them."""
+        kept = 1
+        for d in reversed(_step_dirs(self.dir)):
+            if d == newest:
+                continue
+            if verify(d, checksums=False):
+                move_aside(d)
+            elif d.name < newest.name:
+                if kept < self.keep_last:
+                    kept += 1
+                else:
+                    shutil.rmtree(d, ignore_errors=True)
 
     def load(self, path: Path) -> dict:
-        """Restore model and optimizer states (any layout) and return the train state."""
+        """Restore model and optimizer states (any layout) and return the train state. A model or a set of
+        trainable parts that does not match the checkpoint fails with one line before any tensor is read."""
+        train_state = read_train_state(path)
+        meta = SafeReader(str(path)).read_metadata()  # checksum, then the restricted unpickler
         state = self._state()  # templates in this layout: DCP fills them, resharding as needed
-        dcp.load(state, checkpoint_id=str(path), no_dist=not dist.is_initialized())
+        _check_matches(path, meta.state_dict_metadata, state)
+        dcp.load(state, storage_reader=SafeReader(str(path)), no_dist=not dist.is_initialized())
         for m, opt in zip(self.modules, self.optimizers):
             own_model = get_model_state_dict(m)
             set_model_state_dict(m, {k: v for k, v in state["model"].items() if k in own_model})
@@ -168,15 +286,38 @@ class Checkpointer:
                 for group in opt.param_groups:  # kernel choices belong to this layout, not the saved one
                     for key in ("foreach", "fused", "capturable"):
                         group[key] = opt.defaults.get(key, group.get(key))
-        return json.loads((path / TRAIN_STATE).read_text())
+        return train_state
+
+
+def _check_matches(path: Path, saved: dict, state: dict) -> None:
+    """One line for the first way this model and its optimizers differ from the checkpoint's metadata."""
+    from vlpretrain.models.vlm import part_of
+
+    missing = []
+    for name, t in state["model"].items():
+        m = saved.get(f"model.{name}")
+        if m is None:
+            missing.append(name)
+        elif hasattr(m, "size") and tuple(m.size) != tuple(t.shape):
+            raise CheckpointError(f"{path}: this model does not match the checkpoint: {name} is "
+                                  f"{tuple(m.size)} in the checkpoint, {tuple(t.shape)} here (model config changed?)")
+    if missing:
+        raise CheckpointError(f"{path}: this model has {len(missing)} tensors the checkpoint lacks, e.g. "
+                              f"{missing[0]} (model config changed?)")
+
+    def parts(keys) -> set[str]:
+        return {part_of(k[len("optim.state."):].rsplit(".", 1)[0]) for k in keys if k.startswith("optim.state.")}
+
+    lacking = [f"optim.{k}" for k in state["optim"] if f"optim.{k}" not in saved]
+    if lacking:
+        ours, theirs = parts(f"optim.{k}" for k in state["optim"]), parts(saved)
+        raise CheckpointError(
+            f"{path}: the checkpoint holds optimizer states for {'+'.join(sorted(theirs)) or 'no part'} but this "
+            f"run trains {'+'.join(sorted(ours))} (missing: {'+'.join(sorted(parts(lacking)))}); resume continues "
+            f"the same stage: to start a new stage from these weights, set train.init_from={path}")
 
 
 def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
-
-
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()

@@ -26,8 +26,9 @@ from vlpretrain.models.pretrained import load_pretrained_parts
 from vlpretrain.parallel.engine import ParallelModel
 from vlpretrain.parallel.mesh import init_parallel, local_device, resolve_layout, world_size_from_env
 from vlpretrain.parallel.gather import gather_full_state_dict
-from vlpretrain.train.checkpoint import find_weights, load_weights
+from vlpretrain.train.checkpoint import find_weights, load_weights, verified
 from vlpretrain.train.checkpointer import TRAIN_STATE, Checkpointer, find_resumable
+from vlpretrain.train.integrity import check_checkpoint_room
 from vlpretrain.train import faults
 from vlpretrain.train.metrics import MetricsLogger, device_peak_tflops
 from vlpretrain.train.optim import build_optimizer, lr_multiplier
@@ -50,10 +51,12 @@ def _check_inputs(cfg: Config) -> tuple[TextTokenizer, Path | None, Path | None]
     if eval_path is not None and not eval_path.is_file():
         raise FileNotFoundError(f"train.eval_file not found: {eval_path}")
     check_eval_file(eval_path, cfg, tokenizer)  # fields, images, lengths: fail now, not after training
-    init_file = find_weights(tc.init_from) if tc.init_from else None
+    init_file = verified(find_weights(tc.init_from)) if tc.init_from else None  # checksums, before any work
     resume = None
     if cfg.checkpoint.resume:  # checked on every rank alike (a shared file system): the same answer everywhere
-        resume = find_resumable(checkpoint_dir(cfg), cfg.checkpoint.resume)
+        resume = find_resumable(checkpoint_dir(cfg), cfg.checkpoint.resume,
+                                move_damaged=int(os.environ.get("RANK", "0")) == 0)  # one rank moves them aside
+    check_checkpoint_room(cfg, checkpoint_dir(cfg), Path(tc.run_dir))  # writable, room: not at the first save
     for key in ("llm", "siglip", "sam"):
         path = getattr(tc.pretrained, key)
         if path and not Path(path).exists():
