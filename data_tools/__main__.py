@@ -6,6 +6,8 @@ import argparse
 import sys
 import time
 
+from vlpretrain.errors import UserError
+
 from .demo_data import generate_demo
 from .tokenizer import DEFAULT_VOCAB_SIZE, SPECIAL_TOKEN_IDS, train_from_dir
 
@@ -33,6 +35,14 @@ def main(argv: list[str] | None = None) -> int:
     add_inspect_parser(commands)
 
     args = parser.parse_args(argv)
+    try:
+        return _run(args)
+    except (UserError, FileNotFoundError) as e:  # a bad input file: one line, no traceback
+        print(f"error: {(str(e).splitlines() or [type(e).__name__])[0]}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
     if args.command == "convert":
         from .convert import run_convert
         return run_convert(args)

@@ -200,7 +200,13 @@ def tokenize_corpus(
     tokenizer = os.fspath(tokenizer)
     if not os.path.isfile(tokenizer):
         raise FileNotFoundError(f"tokenizer file not found: {tokenizer}")
-    tok = Tokenizer.from_file(tokenizer)
+    try:
+        tok = Tokenizer.from_file(tokenizer)
+    except Exception as e:  # tokenizers raises a bare Exception
+        from vlpretrain.errors import UserError
+
+        raise UserError(f"tokenizer {tokenizer}: not a tokenizers JSON file ({(str(e).splitlines() or ['?'])[0]})") \
+            from None
     eos_id = None
     if append_eos:
         eos_id = tok.token_to_id(EOS_TOKEN)

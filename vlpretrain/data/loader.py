@@ -86,6 +86,10 @@ class GlobalBatch:
         return self
 
 
+def _out_of_vocab(tokens, vocab_size: int) -> bool:
+    return len(tokens) > 0 and (int(tokens.max()) >= vocab_size or int(tokens.min()) < 0)
+
+
 class StepPlanner:
     """Plans global steps: the samples of every slot, encoded. Identical on every rank."""
 
@@ -96,7 +100,7 @@ class StepPlanner:
         if not self.sources:
             raise ConfigError("config error: data has no sources (data.sources or data.manifest)")
         self.encoder = SampleEncoder(tokenizer, cfg.model.image_tokens, cfg.train.seq_len,
-                                     cfg.data.system_prompt, truncate=False)
+                                     cfg.data.system_prompt, truncate=False, vocab_size=cfg.model.vocab_size)
         self.schedule = ModalitySchedule(cfg.data.language_ratio)
         self.planner = SamplePlanner([len(s) for s in self.sources], [s.modality for s in self.sources],
                                      [s.cfg.weight for s in self.sources], cfg.train.seed, self.schedule,
@@ -111,9 +115,19 @@ class StepPlanner:
             self._probe(i)
 
     def _probe(self, i: int) -> None:
-        """Fail fast on a source none of whose first samples can be used (a wrong path, format or tokenizer)."""
+        """Fail fast on a source none of whose first samples can be used (a wrong path, format or tokenizer), or
+        a corpus most of whose first chunks hold ids beyond model.vocab_size (made with another tokenizer)."""
         src, errors = self.sources[i], []
-        for j in range(min(len(src), 20)):
+        n = min(len(src), 20)
+        if src.tokens(0) is not None:
+            out = [j for j in range(n) if _out_of_vocab(src.tokens(j), self.cfg.model.vocab_size)]
+            if 2 * len(out) > n:
+                top = max(int(src.tokens(j).max()) for j in out)
+                raise ConfigError(
+                    f"data error: source '{src.name}' ({src.cfg.path}) does not fit this model: {len(out)} of its "
+                    f"first {n} chunks hold token ids >= model.vocab_size={self.cfg.model.vocab_size} (up to "
+                    f"{top}): was it tokenized with another tokenizer?")
+        for j in range(n):
             try:
                 self.encode(src, j)
                 return
@@ -205,6 +219,7 @@ class DataPipeline:
         self.image_size = m.image_size
         self.pad_mean = m.sam.mean if m.sam.enabled else m.siglip.mean
         self._iter = None
+        self._warned_images: set[str] = set()  # sources whose blank-image warning was given
 
     @property
     def sources(self) -> list[Source]:
@@ -227,7 +242,11 @@ class DataPipeline:
             img = self.sources[p.source].image(p.index, j, p.record)
         except (BadSample, OSError, ValueError, KeyError) as e:
             counter[0] += 1
-            log.warning("blank image for %s (image %d): %s", p.key, j, e)
+            name = self.sources[p.source].name
+            if name not in self._warned_images:  # once per source: the metrics count the rest
+                self._warned_images.add(name)
+                log.warning("blank image for %s (image %d): %s (further ones in source %s are only counted)",
+                            p.key, j, e, name)
             img = torch.zeros(3, self.image_size, self.image_size, dtype=torch.uint8)
         return resize_and_pad(img, self.image_size, self.pad_mean)
 

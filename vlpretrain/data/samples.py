@@ -13,6 +13,10 @@ from vlpretrain.data.tokenizer import IMAGE, TextTokenizer
 IGNORE = -100
 
 
+class TokenIdError(ValueError):
+    """A pre-tokenized sample holds an id outside the model's vocabulary (another tokenizer's corpus)."""
+
+
 @dataclass
 class EncodedSample:
     tokens: list[int]  # inputs, length <= seq_len
@@ -22,12 +26,13 @@ class EncodedSample:
 
 class SampleEncoder:
     def __init__(self, tokenizer: TextTokenizer, image_tokens: int, seq_len: int, system_prompt: str = "",
-                 truncate: bool = True):
+                 truncate: bool = True, vocab_size: int | None = None):
         self.tok = tokenizer
         self.image_tokens = image_tokens
         self.seq_len = seq_len
         self.system_prompt = system_prompt
         self.truncate = truncate  # False: a sample longer than seq_len is rejected (ValueError), not cut
+        self.vocab_size = vocab_size  # set: pre-tokenized ids must be below it (else TokenIdError)
 
     def _text_with_images(self, text: str, supervised: bool) -> tuple[list[int], list[bool], int]:
         ids: list[int] = []
@@ -77,8 +82,14 @@ class SampleEncoder:
         return self._truncate(ids, sup, images)
 
     def encode_tokens(self, tokens) -> EncodedSample:
-        """A pre-tokenized corpus chunk: BOS + tokens, every next token supervised."""
+        """A pre-tokenized corpus chunk: BOS + tokens, every next token supervised. Raises TokenIdError for an id
+        outside ``[0, vocab_size)`` (it would index past the embedding table)."""
         ids = [self.tok.bos_id] + [int(t) for t in tokens]
+        if self.vocab_size is not None and len(ids) > 1:
+            lo, hi = min(ids), max(ids)
+            if lo < 0 or hi >= self.vocab_size:
+                raise TokenIdError(f"token id {hi if hi >= self.vocab_size else lo} is outside the model's "
+                                   f"vocabulary (model.vocab_size={self.vocab_size})")
         if len(ids) < 2:
             raise ValueError("empty corpus chunk")
         return self._truncate(ids, [True] * len(ids), [])

@@ -13,7 +13,8 @@ Index: one JSON file next to every shard, ``<shard>.idx.json`` (e.g. ``caption-0
 
     {"format": "vlpretrain.shard-index", "version": 1,
      "shard": "caption-000000.tar",        # the shard's file name
-     "shard_bytes": 1234560,               # its size when indexed: a different size means a stale index
+     "shard_bytes": 1234560,               # its size when indexed
+     "shard_hash": "9f0c...",              # blake2b of the size and the first and last 64 KiB
      "complete": true,                     # false: the tar ends early or has a damaged header (see "problem")
      "problem": null,
      "samples": [{"key": "00000001", "members": {"json": [1536, 210], "0.png": [2560, 5012]}}, ...]}
@@ -24,6 +25,14 @@ a sample is read with one positional read per member and no tar scan. A sample w
 makes one for any tar shard (e.g. written by webdataset's ``TarWriter``); :class:`ShardReader` uses an up-to-date
 index file when there is one and otherwise indexes the shard in memory (a header scan: it seeks over the data).
 
+Staleness: a rewritten tar usually keeps its byte size (tar pads to 10 KiB records), so size alone proves nothing.
+An index is taken as up to date when size and content fingerprint match (two 64 KiB reads per shard at open; no
+mtime is stored, so the same input still gives byte-identical index files, and a copy keeps its index). Every
+member read also fetches the 512-byte tar header in front of the data (the same read, no extra I/O) and checks
+that it names the member with its size: that catches a change the fingerprint misses (in the middle of a big
+shard); the shard is then re-indexed once, with a warning, and the read retried. An index without a fingerprint
+(written by older versions) is trusted on its size and guarded by that header check.
+
 Errors: :class:`BadSample` (a ``ValueError``, with ``shard`` and ``key``) for one unreadable sample (truncated
 member, corrupt JSON, missing image member, undecodable image), so callers can skip and count; :class:`ShardError`
 for a shard that cannot be indexed at all; ``FileNotFoundError`` naming a missing shard.
@@ -32,6 +41,7 @@ from __future__ import annotations
 
 import bisect
 import glob
+import hashlib
 import io
 import json
 import logging
@@ -54,6 +64,8 @@ DEFAULT_MAX_BYTES = 1 << 30
 _KEY_RE = re.compile(r"^[A-Za-z0-9_\-]+$")
 _META_RE = re.compile(r"__[^/]*__($|/)")  # webdataset skips these members
 _MTIME = 946684800  # fixed member mtime (2000-01-01): same input, byte-identical shards
+_BLOCK = tarfile.BLOCKSIZE  # a member's (last) header is the 512-byte block right before its data
+_HASH_SPAN = 64 * 1024
 
 
 class BadSample(ValueError):
@@ -70,6 +82,10 @@ class BadSample(ValueError):
 
 class ShardError(UserError, RuntimeError):
     """A shard that cannot be indexed at all (not a tar file, empty, unreadable)."""
+
+
+class _StaleIndex(Exception):
+    """The tar header at a recorded offset does not name the member the index expects."""
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -110,7 +126,7 @@ def _split_member(name: str) -> tuple[str | None, str | None]:
 
 
 def _write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # ranks refreshing the same index never collide
     tmp.write_text(json.dumps(obj, ensure_ascii=False, separators=(",", ":")) + "\n", encoding="utf-8")
     os.replace(tmp, path)
 
@@ -150,11 +166,41 @@ def expand_shards(paths: str | os.PathLike | Iterable[str | os.PathLike]) -> lis
 # ----------------------------------------------------------------------------- index
 
 
+def fingerprint(shard: str | os.PathLike, size: int | None = None) -> str:
+    """A cheap content hash: blake2b of the size and the first and last 64 KiB (two reads)."""
+    size = os.path.getsize(shard) if size is None else size
+    h = hashlib.blake2b(str(size).encode(), digest_size=16)
+    with open(shard, "rb") as f:
+        h.update(f.read(_HASH_SPAN))
+        if size > _HASH_SPAN:
+            f.seek(max(_HASH_SPAN, size - _HASH_SPAN))
+            h.update(f.read(_HASH_SPAN))
+    return h.hexdigest()
+
+
+def _stamp(shard: Path) -> dict:
+    size = shard.stat().st_size
+    return {"shard_bytes": size, "shard_hash": fingerprint(shard, size)}
+
+
+def _stale_reason(index: dict, shard: Path) -> str | None:
+    """Why ``index`` does not describe ``shard`` as it is now (None: up to date)."""
+    st = shard.stat()
+    if index.get("shard_bytes") != st.st_size:
+        return f"shard is {st.st_size} bytes, index says {index.get('shard_bytes')}"
+    if "shard_hash" not in index:
+        return None  # older index: trusted on its size, guarded by the header check on every read
+    if index["shard_hash"] != fingerprint(shard, st.st_size):
+        return "same size, but the content changed since it was indexed"
+    return None
+
+
 def _scan(shard: Path) -> dict:
     """Index a tar shard by reading its headers (tarfile seeks over member data)."""
     if not shard.is_file():
         raise FileNotFoundError(f"shard not found: {shard}")
-    size = shard.stat().st_size
+    stamp = _stamp(shard)
+    size = stamp["shard_bytes"]
     samples: list[dict] = []
     problem = None
     try:
@@ -204,7 +250,7 @@ def _scan(shard: Path) -> dict:
             problem = f"shard cut at byte {size}"
     if problem is None and size % 512:
         problem = f"size {size} is not a multiple of 512: the shard is truncated"
-    return {"format": INDEX_FORMAT, "version": INDEX_VERSION, "shard": shard.name, "shard_bytes": size,
+    return {"format": INDEX_FORMAT, "version": INDEX_VERSION, "shard": shard.name, **stamp,
             "complete": problem is None, "problem": problem, "samples": samples}
 
 
@@ -220,27 +266,40 @@ def build_index(shard: str | os.PathLike, write: bool = True) -> dict:
 
 
 def load_index(shard: str | os.PathLike, build: bool = True, write: bool = False) -> dict:
-    """The shard's index file if present and up to date (same byte size), else (``build``) a fresh scan."""
-    shard = Path(shard)
+    """The shard's index file if present and up to date (see the module doc), else (``build``) a fresh scan. A
+    stale index file is replaced by the fresh one (best effort: a read-only data directory keeps the old one)."""
+    return _load_index(Path(shard), build, write)[0]
+
+
+def _load_index(shard: Path, build: bool, write: bool) -> tuple[dict, bool]:
+    """(index, whether it was scanned just now)."""
     if not shard.is_file():
         raise FileNotFoundError(f"shard not found: {shard}")
     ipath = index_path(shard)
+    stale = False
     if ipath.is_file():
         try:
             index = json.loads(ipath.read_text(encoding="utf-8"))
             if (isinstance(index, dict) and index.get("format") == INDEX_FORMAT
                     and index.get("version") == INDEX_VERSION and isinstance(index.get("samples"), list)):
-                if index.get("shard_bytes") == shard.stat().st_size:
-                    return index
-                log.warning("%s: stale index (shard is %d bytes, index says %s): re-indexing", shard,
-                            shard.stat().st_size, index.get("shard_bytes"))
+                reason = _stale_reason(index, shard)
+                if reason is None:
+                    return index, False
+                log.warning("%s: stale index (%s): re-indexing", shard, reason)
+                stale = True
             else:
                 log.warning("%s: not a shard index: re-indexing", ipath)
         except (OSError, ValueError) as e:
             log.warning("%s: unreadable index (%s): re-indexing", ipath, e)
     if not build:
         raise ShardError(f"{shard}: no up-to-date index {ipath}")
-    return build_index(shard, write=write)
+    index = build_index(shard, write=write)
+    if stale and not write:
+        try:
+            _write_json_atomic(ipath, index)
+        except OSError:
+            pass
+    return index, True
 
 
 # ----------------------------------------------------------------------------- writer
@@ -311,8 +370,8 @@ class ShardWriter:
         self._file.close()
         final = self._shard_name(len(self.shards))
         os.replace(self._tmp, final)
-        index = {"format": INDEX_FORMAT, "version": INDEX_VERSION, "shard": final.name,
-                 "shard_bytes": final.stat().st_size, "complete": True, "problem": None, "samples": self._index}
+        index = {"format": INDEX_FORMAT, "version": INDEX_VERSION, "shard": final.name, **_stamp(final),
+                 "complete": True, "problem": None, "samples": self._index}
         _write_json_atomic(index_path(final), index)
         self.bytes_written += index["shard_bytes"]
         self.shards.append(final)
@@ -435,6 +494,10 @@ class ShardReader:
     (``FileNotFoundError`` naming it); a shard without an up-to-date index is indexed in memory (``write_index``
     saves that index next to it). Reads use ``os.pread`` on file descriptors opened per process, so one reader can
     be shared by DataLoader workers (forked or pickled).
+
+    A shard found changed while reading (its tar header check fails) is re-indexed in place; sample numbers keep
+    the counts the reader opened with (the sampler is sized by them): a sample the new index lacks is a
+    :class:`BadSample`, and samples beyond the old count wait for the next start.
     """
 
     def __init__(self, paths: str | os.PathLike | Iterable[str | os.PathLike], write_index: bool = False,
@@ -443,7 +506,15 @@ class ShardReader:
         for p in self.paths:
             if not p.is_file():
                 raise FileNotFoundError(f"shard not found: {p}")
-        self.indexes = [load_index(p, build=True, write=write_index) for p in self.paths]
+        self.indexes: list[dict] = []
+        self._scanned: dict[int, tuple] = {}  # shard -> the file's identity when this process indexed it
+        for s, p in enumerate(self.paths):
+            identity = self._identity(p)
+            index, scanned = _load_index(p, build=True, write=write_index)
+            self.indexes.append(index)
+            if scanned:
+                self._scanned[s] = identity
+        self._reindexed: set[int] = set()
         self._starts = [0]
         for index in self.indexes:
             self._starts.append(self._starts[-1] + len(index["samples"]))
@@ -487,7 +558,11 @@ class ShardReader:
         if not 0 <= i < n:
             raise IndexError(f"sample index {i} out of range for {n} samples")
         s = bisect.bisect_right(self._starts, i) - 1
-        return s, self.indexes[s]["samples"][i - self._starts[s]]
+        samples, j = self.indexes[s]["samples"], i - self._starts[s]
+        if j >= len(samples):  # the shard was rewritten with fewer samples during this run
+            raise BadSample(f"sample {j} is gone: the shard changed and now holds {len(samples)} samples",
+                            self.paths[s])
+        return s, samples[j]
 
     def locate(self, i: int) -> tuple[Path, str]:
         """(shard path, key) of sample ``i``."""
@@ -521,15 +596,83 @@ class ShardReader:
 
     def read_member(self, i: int, suffix: str) -> bytes:
         """Raw bytes of one member (e.g. "json", "0.png") of sample ``i``."""
+        return self._fresh(i, lambda s, entry: self._member(s, entry, suffix))
+
+    def _fresh(self, i: int, read):
+        """``read(shard, entry)`` for sample ``i``; a stale index is rebuilt once and the read retried."""
         s, entry = self._locate(i)
-        return self._member(s, entry, suffix)
+        try:
+            return read(s, entry)
+        except _StaleIndex:
+            self._reindex(s)
+        s, entry = self._locate(i)
+        try:
+            return read(s, entry)
+        except _StaleIndex:
+            raise BadSample("the shard keeps changing while it is read", self.paths[s], entry["key"]) from None
+
+    @staticmethod
+    def _identity(path: Path) -> tuple:
+        st = os.stat(path)
+        return st.st_ino, st.st_size, st.st_mtime_ns
+
+    def _reindex(self, s: int) -> None:
+        path = self.paths[s]
+        old = len(self.indexes[s]["samples"])
+        if s not in self._reindexed:
+            self._reindexed.add(s)
+            log.warning("%s: the shard changed since it was indexed (a tar header does not match its index): "
+                        "re-indexing", path)
+        identity = self._identity(path)
+        index = _scan(path)
+        fd = self._fds.pop(s, None)
+        if fd is not None and self._pid == os.getpid():
+            os.close(fd)  # a replaced file: read the new one
+        self.indexes[s], self._scanned[s] = index, identity
+        new = len(index["samples"])
+        if new != old:
+            log.warning("%s: now holds %d samples instead of %d; this run keeps using %d sample slots",
+                        path, new, old, old)
+
+    def _header_ok(self, s: int, header: bytes, name: str, size: int) -> bool:
+        """Does the tar header in front of the data name member ``name`` of ``size`` bytes?"""
+        field = header[:100].split(b"\0", 1)[0]
+        if field.lower() == name.lower().encode() and not header[345:346].strip(b"\0"):  # fast path: no prefix
+            try:
+                if int(header[124:136].strip(b"\0 ") or b"0", 8) == size:
+                    return True
+            except ValueError:
+                pass
+        try:
+            info = tarfile.TarInfo.frombuf(header, "utf-8", "surrogateescape")
+            got = info.name.lower()
+        except (tarfile.HeaderError, ValueError):
+            got, info = None, None
+        if info is not None and info.size == size:
+            want = name.lower()
+            if got == want or (len(got) >= 99 and want.startswith(got)):  # ustar/GNU cut long names at 100
+                return True
+            if want.encode("ascii", "replace").decode()[:100] == got[:100]:  # PAX keeps non-ASCII names apart
+                return True
+        # An index this process built from the file as it is now is right by construction (an unusual header,
+        # e.g. a member too big for the ustar size field); otherwise the shard changed under its index.
+        try:
+            return self._scanned.get(s) == self._identity(self.paths[s])
+        except OSError:
+            return False
 
     def _member(self, s: int, entry: dict, suffix: str) -> bytes:
         path, key = self.paths[s], entry["key"]
         if suffix not in entry["members"]:
             raise BadSample(f"no member .{suffix}", path, key)
-        offset, size = entry["members"][suffix]
-        data = self._read(self._fd(s), offset, size)
+        offset, size = entry["members"][suffix][:2]
+        # the member's header and data in one read: checking the header costs no extra I/O
+        raw = self._read(self._fd(s), offset - _BLOCK, size + _BLOCK)
+        if len(raw) < _BLOCK or not self._header_ok(s, raw[:_BLOCK], f"{key}.{suffix}", size):
+            if len(raw) < _BLOCK and self._scanned.get(s) == self._identity(path):
+                raise BadSample(f"member .{suffix} is truncated (0 of {size} bytes)", path, key)
+            raise _StaleIndex(s)
+        data = raw[_BLOCK:]
         if len(data) != size:
             raise BadSample(f"member .{suffix} is truncated ({len(data)} of {size} bytes)", path, key)
         return data
@@ -539,7 +682,9 @@ class ShardReader:
         "image_names" (the member suffixes, e.g. ["0.png"]: what SampleEncoder.encode needs as "images"),
         "__key__" and "__shard__". Raises :class:`BadSample` for a damaged sample (truncated member, corrupt JSON,
         missing member). Images are not decoded: see :func:`decode_image`."""
-        s, entry = self._locate(i)
+        return self._fresh(i, self._read_sample)
+
+    def _read_sample(self, s: int, entry: dict) -> dict:
         path, key = self.paths[s], entry["key"]
         if entry.get("error"):
             raise BadSample(entry["error"], path, key)

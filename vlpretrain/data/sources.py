@@ -26,6 +26,7 @@ from vlpretrain.config import ConfigError, DataConfig, SourceConfig, _build
 from vlpretrain.data.indexed import IndexedDataset, idx_path
 from vlpretrain.data.preprocess import load_image
 from vlpretrain.data.shards import BadSample, ShardReader, decode_image, expand_shards
+from vlpretrain.errors import UserError
 
 
 class Source:
@@ -58,7 +59,11 @@ class JsonlSource(Source):
     def __init__(self, cfg: SourceConfig, path: Path):
         super().__init__(cfg)
         self.root = path.parent
-        self.lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise UserError(f"data source '{self.name}': {path} is not UTF-8 text (byte {e.start})") from None
+        self.lines = [line for line in text.splitlines() if line.strip()]
 
     def __len__(self) -> int:
         return len(self.lines)
@@ -147,7 +152,18 @@ def _resolve(base: Path, path: str) -> Path:
 
 
 def open_source(cfg: SourceConfig, base: Path, seq_len: int) -> Source:
-    """Open one source; a missing path fails here, at start-up, with a one-line error naming it."""
+    """Open one source; a missing or unreadable path fails here, at start-up, with a one-line error naming the
+    source and the file."""
+    name = cfg.name or cfg.path
+    try:
+        return _open_source(cfg, base, seq_len)
+    except (FileNotFoundError, UserError) as e:
+        if isinstance(e, ConfigError) or str(e).startswith(f"data source '{name}'"):
+            raise
+        raise type(e)(f"data source '{name}': {e}") from None
+
+
+def _open_source(cfg: SourceConfig, base: Path, seq_len: int) -> Source:
     path = _resolve(base, cfg.path)
     kind = cfg.type
     if kind == "auto":
@@ -179,9 +195,21 @@ class Manifest:
     sources: list[SourceConfig]
 
 
+def _check_unique_names(sources: list[SourceConfig], where: str) -> None:
+    """Counters, metrics and the data state are keyed by source name: two sources must never share one."""
+    seen: dict[str, int] = {}
+    for i, src in enumerate(sources):
+        name = src.name or Path(src.path).stem  # == Source.name
+        if name in seen:
+            raise ConfigError(f"config error: {where}[{i}]: duplicate source name '{name}' "
+                              f"(also {where}[{seen[name]}])")
+        seen[name] = i
+
+
 def load_manifest(data: DataConfig) -> Manifest:
     """Sources from ``data.manifest`` (a YAML file) or, without one, ``data.sources`` (relative to data.root)."""
     if not data.manifest:
+        _check_unique_names(list(data.sources), "data.sources")
         return Manifest(Path(data.root), list(data.sources))
     path = Path(data.manifest) if Path(data.manifest).is_file() else _resolve(Path(data.root), data.manifest)
     if not path.is_file():
@@ -202,4 +230,5 @@ def load_manifest(data: DataConfig) -> Manifest:
         sources.append(src)
     if not sources:
         raise ConfigError(f"config error: data.manifest {path}: no sources")
+    _check_unique_names(sources, f"data.manifest {path}: sources")
     return Manifest(Path(data.root), sources)

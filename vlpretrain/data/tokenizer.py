@@ -5,6 +5,8 @@ from pathlib import Path
 
 from tokenizers import Tokenizer
 
+from vlpretrain.errors import UserError
+
 BOS = "<｜begin▁of▁sentence｜>"
 EOS = "<｜end▁of▁sentence｜>"
 IMAGE = "<image_placeholder>"
@@ -16,12 +18,16 @@ class TextTokenizer:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"tokenizer file not found: {path}")
-        self.tok = Tokenizer.from_file(str(path))
+        try:
+            self.tok = Tokenizer.from_file(str(path))
+        except Exception as e:  # tokenizers raises a bare Exception with serde's message
+            why = (str(e).splitlines() or [type(e).__name__])[0]
+            raise UserError(f"tokenizer {path}: not a tokenizers JSON file ({why})") from None
         ids = {}
         for name, text in (("bos", BOS), ("eos", EOS), ("image", IMAGE), ("pad", PAD)):
             tid = self.tok.token_to_id(text)
             if tid is None:
-                raise ValueError(f"tokenizer {path} lacks the special token {text!r}")
+                raise UserError(f"tokenizer {path} lacks the special token {text!r}")
             ids[name] = tid
         self.bos_id, self.eos_id, self.image_id, self.pad_id = ids["bos"], ids["eos"], ids["image"], ids["pad"]
 
