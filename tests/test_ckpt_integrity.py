@@ -279,6 +279,11 @@ def test_write_error_in_dcp_is_one_line_and_cleans_up(tmp_path, monkeypatch, err
     with pytest.raises(CheckpointError, match=text):
         ckpt.save(4, _state(4))
     assert sorted(p.name for p in ck.iterdir()) == ["latest", "step_00000002"]
+    monkeypatch.undo()
+    (ck / ".tmp_step_00000003").mkdir()  # a save killed half way by an earlier job
+    (ck / ".tmp_step_00000003" / "__0_0.distcp").write_bytes(b"partial")
+    ckpt.save(4, _state(4))  # the next good save removes it
+    assert sorted(p.name for p in ck.iterdir()) == ["latest", "step_00000002", "step_00000004"]
 
 
 def test_no_room_or_read_only_at_start_up(tmpfs, demo_dir, tmp_path):

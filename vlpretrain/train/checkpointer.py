@@ -256,7 +256,9 @@ class Checkpointer:
         """After ``newest`` is verified and published: keep it and the ``keep_last - 1`` newest good older ones,
         move damaged ones aside (not counted, not deleted), delete the rest. Dirs newer than ``newest`` (from a
         run that went further before it was resumed from an earlier step) are not counted; damaged ones go
-        aside, good ones stay until this run replaces them."""
+        aside, good ones stay until this run replaces them. Partial dirs of a killed save are removed."""
+        for partial in [*self.dir.glob(".tmp_step_*"), *self.dir.glob(".old_step_*")]:
+            shutil.rmtree(partial, ignore_errors=True)  # left by a killed job: never a published checkpoint
         kept = 1
         for d in reversed(_step_dirs(self.dir)):
             if d == newest:

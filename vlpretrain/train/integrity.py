@@ -40,10 +40,13 @@ def crc32_file(path: Path) -> str:
     return f"{crc:08x}"
 
 
+CHECKSUMS = True  # False: sizes only (bench/ckpt_checksum.py measures the difference)
+
+
 def hash_files(paths: list[Path]) -> dict[str, dict]:
     """{file name: {"size", "crc32"}} for ``paths`` (one thread per file, up to 8)."""
     def one(p: Path) -> tuple[str, dict]:
-        return p.name, {"size": p.stat().st_size, "crc32": crc32_file(p)}
+        return p.name, {"size": p.stat().st_size, **({"crc32": crc32_file(p)} if CHECKSUMS else {})}
     if len(paths) <= 1:
         return dict(map(one, paths))
     with ThreadPoolExecutor(min(8, len(paths))) as pool:
@@ -88,7 +91,7 @@ def check_file(step_dir: Path, name: str, entry: dict | None, checksum: bool = T
     size = f.stat().st_size
     if size != entry.get("size"):
         return f"{step_dir}: {name} has {size} bytes, the manifest says {entry.get('size')}"
-    if checksum and "crc32" in entry and crc32_file(f) != entry["crc32"]:
+    if checksum and CHECKSUMS and "crc32" in entry and crc32_file(f) != entry["crc32"]:
         return f"{step_dir}: {name} is corrupted (checksum mismatch)"
     return None
 
