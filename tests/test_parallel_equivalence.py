@@ -48,6 +48,11 @@ CASES = {
         {"name": "pp2_packed_rows", "overrides": {"parallel.pp": 2, "data.packing": True, **SPLIT2}},
         {"name": "tp2_sp_packed_rows", "overrides": {"parallel.tp": 2, "parallel.sequence_parallel": True,
                                                      "data.packing": True}},
+        # the first stage's images split across TP ranks (the default) against the paper's recomputation
+        {"name": "tp2_vision_replicate", "overrides": {"parallel.tp": 2, "parallel.vision_split": "replicate"}},
+        {"name": "tp2_stage1", "overrides": {"parallel.tp": 2, "train.stage": 1}},
+        {"name": "tp2_stage3_fewer_images_than_ranks", "images": 1, "overrides": {
+            "parallel.tp": 2, "train.stage": 3, "train.micro_batch_size": 1, "train.global_batch_size": 4}},
         {"name": "fsdp2", "overrides": {"parallel.dp": 2}},
         {"name": "fsdp2_stage3", "overrides": {"parallel.dp": 2, "train.stage": 3}},
     ],
@@ -63,6 +68,9 @@ CASES = {
         {"name": "dp2_tp2_pp2_sp_1f1b", "overrides": {"parallel.dp": 2, "parallel.tp": 2, "parallel.pp": 2,
                                                       "parallel.sequence_parallel": True,
                                                       "parallel.layer_split": [1, 3]}},
+        {"name": "dp2_tp2_pp2_stage3_sp", "overrides": {"parallel.dp": 2, "parallel.tp": 2, "parallel.pp": 2,
+                                                       "parallel.sequence_parallel": True, "train.stage": 3,
+                                                       **SPLIT2}},
         {"name": "dp2_tp2_pp2_stage1_selective_ac", "overrides": {
             "parallel.dp": 2, "parallel.tp": 2, "parallel.pp": 2, "parallel.sequence_parallel": True,
             "parallel.activation_checkpointing": "selective", "train.stage": 1, **SPLIT2}},
@@ -98,5 +106,10 @@ def test_layouts_match_single_process(world, tmp_path):
             assert res["grad_rel_max"] <= 2e-6, f"{where}: worst gradient {res['worst_grad']}"
             assert res["param_abs_max"] <= 1e-5, where
         assert len(owned) > 0
+        first = [res for res in per_rank if res["has_first"]]
+        # each TP rank encodes only a share of the images (without a pipeline, whose first step also runs a
+        # shape-inference forward): with replicate, every rank would see all of them
+        if first[0]["split_images"] and case.get("images", True) is True and first[0]["layout"][2] == 1:
+            assert all(res["images_encoded"] < first[0]["ref_images_encoded"] for res in first), name
         # the pipeline ranks together hold the whole model, nothing twice within a stage's ranks
         assert owned == set(per_rank[0]["all_params"]), name

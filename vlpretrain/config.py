@@ -173,6 +173,9 @@ class ParallelConfig:
     layer_split: Union[Literal["uniform", "auto"], list[int]] = _f("auto", ge=0)
     activation_checkpointing: Literal["none", "selective", "full"] = "none"
     fsdp_reshard_after_forward: bool = True
+    # the first stage's images: "images" splits them across the TP group (each rank encodes its share, the
+    # adaptor outputs are all-gathered); "replicate" recomputes every image on every TP rank (the paper)
+    vision_split: Literal["images", "replicate"] = "images"
 
 
 @dataclass

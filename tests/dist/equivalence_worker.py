@@ -58,6 +58,15 @@ def full(t: torch.Tensor) -> torch.Tensor:
     return (t.full_tensor() if isinstance(t, DTensor) else t).detach().float().cpu()
 
 
+def count_encoded_images(model: ParallelModel) -> list[int]:
+    """Images this rank's vision towers see (a one-element list, updated in place)."""
+    seen = [0]
+    for m in model.modules:
+        if m.embed is not None:
+            m.embed.vision.register_forward_pre_hook(lambda mod, args: seen.__setitem__(0, seen[0] + len(args[0])))
+    return seen
+
+
 def run_step(model: ParallelModel, cfg, microbatches, n_labels):
     loss = model.forward_backward(microbatches, n_labels)
     grads = {canonical_name(n): full(p.grad) for n, p in model.named_parameters() if p.grad is not None}
@@ -83,14 +92,17 @@ def main() -> None:
         ref_cfg = config_from_dict(tiny_hybrid(**{k: v for k, v in case["overrides"].items()
                                                  if not k.startswith("parallel.")}))
         ref = ParallelModel(ref_cfg, ParallelContext(resolve_layout(ref_cfg, 1), device, None))
+        images = case.get("images", True)  # True: up to 2 images per sample, False: none, or a number
         mbs, n_labels = synthetic_microbatches(cfg, seed=case.get("data_seed", 0),
-                                               images_per_sample=2 if case.get("images", True) else 0,
+                                               images_per_sample=2 if images is True else int(images),
                                                documents=3 if cfg.data.packing else 1)
+        r_seen = count_encoded_images(ref)
         r_loss, r_grads, r_norm, r_after = run_step(ref, ref_cfg, mbs, n_labels)
 
         layout = resolve_layout(cfg, world)
         ctx = ParallelContext(layout, device, build_mesh(layout, device))
         par = ParallelModel(cfg, ctx)
+        p_seen = count_encoded_images(par)
         p_loss, p_grads, p_norm, p_after = run_step(par, cfg, local_share(mbs, ctx.dp_rank, layout.dp), n_labels)
         owned = sorted(p_after)
         grad_rel = {k: float((p_grads[k] - r_grads[k]).abs().max() / r_grads[k].abs().max().clamp_min(1e-12))
@@ -104,6 +116,8 @@ def main() -> None:
             "grad_rel_max": max(grad_rel.values(), default=0.0), "grad_abs_max": max(grad_abs.values(), default=0.0),
             "param_abs_max": max(param_abs.values(), default=0.0),
             "worst_grad": max(grad_rel, key=grad_rel.get) if grad_rel else None,
+            "images_encoded": p_seen[0], "ref_images_encoded": r_seen[0], "has_first": par.has_first,
+            "split_images": par.split_images,
         }
         dist.barrier()
     (out / f"rank{rank}.json").write_text(json.dumps(results, indent=1))

@@ -26,7 +26,8 @@ class VisionLanguageEmbedding(nn.Module):
 
     ``tokens`` (B, S) holds ``image_token_id`` on every image position: each image takes ``image_tokens``
     consecutive positions. ``images`` (B, M, 3, H, W) holds up to M images per sample in placeholder order
-    (zero padding past a sample's own count); a text-only batch passes None (the towers do not run).
+    (zero padding past a sample's own count), as uint8 (0..255, as the data path delivers them) or floats in
+    [0, 1]; a text-only batch passes None (the towers do not run).
     """
 
     def __init__(self, cfg: ModelConfig):
@@ -37,6 +38,12 @@ class VisionLanguageEmbedding(nn.Module):
         high_dim = self.vision.sam.out_dim if self.vision.sam is not None else None
         self.adaptor = VLAdaptor(self.vision.siglip.out_dim, cfg.dim, high_dim)
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
+        # what encodes a batch of images: ``encode_images`` here; parallel/vision_split.py may replace it
+        self.image_encoder = None
+
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(N, 3, H, W) in [0, 1] -> adaptor outputs (N, image_tokens, dim)."""
+        return self.adaptor(*self.vision(pixels))
 
     def forward(self, tokens: torch.Tensor, images: torch.Tensor | None = None) -> torch.Tensor:
         is_image = tokens == self.image_token_id
@@ -53,12 +60,15 @@ class VisionLanguageEmbedding(nn.Module):
             raise ValueError(f"image placeholder runs must be multiples of {self.image_tokens} tokens")
         slots = torch.arange(images.shape[1], device=tokens.device)[None, :] < n_images[:, None]
         pixels = images[slots]  # (N, 3, H, W), in placeholder order
+        if pixels.dtype == torch.uint8:
+            pixels = pixels.float().div_(255.0)
+        encode = self.image_encoder or self.encode_images
         if pixels.shape[0] == 0:
             # An image batch without any image here: run the towers on one blank image weighted by zero, so
             # that every data-parallel rank executes (and gathers) the same modules in every image step.
-            blank = self.adaptor(*self.vision(images.new_zeros(1, *images.shape[2:])))
+            blank = encode(pixels.new_zeros(1, *images.shape[2:], dtype=torch.float32))
             return h + 0.0 * blank.sum().to(h.dtype)
-        feats = self.adaptor(*self.vision(pixels)).to(h.dtype)  # (N, image_tokens, dim)
+        feats = encode(pixels).to(h.dtype)  # (N, image_tokens, dim)
         return h.masked_scatter(is_image.unsqueeze(-1), feats.reshape(-1, feats.shape[-1]))
 
 

@@ -1,7 +1,7 @@
 """This rank's share of the model under a (dp, tp, pp, vpp) layout, and one optimizer step's forward/backward.
 
-Order of application, as in torchtitan: cut pipeline stages (meta device) -> tensor parallel -> activation
-checkpointing -> compile -> FSDP2 -> materialise and initialise. With every degree 1 this is the plain
+Order of application, as in torchtitan: cut pipeline stages (meta device), then ``parallelize_part`` on each:
+tensor parallel (+ image split) -> activation checkpointing -> compile -> FSDP2 -> materialise and initialise. With every degree 1 this is the plain
 single-process model and loop: the same code path, no collective.
 """
 from __future__ import annotations
@@ -20,8 +20,9 @@ from vlpretrain.models.vlm import build_model, set_trainable
 from vlpretrain.parallel.balance import resolve_layer_split
 from vlpretrain.parallel.fsdp import apply_activation_checkpointing, apply_fsdp
 from vlpretrain.parallel.mesh import ParallelContext
-from vlpretrain.parallel.pipeline import ScaledTextLoss, build_schedule, cut_stage, stage_specs, stages_of_rank
+from vlpretrain.parallel.pipeline import build_schedule, cut_stage, run_microbatches, stage_specs, stages_of_rank
 from vlpretrain.parallel.tensor import apply_tensor_parallel
+from vlpretrain.parallel.vision_split import apply_vision_split, reduce_first_stage_grads
 
 
 def copy_full_(param: torch.Tensor, full: torch.Tensor) -> None:
@@ -38,7 +39,33 @@ def use_bf16(cfg: Config, device: torch.device) -> bool:
     return cfg.train.dtype == "bf16" or (cfg.train.dtype == "auto" and device.type == "cuda")
 
 
+def parallelize_part(part: nn.Module, cfg: Config, ctx: ParallelContext) -> nn.Module:
+    """Apply this layout to one model part (a pipeline stage or the whole model), torchtitan's order:
+    tensor parallel (+ the image split of the first stage) -> activation checkpointing -> compile -> FSDP2 ->
+    materialise and initialise (layout-independent values: a function of seed and parameter name)."""
+    lay = ctx.layout
+    if lay.tp > 1:
+        apply_tensor_parallel(part, ctx.submesh("tp"), cfg.parallel.sequence_parallel)
+        set_trainable(part, trainable_parts(cfg))  # TP re-registers parameters as trainable
+        if cfg.parallel.vision_split == "images":
+            apply_vision_split(part, ctx.submesh("tp"))
+    apply_activation_checkpointing(part, cfg.parallel.activation_checkpointing)
+    if cfg.train.compile:
+        for block in part.layers.values():
+            block.compile()
+    if lay.dp > 1:
+        param_dtype = torch.bfloat16 if use_bf16(cfg, ctx.device) else None
+        apply_fsdp(part, ctx.submesh("dp"), cfg.parallel.fsdp_reshard_after_forward, param_dtype)
+    part.to_empty(device=ctx.device)
+    with torch.no_grad():
+        for _, p, value in initial_values(part, cfg.model, cfg.train.seed):
+            copy_full_(p, value)
+    return part.train()
+
+
 class ParallelModel:
+    """This rank's parts of the model under the layout, and one optimizer step's forward + backward."""
+
     def __init__(self, cfg: Config, ctx: ParallelContext):
         self.cfg, self.ctx = cfg, ctx
         lay = ctx.layout
@@ -47,39 +74,21 @@ class ParallelModel:
         self.split = resolve_layer_split(cfg) if lay.pp > 1 else [cfg.model.n_layers]
         specs = stage_specs(self.split)
         self.stage_ids = stages_of_rank(ctx.pp_rank, lay.pp, lay.vpp, cfg.parallel.schedule) if lay.pp > 1 else [0]
-        self.modules: list[nn.Module] = [cut_stage(whole, specs[i]) if lay.pp > 1 else whole for i in self.stage_ids]
-        param_dtype = torch.bfloat16 if use_bf16(cfg, ctx.device) else None
-        for m in self.modules:
-            if lay.tp > 1:
-                apply_tensor_parallel(m, ctx.submesh("tp"), cfg.parallel.sequence_parallel)
-                set_trainable(m, trainable_parts(cfg))  # TP re-registers parameters as trainable
-            apply_activation_checkpointing(m, cfg.parallel.activation_checkpointing)
-            if cfg.train.compile:
-                for block in m.layers.values():
-                    block.compile()
-            if lay.dp > 1:
-                apply_fsdp(m, ctx.submesh("dp"), cfg.parallel.fsdp_reshard_after_forward, param_dtype)
-            m.to_empty(device=ctx.device)
-            with torch.no_grad():
-                for _, p, value in initial_values(m, cfg.model, cfg.train.seed):
-                    copy_full_(p, value)
-            m.train()
-        # each rank's loss is its share of the global mean; FSDP averages gradients over dp, so scaling the
-        # backward by dp turns that average into the sum of the shares
-        self.grad_scale = lay.dp
+        self.modules: list[nn.Module] = [parallelize_part(cut_stage(whole, specs[i]) if lay.pp > 1 else whole,
+                                                          cfg, ctx) for i in self.stage_ids]
         self.has_first = 0 in self.stage_ids
         self.has_last = (lay.n_stages - 1) in self.stage_ids
+        self.split_images = lay.tp > 1 and cfg.parallel.vision_split == "images" and self.has_first
         self.schedule = None
         self.packed = cfg.data.packing and cfg.data.document_causal
         if lay.pp > 1:
-            self.loss = ScaledTextLoss(text_loss)
             n_mb = cfg.train.global_batch_size // (cfg.train.micro_batch_size * lay.dp)
             self.schedule = build_schedule(self.modules, self.stage_ids, lay.n_stages, ctx.device,
-                                           ctx.submesh("pp").get_group(), cfg.parallel.schedule, n_mb, self.loss,
-                                           packed=self.packed)
+                                           ctx.submesh("pp").get_group(), cfg.parallel.schedule, n_mb,
+                                           summed_text_loss, packed=self.packed)
         # bf16 autocast only when FSDP does not already cast parameters (its mixed-precision policy)
         self.autocast = (torch.autocast(ctx.device.type, dtype=torch.bfloat16)
-                         if param_dtype is not None and lay.dp == 1 else contextlib.nullcontext())
+                         if use_bf16(cfg, ctx.device) and lay.dp == 1 else contextlib.nullcontext())
 
     # ---- parameters
 
@@ -95,43 +104,50 @@ class ParallelModel:
 
     # ---- one optimizer step's forward + backward
 
-    def forward_backward(self, microbatches, num_label_tokens: int) -> float:
-        """Runs every local microbatch; returns the global batch's mean loss (identical on all ranks)."""
+    def forward_backward(self, microbatches: list, num_label_tokens: int) -> float:
+        """Runs this rank's microbatches (a list); ``num_label_tokens`` (supervised tokens in the whole global
+        batch) is the loss normaliser. Every microbatch back-propagates its summed token loss; the gradients
+        are divided by the normaliser once at the end (Megatron's per-token loss), so the schedule's loss
+        function needs no per-step state. Returns the global batch's mean loss (identical on all ranks)."""
         dev = self.ctx.device
+        images = _image_inputs(microbatches)  # every microbatch gets an image tensor in an image step
+        total = torch.zeros((), device=dev)
         if self.schedule is None:
             model = self.modules[0]
-            total = torch.zeros((), device=dev)
             for i, mb in enumerate(microbatches):
                 if self.ctx.layout.dp > 1:  # reduce-scatter gradients once, after the last microbatch
                     model.set_requires_gradient_sync(i == len(microbatches) - 1)
-                images, positions, doc_ids = (_to(t, dev) for t in (mb.images, mb.positions, mb.doc_ids))
                 with self.autocast, self._loss_context():
-                    logits = model(mb.tokens.to(dev), images, positions, doc_ids)
-                    loss = text_loss(logits, mb.labels.to(dev), num_label_tokens)
-                    (loss * self.grad_scale).backward()
+                    logits = model(mb.tokens.to(dev), _to(images[i], dev), _to(mb.positions, dev),
+                                   _to(mb.doc_ids, dev))
+                    loss = summed_text_loss(logits, mb.labels.to(dev))
+                    loss.backward()
                 total += _plain(loss.detach())
         else:
-            self.loss.denominator = num_label_tokens / self.grad_scale
-            args, kwargs = (), {}
+            arg_mbs = kwarg_mbs = target_mbs = None
             if self.has_first:
-                args = (torch.cat([mb.tokens for mb in microbatches]).to(dev),)
-                images = _stack_images(microbatches)
-                kwargs = {"images": _to(images, dev)} if images is not None else {}
-                if self.packed:  # per-document positions and masks travel with the hidden states
-                    kwargs["positions"] = torch.cat([mb.positions for mb in microbatches]).to(dev)
-                    kwargs["doc_ids"] = torch.cat([mb.doc_ids for mb in microbatches]).to(dev)
+                arg_mbs = [(mb.tokens.to(dev),) for mb in microbatches]
+                kwarg_mbs = []
+                for mb, imgs in zip(microbatches, images):
+                    kw = {"images": _to(imgs, dev)} if imgs is not None else {}
+                    if self.packed:  # per-document positions and masks travel with the hidden states
+                        kw.update(positions=mb.positions.to(dev), doc_ids=mb.doc_ids.to(dev))
+                    kwarg_mbs.append(kw)
             losses: list[torch.Tensor] = []
             if self.has_last:
-                kwargs.update(target=torch.cat([mb.labels for mb in microbatches]).to(dev), losses=losses)
+                target_mbs = [mb.labels.to(dev) for mb in microbatches]
             with self.autocast, self._loss_context():
-                self.schedule.step(*args, **kwargs)
-            total = torch.zeros((), device=dev)
+                run_microbatches(self.schedule, arg_mbs, kwarg_mbs, target_mbs, losses)
             for loss in losses:
-                total += _plain(loss.detach()) / self.grad_scale
-            if self.ctx.layout.pp > 1:
-                dist.all_reduce(total, group=self.ctx.submesh("pp").get_group())
+                total += _plain(loss.detach())
+            dist.all_reduce(total, group=self.ctx.submesh("pp").get_group())
+        if self.split_images:  # each TP rank back-propagated through its own images only
+            reduce_first_stage_grads(self.modules, self.ctx.submesh("tp"))
+        # FSDP averaged the gradients over dp: x dp / tokens makes them the gradient of the global mean loss
+        _scale_grads(self.trainable_parameters(), self.ctx.layout.dp / max(num_label_tokens, 1))
         if self.ctx.layout.dp > 1:
             dist.all_reduce(total, group=self.ctx.submesh("dp").get_group())
+        total /= max(num_label_tokens, 1)
         for p in self.trainable_parameters():  # e.g. the adaptor on a text step: a zero gradient, as data
             if p.grad is None:                  # parallelism gives, so every layout keeps the same Adam state
                 p.grad = torch.zeros_like(p)
@@ -160,38 +176,38 @@ class ParallelModel:
         return float(total)
 
 
+def summed_text_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Next-token CE summed over the supervised positions (labels != -100). Under tensor parallelism
+    ``logits`` is vocab-sharded and this runs inside ``loss_parallel``."""
+    return torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100,
+                                             reduction="sum")
+
+
 def text_loss(logits: torch.Tensor, labels: torch.Tensor, num_label_tokens: float) -> torch.Tensor:
-    """Sum of next-token CE over supervised positions / supervised tokens in the whole GLOBAL batch, so
-    accumulation over microbatches and summation over dp ranks give the global mean exactly. Under tensor
-    parallelism ``logits`` is vocab-sharded and this runs inside ``loss_parallel``."""
-    ce = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100,
-                                           reduction="sum")
-    return ce / max(num_label_tokens, 1)
+    """The mean next-token CE over ``num_label_tokens`` supervised tokens (baselines and evaluation)."""
+    return summed_text_loss(logits, labels) / max(num_label_tokens, 1)
+
+
+def _scale_grads(params: list[torch.Tensor], factor: float) -> None:
+    grads = [p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad for p in params if p.grad is not None]
+    if grads:
+        torch._foreach_mul_(grads, factor)
 
 
 def _to(t: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
-    if t is None:
-        return None
-    t = t.to(device, non_blocking=True)
-    return t.float().div_(255.0) if t.dtype == torch.uint8 else t  # images travel as uint8
+    return None if t is None else t.to(device, non_blocking=True)
 
 
 def _plain(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if isinstance(t, DTensor) else t
 
 
-def _stack_images(microbatches) -> torch.Tensor | None:
-    """Concatenate microbatch image tensors, padding the per-sample image slots to a common count."""
+def _image_inputs(microbatches) -> list[torch.Tensor | None]:
+    """Each microbatch's images; in a step with images, a microbatch without any gets an empty (b, 0, ...)
+    tensor, so the towers still run (on a blank image weighted by zero) and every rank runs the same modules."""
     present = [mb.images for mb in microbatches if mb.images is not None]
     if not present:
-        return None
-    m = max(x.shape[1] for x in present)
+        return [None] * len(microbatches)
     ref = present[0]
-    out = []
-    for mb in microbatches:
-        b = mb.tokens.shape[0]
-        x = mb.images if mb.images is not None else ref.new_zeros(b, 0, *ref.shape[2:])
-        if x.shape[1] < m:
-            x = torch.cat([x, x.new_zeros(b, m - x.shape[1], *x.shape[2:])], dim=1)
-        out.append(x)
-    return torch.cat(out)
+    return [mb.images if mb.images is not None else ref.new_zeros(mb.tokens.shape[0], 0, *ref.shape[2:])
+            for mb in microbatches]

@@ -8,6 +8,7 @@ r, r + pp, ... (looped schedules) or r and 2 pp - 1 - r (V-shaped schedules).
 from __future__ import annotations
 
 import copy
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -66,20 +67,6 @@ def cut_stage(model: nn.Module, spec: StageSpec) -> nn.Module:
     return stage
 
 
-class ScaledTextLoss:
-    """The pipeline's per-microbatch loss: CE summed over supervised tokens / the global batch's count.
-
-    The count changes every step; the schedule keeps this object, the trainer updates ``denominator``.
-    """
-
-    def __init__(self, loss_fn):
-        self.loss_fn = loss_fn
-        self.denominator = 1
-
-    def __call__(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return self.loss_fn(output, target, self.denominator)
-
-
 class PackedStage(nn.Module):
     """Runs a stage on packed rows: the first stage takes tokens (+ images) with the rows' positions and
     document ids, and every stage but the last hands them on beside its hidden states, so each stage builds
@@ -99,7 +86,8 @@ class PackedStage(nn.Module):
 
 
 def build_schedule(stage_modules: list[nn.Module], stage_ids: list[int], n_stages: int, device: torch.device,
-                   pp_group, schedule: str, n_microbatches: int, loss: ScaledTextLoss, packed: bool = False):
+                   pp_group, schedule: str, n_microbatches: int, loss, packed: bool = False):
+    """``loss(output, target)``: each microbatch's target carries what the loss needs (labels, normaliser)."""
     cls = SCHEDULES[schedule]
     if cls is None:
         raise RuntimeError(f"parallel.schedule={schedule} is not available in torch {torch.__version__}")
@@ -110,3 +98,26 @@ def build_schedule(stage_modules: list[nn.Module], stage_ids: list[int], n_stage
     if cls in (S.Schedule1F1B, S.ScheduleGPipe):
         return cls(stages[0], n_microbatches, loss_fn=loss, scale_grads=False)
     return cls(stages, n_microbatches, loss_fn=loss, scale_grads=False)
+
+
+def run_microbatches(schedule, arg_mbs: list | None, kwarg_mbs: list | None, target_mbs: list | None,
+                     losses: list) -> None:
+    """One pipeline step over the microbatches the data path made. Newer torch takes them as they are
+    (``step(arg_mbs=...)``); older releases only split whole-batch inputs, so there they are joined first
+    (images padded to a common count of slots per sample)."""
+    if "arg_mbs" in inspect.signature(schedule.step).parameters:
+        schedule.step(arg_mbs=arg_mbs, kwarg_mbs=kwarg_mbs, target_mbs=target_mbs, losses=losses,
+                      return_outputs=False)
+        return
+    args = tuple(torch.cat(parts) for parts in zip(*arg_mbs)) if arg_mbs else ()
+    kwargs = {k: _cat_slots([kw[k] for kw in kwarg_mbs]) for k in kwarg_mbs[0]} if kwarg_mbs else {}
+    target = torch.cat(target_mbs) if target_mbs else None
+    schedule.step(*args, target=target, losses=losses, **kwargs)
+
+
+def _cat_slots(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """Concatenate along the batch; image tensors (B, M, 3, H, W) are zero-padded to the largest M first."""
+    if tensors[0].dim() == 5:
+        m = max(t.shape[1] for t in tensors)
+        tensors = [torch.cat([t, t.new_zeros(t.shape[0], m - t.shape[1], *t.shape[2:])], 1) for t in tensors]
+    return torch.cat(tensors)
