@@ -90,7 +90,8 @@ def check_file(step_dir: Path, name: str, entry: dict | None, checksum: bool = T
         return f"{step_dir}: missing file {name}"
     size = f.stat().st_size
     if size != entry.get("size"):
-        return f"{step_dir}: {name} has {size} bytes, the manifest says {entry.get('size')}"
+        what = "is truncated" if isinstance(entry.get("size"), int) and size < entry["size"] else "has another size"
+        return f"{step_dir}: {name} {what} ({size} bytes, the manifest says {entry.get('size')})"
     if checksum and CHECKSUMS and "crc32" in entry and crc32_file(f) != entry["crc32"]:
         return f"{step_dir}: {name} is corrupted (checksum mismatch)"
     return None
