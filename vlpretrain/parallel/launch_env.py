@@ -159,18 +159,18 @@ def _check_own_address(addr: str) -> None:
                           f"this host ({e.strerror}); set MASTER_ADDR to the first node's IP address") from None
 
 
-def _client(addr: str, port: int, timeout_s: float, what: str) -> "object":
+def _client(addr: str, port: int, timeout_s: float, what: str, rank: int) -> "object":
     import torch.distributed as dist
 
     try:
         return dist.TCPStore(addr, port, is_master=False, timeout=timedelta(seconds=timeout_s))
     except Exception as e:  # DistNetworkError / RuntimeError, by torch version
-        raise LaunchError(f"rank {os.environ.get('RANK')} could not reach {what} at {addr}:{port} within "
+        raise LaunchError(f"rank {rank} could not reach {what} at {addr}:{port} within "
                           f"{timeout_s:.0f} s ({str(e).splitlines()[0][:200]}); is rank 0 running, and does "
                           "MASTER_ADDR reach it from this node?") from None
 
 
-def _fresh_store_via_agent(rank: int, world: int, timeout_s: float):
+def _fresh_store_via_agent(rank: int, world: int, timeout_s: float, env=None):
     """Under torchrun's shared agent store (c10d or static rendezvous, ``--max-restarts``), keys outlive a
     restart and the restart counter differs between agents after a membership change, so nothing keyed by it
     is agreed on. Instead rank 0 of every round starts a fresh store and publishes its address and a random
@@ -178,10 +178,11 @@ def _fresh_store_via_agent(rank: int, world: int, timeout_s: float):
     entry of a dead round points at a closed port or carries another token)."""
     import torch.distributed as dist
 
-    addr, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+    env = os.environ if env is None else env
+    addr, port = env["MASTER_ADDR"], int(env["MASTER_PORT"])
     deadline = time.monotonic() + timeout_s
-    agent = _client(addr, port, timeout_s, "torchrun's agent store")
-    key = f"vlpretrain/{os.environ.get('TORCHELASTIC_RUN_ID', 'none')}/pg_store"
+    agent = _client(addr, port, timeout_s, "torchrun's agent store", rank)
+    key = f"vlpretrain/{env.get('TORCHELASTIC_RUN_ID', 'none')}/pg_store"
     if rank == 0:
         store = dist.TCPStore("0.0.0.0", 0, world, is_master=True, timeout=timedelta(seconds=timeout_s),
                               wait_for_workers=False)
@@ -202,8 +203,8 @@ def _fresh_store_via_agent(rank: int, world: int, timeout_s: float):
                               f"{timeout_s:.0f} s (agent store {addr}:{port}, key {key})") from None
         try:
             store = dist.TCPStore(info["addr"], info["port"], is_master=False,
-                                  timeout=timedelta(seconds=min(5.0, max(left, 0.1))))
-            store.set_timeout(timedelta(seconds=min(5.0, max(left, 0.1))))
+                                  timeout=timedelta(seconds=min(3.0, max(left, 0.1))))
+            store.set_timeout(timedelta(seconds=min(3.0, max(left, 0.1))))
             if store.get("vlpretrain/token").decode() == info["token"]:
                 store.set_timeout(timedelta(seconds=timeout_s))
                 return store
@@ -212,16 +213,18 @@ def _fresh_store_via_agent(rank: int, world: int, timeout_s: float):
         time.sleep(0.2)
 
 
-def process_group_store(timeout_s: float):
-    """The store for ``init_process_group``, after every rank has checked in (else: which ranks are missing)."""
+def process_group_store(timeout_s: float, env=None):
+    """The store for ``init_process_group``, after every rank has checked in (else: which ranks are missing).
+    ``env``: the launcher's variables (default: this process's environment)."""
     import torch.distributed as dist
 
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    addr, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
-    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
-        store = _fresh_store_via_agent(rank, world, timeout_s)
+    env = os.environ if env is None else env
+    rank, world = int(env["RANK"]), int(env["WORLD_SIZE"])
+    addr, port = env["MASTER_ADDR"], int(env["MASTER_PORT"])
+    if env.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        store = _fresh_store_via_agent(rank, world, timeout_s, env)
     elif rank == 0:
-        if os.environ.get("VLP_MASTER_ADDR_GUESSED"):
+        if env.get("VLP_MASTER_ADDR_GUESSED"):
             _check_own_address(addr)
         try:
             store = dist.TCPStore(addr, port, world, is_master=True, timeout=timedelta(seconds=timeout_s),
@@ -230,7 +233,7 @@ def process_group_store(timeout_s: float):
             raise LaunchError(f"rank 0 could not start the store on port {port} ({str(e).splitlines()[0][:200]}); "
                               "another job on this node may use it: set MASTER_PORT") from None
     else:
-        store = _client(addr, port, timeout_s, "rank 0's store")
+        store = _client(addr, port, timeout_s, "rank 0's store", rank)
     store.set(f"vlpretrain/joined/{rank}", socket.gethostname())
     keys = [f"vlpretrain/joined/{r}" for r in range(world)]
     try:
