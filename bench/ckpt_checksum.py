@@ -6,8 +6,9 @@ Two single-process states, saved with ``Checkpointer.save`` (DCP shards + train_
 published) and loaded with ``verify`` + ``Checkpointer.load`` (what ``--resume auto`` does):
 
 - tiny: the tiny hybrid VLM (configs/tiny) with AdamW states for every parameter (~9 MB per checkpoint);
-- 1.3b: the weights of a DeepSeek-VL-1.3B-size LLM (vocab 102400, dim 2048, 24 layers, ffn 5504: 1.35 B
-  parameters) in bf16, weights only (2.7 GB per checkpoint; fp32 weights + Adam would be 16 GB, more than fits
+- 1.3b: the weights of a DeepSeek-VL-1.3B-size LLM (vocab 102400, dim 2048, 24 layers, ffn 5504: 1.63 B
+  parameters with its untied output head) in bf16, weights only (3.3 GB per checkpoint; fp32 weights + Adam would be
+  20 GB, more than fits
   here beside the page cache); ``--size none`` skips it.
 
 "without" sets ``integrity.CHECKSUMS = False``: the manifest then holds sizes only, which is what verification

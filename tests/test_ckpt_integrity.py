@@ -10,7 +10,6 @@ import pathlib
 import pickle
 import shutil
 import subprocess
-import zlib
 from pathlib import Path
 
 import pytest
@@ -22,7 +21,7 @@ from vlpretrain.config import load_config
 from vlpretrain.errors import CheckpointError
 from vlpretrain.train.checkpoint import load_weights, read_weights, save_weights
 from vlpretrain.train.checkpointer import Checkpointer, find_resumable, verify
-from vlpretrain.train.integrity import MANIFEST, check_checkpoint_room
+from vlpretrain.train.integrity import KEY, MANIFEST, check_checkpoint_room, crc32_file
 from vlpretrain.train.trainer import train
 
 STAGE1 = TINY / "stage1.yaml"
@@ -60,7 +59,7 @@ def _rewrite(path: Path, data: bytes) -> None:
     """Replace a checkpoint file and make its manifest agree (a writer bug or a forger, not bit rot)."""
     path.write_bytes(data)
     manifest = json.loads((path.parent / MANIFEST).read_text())
-    manifest["files"][path.name] = {"size": len(data), "crc32": f"{zlib.crc32(data):08x}"}
+    manifest["files"][path.name] = {"size": len(data), KEY: crc32_file(path)}
     (path.parent / MANIFEST).write_text(json.dumps(manifest))
 
 
@@ -95,6 +94,22 @@ def test_damaged_newest_is_moved_aside_and_never_counted(demo_dir, tmp_path, cap
 
 # ---------------------------------------------------------------------------------------------------------------
 # 2. checksums
+
+
+def test_checksum_of_pieces(tmp_path, monkeypatch):
+    import zlib
+
+    import vlpretrain.train.integrity as integrity
+
+    monkeypatch.setattr(integrity, "PIECE", 1000)
+    monkeypatch.setattr(integrity, "READ", 300)
+    data = os.urandom(2500)
+    (tmp_path / "f").write_bytes(data)
+    (tmp_path / "empty").write_bytes(b"")
+    pieces = b"".join(zlib.crc32(data[i:i + 1000]).to_bytes(4, "big") for i in range(0, 2500, 1000))
+    assert crc32_file(tmp_path / "f") == f"{zlib.crc32(pieces):08x}"
+    entries = integrity.hash_files([tmp_path / "f", tmp_path / "empty"])
+    assert entries["f"] == {"size": 2500, KEY: f"{zlib.crc32(pieces):08x}"} and entries["empty"]["size"] == 0
 
 
 def test_flipped_bytes_in_a_shard_fall_back_with_a_warning(base_run, tmp_path, capsys):
