@@ -304,9 +304,9 @@ def test_pipeline_visits_every_text_chunk_once_per_epoch(demo_dir, tokenizer):
     assert n >= GBS
     keys = []
     while len(keys) < 2 * n:
-        step, modality, slots, bad = pipe.plans.plan()
-        assert modality == "text" and not bad
-        keys += [p.key for p in slots]
+        plan = pipe.plans.plan()
+        assert plan.modality == "text" and not plan.totals["bad_samples"]
+        keys += [pipe.sources[s.source].key(s.index) for s in plan.slots]
     everything = sorted(pipe.sources[text].key(i) for i in range(n))
     assert sorted(keys[:n]) == everything and sorted(keys[n:2 * n]) == everything
     assert keys[:n] != keys[n:2 * n]
@@ -457,30 +457,33 @@ def test_bad_data_is_replaced_deterministically_and_counted(demo_dir, tokenizer,
     assert sorted(Path(p).name for p in problems) == ["c-000000.tar", "d-000000.tar"], problems
     n_steps, used, blanks, batches = 6, [], 0, []
     for _ in range(n_steps):
-        step, modality, slots, bad = pipe.plans.plan()
-        batch = pipe.build(step, modality, slots, bad)
+        plan = pipe.plans.plan()
+        batch = pipe.build(plan)
         batches.append(batch)
-        assert modality == "multimodal"
+        assert plan.modality == "multimodal" and batch.bad_reads == 0
         assert batch.source_counts == {"custom": GBS // 2, "captions": GBS // 2}  # a skip never changes the mix
         assert set(batch.bad_samples) <= {"custom"}
-        for s, p in enumerate(slots):
+        for s, p in enumerate(plan.slots):
             if p.source != 0:
                 continue
-            used.append(p.key)
-            assert p.key not in BAD_PLAN
+            key = custom.key(p.index)
+            used.append(key)
+            assert key not in BAD_PLAN
             mb, row = batch.microbatches[s // MBS], s % MBS
-            n = len(p.sample.tokens)
-            assert mb.tokens[row, :n].tolist() == p.sample.tokens  # the text still trains
+            sample = pipe.encoder.encode(custom.record(p.index))
+            n = len(sample.tokens)
+            assert n == p.tokens
+            assert mb.tokens[row, :n].tolist() == sample.tokens  # the text still trains
             assert bool((mb.tokens[row, n:] == tokenizer.pad_id).all())
-            assert mb.labels[row, :n].tolist() == p.sample.labels
+            assert mb.labels[row, :n].tolist() == sample.labels
             assert int((mb.tokens[row] == tokenizer.image_id).sum()) == IMAGE_TOKENS
             assert int((mb.labels[row] != IGNORE).sum()) > 0
-            if p.key in BAD_IMAGE:
+            if key in BAD_IMAGE:
                 blanks += 1
-                assert not bool(mb.images[row, 0].any()), p.key  # a blank (all-zero) image
+                assert not bool(mb.images[row, 0].any()), key  # a blank (all-zero) image
             else:
-                assert bool(mb.images[row, 0].any()), p.key
-        assert batch.bad_images == sum(1 for p in slots if p.key in BAD_IMAGE)
+                assert bool(mb.images[row, 0].any()), key
+        assert batch.bad_images == sum(1 for p in plan.slots if p.source == 0 and custom.key(p.index) in BAD_IMAGE)
     # every draw of the custom source is either used or skipped; the replacement is the source's next draw
     n, seed = len(custom), cfg.train.seed
     drawn_count = pipe.plans.planner.counters[0]

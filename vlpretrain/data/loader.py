@@ -1,14 +1,24 @@
 """From sources to fixed-shape global steps: one modality per step, layout-independent, resumable.
 
-Every rank plans the WHOLE global step (which samples, their token ids: cheap) with the same deterministic
-``SamplePlanner``, so the global sample sequence, the loss denominator and the sample digest are the same for
-any dp size and worker count. Each rank then collates only its dp slice and decodes images only if it runs
-the vision encoder. Bad samples are handled without breaking that determinism:
+Every rank plans the whole global step with the same deterministic ``StepPlanner``, from per-sample SIZES only
+(``sizes.py``: tokens, supervised labels, images, or why the sample is bad): which samples, in which order, in
+which packed row, which draws are skipped. So the global sample sequence, the loss denominator and the sample
+digest are the same for any dp size and worker count, and planning never reads text. Each rank then reads,
+tokenises and collates only its own dp slice of the rows, and decodes images only if it runs the vision
+encoder, and then only its TP rank's share of each microbatch's images (``image_split``). The cost per rank is
+O(global samples) of cheap arithmetic for the plan plus O(global step / dp) of real data work.
 
-* unusable text (corrupt JSON, no text, placeholder/image mismatch, longer than the sequence) is seen by every
-  rank alike while planning: the slot takes the source's next draw; counted per source, warned once;
-* an undecodable image is seen only by the rank that decodes it: it is replaced by a blank image (the
-  sample's text still trains) and counted in ``bad_images``.
+Bad samples, without breaking that determinism:
+
+* unusable text (corrupt JSON, no text, placeholder/image mismatch, nothing supervised, out-of-vocabulary
+  corpus ids) is recorded as bad when the size index is built, and "longer than seq_len" follows from the
+  size: every rank skips the same draws; the slot takes the source's next draw; counted per source, warned once;
+* an undecodable image is seen only by the rank that decodes it: it is replaced by a blank image (the sample's
+  text still trains) and counted in ``bad_images``;
+* a sample that is good in the size index but cannot be read, or reads differently, when its rank collates it
+  (the file changed after it was indexed) keeps its planned place: its span holds its image placeholders
+  (blank images) and padding, with no label; counted in ``bad_reads`` on that rank. The loss denominator
+  (from the plan) still counts its labels: a rare, bounded under-weighting of that step, never a hang.
 
 A source with no usable sample among its first draws fails at start-up.
 """
@@ -22,16 +32,18 @@ from pathlib import Path
 import torch
 
 from vlpretrain.config import Config, ConfigError
-from vlpretrain.data.packing import PackedRow, pack_samples, to_tensors
+from vlpretrain.data.packing import FirstFit
 from vlpretrain.data.preprocess import resize_and_pad
 from vlpretrain.data.sampler import ModalitySchedule, SamplePlanner
 from vlpretrain.data.samples import IGNORE, EncodedSample, SampleEncoder
 from vlpretrain.data.shards import BadSample
-from vlpretrain.data.sources import Source, load_manifest, open_source
+from vlpretrain.data.sizes import SizeTable
+from vlpretrain.data.sources import IndexedSource, Source, load_manifest, open_source
 from vlpretrain.data.tokenizer import TextTokenizer
 
 log = logging.getLogger(__name__)
 MAX_CONSECUTIVE_BAD = 1000
+_READ_ERRORS = (ValueError, KeyError, TypeError, OSError)
 
 
 def resolve(root: str, path: str) -> Path:
@@ -39,24 +51,54 @@ def resolve(root: str, path: str) -> Path:
     return p if p.is_absolute() else Path(root) / p
 
 
+def image_share(n_images: int, tp: int, tp_rank: int) -> tuple[int, int]:
+    """[start, end) of TP rank ``tp_rank``'s images among a microbatch's ``n_images`` (torch.chunk bounds): the
+    same as ``vlpretrain.parallel.vision_split.image_share`` (the engine's), repeated here so that the data layer
+    does not import the parallel one; a test checks that they agree."""
+    size = -(-n_images // tp) if n_images else 0
+    start = min(tp_rank * size, n_images)
+    return start, min(start + size, n_images)
+
+
 @dataclass
 class Microbatch:
     tokens: torch.Tensor  # (B, S) long
     labels: torch.Tensor  # (B, S) long, IGNORE where not supervised
     # (B, M, 3, H, W) uint8 (padded, resized; the engine scales to [0, 1] on the device: 4x less to move), or
-    # float in [0, 1]; None on text steps and on ranks that do not run the vision encoder
+    # float in [0, 1]; None on text steps and on ranks that do not run the vision encoder. With the TP image
+    # split, images outside this TP rank's share are left zero (not decoded).
     images: torch.Tensor | None
     positions: torch.Tensor | None = None  # (B, S) long, packed rows only (restart at each document)
     doc_ids: torch.Tensor | None = None  # (B, S) long, packed rows only (document-causal attention)
 
 
-@dataclass
-class Planned:
+@dataclass(frozen=True)
+class Slot:
+    """One sample of a global step, as planned from its size."""
     source: int
     index: int
-    key: str
-    sample: EncodedSample
-    record: dict
+    tokens: int  # input tokens, image placeholders included
+    labels: int  # supervised tokens
+    images: int
+
+
+@dataclass
+class StepPlan:
+    """One global step, the same on every rank."""
+    step: int
+    modality: str  # "text" | "multimodal" | "mixed"
+    slots: list[Slot]  # the samples in draw order
+    rows: list[list[int]]  # the slots of every sequence (packed: first fit; else one slot per sequence)
+    totals: dict  # the GlobalBatch fields that describe the whole step (equal on every rank)
+
+
+@dataclass
+class LocalPlan:
+    """What one dp rank builds: its rows' samples and the step's totals (small: what a worker receives)."""
+    step: int
+    modality: str
+    rows: list[list[Slot]]
+    totals: dict
 
 
 @dataclass
@@ -75,6 +117,7 @@ class GlobalBatch:
     bad_samples: dict[str, int] = field(default_factory=dict)  # skipped while planning this step (global)
     bad_images: int = 0  # images this rank could not decode (replaced by blanks)
     data_state: dict = field(default_factory=dict)  # planner state after this step (for checkpoints)
+    bad_reads: int = 0  # planned samples this rank could not read as sized (masked, see the module doc)
 
     def pin_memory(self) -> "GlobalBatch":
         """Page-locked host tensors for asynchronous host-to-GPU copies (called by the DataLoader)."""
@@ -86,12 +129,8 @@ class GlobalBatch:
         return self
 
 
-def _out_of_vocab(tokens, vocab_size: int) -> bool:
-    return len(tokens) > 0 and (int(tokens.max()) >= vocab_size or int(tokens.min()) < 0)
-
-
 class StepPlanner:
-    """Plans global steps: the samples of every slot, encoded. Identical on every rank."""
+    """Plans global steps from sample sizes. Identical on every rank; reads no sample text."""
 
     def __init__(self, cfg: Config, tokenizer: TextTokenizer):
         self.cfg = cfg
@@ -99,233 +138,260 @@ class StepPlanner:
         self.sources: list[Source] = [open_source(s, manifest.base, cfg.train.seq_len) for s in manifest.sources]
         if not self.sources:
             raise ConfigError("config error: data has no sources (data.sources or data.manifest)")
-        self.encoder = SampleEncoder(tokenizer, cfg.model.image_tokens, cfg.train.seq_len,
-                                     cfg.data.system_prompt, truncate=False, vocab_size=cfg.model.vocab_size)
+        for src in self.sources:
+            if len(src) == 0:
+                raise ConfigError(f"data error: source '{src.name}' has no samples")
+        self.tables: list[SizeTable] = [src.size_table(tokenizer, cfg.data.system_prompt, cfg.model.vocab_size)
+                                        for src in self.sources]
+        self.image_tokens, self.seq_len = cfg.model.image_tokens, cfg.train.seq_len
         self.schedule = ModalitySchedule(cfg.data.language_ratio)
         self.planner = SamplePlanner([len(s) for s in self.sources], [s.modality for s in self.sources],
                                      [s.cfg.weight for s in self.sources], cfg.train.seed, self.schedule,
                                      cfg.data.group_by_modality)
         self.bad_total = {s.name: 0 for s in self.sources}
-        self.carry: dict[str, Planned] = {}  # packing: a drawn sample waiting for its modality's next step
+        self.carry: dict[str, Slot] = {}  # packing: a drawn sample waiting for its modality's next step
         self._warned: set[str] = set()
-        self.language_steps = 0
-        for i, src in enumerate(self.sources):
-            if len(src) == 0:
-                raise ConfigError(f"data error: source '{src.name}' has no samples")
+        for i in range(len(self.sources)):
             self._probe(i)
+
+    def slot(self, source: int, index: int) -> Slot | str:
+        """The sample's planned size, or why it cannot be used."""
+        t = self.tables[source]
+        reason = t.reasons.get(index)
+        if reason is not None:
+            return reason
+        images = int(t.images[index])
+        n = int(t.text[index]) + images * self.image_tokens
+        if n > self.seq_len:
+            return f"sample of {n} tokens is longer than seq_len={self.seq_len}"
+        return Slot(source, index, n, int(t.labels[index]), images)
 
     def _probe(self, i: int) -> None:
         """Fail fast on a source none of whose first samples can be used (a wrong path, format or tokenizer), or
         a corpus most of whose first chunks hold ids beyond model.vocab_size (made with another tokenizer)."""
-        src, errors = self.sources[i], []
-        n = min(len(src), 20)
-        if src.tokens(0) is not None:
-            out = [j for j in range(n) if _out_of_vocab(src.tokens(j), self.cfg.model.vocab_size)]
+        src, n = self.sources[i], min(len(self.sources[i]), 20)
+        if isinstance(src, IndexedSource):
+            vocab = self.cfg.model.vocab_size
+            out = [j for j in range(n) if "vocabulary" in self.tables[i].reasons.get(j, "")]
             if 2 * len(out) > n:
                 top = max(int(src.tokens(j).max()) for j in out)
                 raise ConfigError(
                     f"data error: source '{src.name}' ({src.cfg.path}) does not fit this model: {len(out)} of its "
-                    f"first {n} chunks hold token ids >= model.vocab_size={self.cfg.model.vocab_size} (up to "
-                    f"{top}): was it tokenized with another tokenizer?")
+                    f"first {n} chunks hold token ids >= model.vocab_size={vocab} (up to {top}): was it "
+                    f"tokenized with another tokenizer?")
+        errors = []
         for j in range(n):
-            try:
-                self.encode(src, j)
+            got = self.slot(i, j)
+            if isinstance(got, Slot):
                 return
-            except (ValueError, KeyError, TypeError, OSError) as e:
-                errors.append(str(e))
+            errors.append(got)
         raise ConfigError(f"data error: source '{src.name}' is unreadable: none of its first samples can be used "
                           f"(first error: {errors[0]})")
 
-    def encode(self, src: Source, i: int) -> tuple[EncodedSample, dict]:
-        toks = src.tokens(i)
-        if toks is not None:
-            return self.encoder.encode_tokens(toks), {"images": []}
-        record = src.record(i)
-        images = record.get("images") or []
-        if not isinstance(images, list):
-            raise ValueError("'images' must be a list")
-        return self.encoder.encode(record), record
-
-    def _fill(self, source: int, bad: dict[str, int]) -> Planned:
+    def _fill(self, source: int, bad: dict[str, int]) -> Slot:
         src = self.sources[source]
         for _ in range(MAX_CONSECUTIVE_BAD):
             d = self.planner.draw(source)
-            try:
-                sample, record = self.encode(src, d.index)
-                return Planned(source, d.index, src.key(d.index), sample, record)
-            except (ValueError, KeyError, TypeError, OSError) as e:
-                bad[src.name] = bad.get(src.name, 0) + 1
-                self.bad_total[src.name] += 1
-                if src.name not in self._warned:
-                    self._warned.add(src.name)
-                    where = f"{e.shard}:{e.key}" if isinstance(e, BadSample) else src.key(d.index)
-                    log.warning("skipping bad sample %s of source %s: %s (further ones are only counted)",
-                                where, src.name, e)
+            got = self.slot(source, d.index)
+            if isinstance(got, Slot):
+                return got
+            bad[src.name] = bad.get(src.name, 0) + 1
+            self.bad_total[src.name] += 1
+            if src.name not in self._warned:
+                self._warned.add(src.name)
+                log.warning("skipping bad sample %s of source %s: %s (further ones are only counted)",
+                            src.key(d.index), src.name, got)
         raise RuntimeError(f"data error: {MAX_CONSECUTIVE_BAD} consecutive bad samples in source '{src.name}'")
 
-    def plan(self) -> tuple[int, str, list[Planned], dict[str, int]]:
-        """The next global step: (step, modality, the samples in order, bad samples skipped). Without packing
-        there is one sample per sequence; with packing, as many as fit the step's sequences (``_pack``)."""
-        self.planner.step += 1
-        step = self.planner.step
-        modality = self.planner.modality(step)
+    def plan(self) -> StepPlan:
+        """The next global step. Without packing there is one sample per sequence; with packing, as many as fit
+        the step's sequences, placed first fit (``packing.FirstFit``); the first sample that fits no row waits
+        for this modality's next step (it is part of the data state)."""
+        step, modality = self.planner.next_step()
         bad: dict[str, int] = {}
+        rows = self.cfg.train.global_batch_size
         if self.cfg.data.packing:
-            return step, modality, self._pack(modality, bad), bad
-        slots = [self._fill(self.planner.next_source(modality), bad) for _ in range(self.cfg.train.global_batch_size)]
-        return step, modality, slots, bad
-
-    def _pack(self, modality: str, bad: dict[str, int]) -> list[Planned]:
-        """Draw samples until the step's ``global_batch_size`` rows are full, placing each by first fit (the
-        policy of ``packing.pack_samples``); the first sample that fits no row waits for this modality's next
-        step (it is part of the data state)."""
-        rows, seq_len, free, chosen = self.cfg.train.global_batch_size, self.cfg.train.seq_len, [], []
-        while True:
-            p = self.carry.pop(modality, None) or self._fill(self.planner.next_source(modality), bad)
-            n = len(p.sample.tokens)
-            for r, room in enumerate(free):
-                if n <= room:
-                    free[r] -= n
+            fit, slots = FirstFit(self.seq_len, rows), []
+            while True:
+                s = self.carry.pop(modality, None) or self._fill(self.planner.next_source(modality), bad)
+                if fit.place(s.tokens, len(slots)) is None:
+                    self.carry[modality] = s
                     break
-            else:
-                if len(free) == rows:
-                    self.carry[modality] = p
-                    return chosen
-                free.append(seq_len - n)
-            chosen.append(p)
+                slots.append(s)
+            layout = fit.rows
+        else:
+            slots = [self._fill(self.planner.next_source(modality), bad) for _ in range(rows)]
+            layout = [[k] for k in range(rows)]
+        return StepPlan(step, modality, slots, layout, self._totals(step, modality, slots, bad))
 
-    def carry_state(self) -> dict:
-        return {m: [p.source, p.index] for m, p in self.carry.items()}
+    def _totals(self, step: int, modality: str, slots: list[Slot], bad: dict[str, int]) -> dict:
+        counts: dict[str, int] = {}
+        for s in slots:
+            name = self.sources[s.source].name
+            counts[name] = counts.get(name, 0) + 1
+        keys = "\n".join(self.sources[s.source].key(s.index) for s in slots)
+        return dict(
+            num_label_tokens=sum(s.labels for s in slots), num_tokens=sum(s.tokens for s in slots),
+            num_images=sum(s.images for s in slots), num_samples=len(slots),
+            language_ratio_target=self.schedule.ratio(step),
+            language_ratio_realized=self.planner.language_steps / step,
+            samples_digest=hashlib.sha1(keys.encode()).hexdigest()[:16],
+            source_counts=counts, bad_samples=bad, data_state=self.state_dict())
 
-    def load_carry(self, state: dict) -> None:
+    def state_dict(self) -> dict:
+        return {"planner": self.planner.state_dict(), "language_steps": self.planner.language_steps,
+                "bad_total": dict(self.bad_total),
+                "carry": {m: [s.source, s.index] for m, s in self.carry.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.planner.load_state_dict(state["planner"])
+        self.planner.language_steps = state["language_steps"]
+        self.bad_total.update(state.get("bad_total", {}))
         self.carry = {}
-        for m, (source, index) in state.items():
-            sample, record = self.encode(self.sources[source], index)
-            self.carry[m] = Planned(source, index, self.sources[source].key(index), sample, record)
+        for m, (source, index) in state.get("carry", {}).items():
+            t = self.tables[source]
+            images = int(t.images[index])
+            self.carry[m] = Slot(source, index, int(t.text[index]) + images * self.image_tokens,
+                                 int(t.labels[index]), images)
 
 
 class DataPipeline:
-    """This rank's iterator of ``GlobalBatch``es (steps 1, 2, ... or from a restored state)."""
+    """This rank's iterator of ``GlobalBatch``es (steps 1, 2, ... or from a restored state).
+
+    ``load_images``: this rank runs the vision encoder (else no image tensors at all). ``image_split``:
+    ``(tp_rank, tp)``: decode only this TP rank's share of every microbatch's images (``image_share``), the
+    rest stay zero; ``(0, 1)`` decodes them all (``parallel.vision_split: replicate``, or tp = 1)."""
 
     def __init__(self, cfg: Config, tokenizer: TextTokenizer, dp_rank: int = 0, dp_size: int = 1,
-                 load_images: bool = True, state: dict | None = None):
+                 load_images: bool = True, state: dict | None = None, image_split: tuple[int, int] = (0, 1)):
         self.cfg, self.tok = cfg, tokenizer
         self.dp_rank, self.dp_size, self.load_images = dp_rank, dp_size, load_images
+        self.image_split = image_split
         self.plans = StepPlanner(cfg, tokenizer)  # opens every source now: bad paths fail at start-up
         if state is not None:
             self.load_state_dict(state)
-        self.first_step = self.plans.planner.step  # steps already consumed (resumed runs)
         m = cfg.model
+        self.encoder = SampleEncoder(tokenizer, m.image_tokens, cfg.train.seq_len, cfg.data.system_prompt,
+                                     truncate=False, vocab_size=m.vocab_size)
         self.image_size = m.image_size
         self.pad_mean = m.sam.mean if m.sam.enabled else m.siglip.mean
-        self._iter = None
         self._warned_images: set[str] = set()  # sources whose blank-image warning was given
+        self._warned_reads: set[str] = set()
 
     @property
     def sources(self) -> list[Source]:
         return self.plans.sources
 
     def state_dict(self) -> dict:
-        return {"planner": self.plans.planner.state_dict(), "language_steps": self.plans.language_steps,
-                "bad_total": dict(self.plans.bad_total), "carry": self.plans.carry_state()}
+        return self.plans.state_dict()
 
     def load_state_dict(self, state: dict) -> None:
-        self.plans.planner.load_state_dict(state["planner"])
-        self.plans.language_steps = state["language_steps"]
-        self.plans.bad_total.update(state.get("bad_total", {}))
-        self.plans.load_carry(state.get("carry", {}))
+        self.plans.load_state_dict(state)
 
-    # ---- building one step
+    def local(self, plan: StepPlan) -> LocalPlan:
+        """This dp rank's contiguous share of the step's rows."""
+        n = len(plan.rows) // self.dp_size
+        mine = plan.rows[self.dp_rank * n:(self.dp_rank + 1) * n]
+        return LocalPlan(plan.step, plan.modality, [[plan.slots[k] for k in row] for row in mine], plan.totals)
 
-    def _image(self, p: Planned, j: int, counter: list[int]) -> torch.Tensor:
+    # ---- building this rank's share of one step
+
+    def _read(self, s: Slot, counter: list[int]) -> tuple[EncodedSample, dict] | None:
+        """The sample's encoding and record, or None if it no longer reads as it was sized (counted)."""
+        src = self.sources[s.source]
         try:
-            img = self.sources[p.source].image(p.index, j, p.record)
+            toks = src.tokens(s.index)
+            if toks is not None:
+                sample, record = self.encoder.encode_tokens(toks), {"images": []}
+            else:
+                record = src.record(s.index)
+                sample = self.encoder.encode(record)
+            got = (len(sample.tokens), sum(1 for x in sample.labels if x != IGNORE), len(sample.images))
+            if got != (s.tokens, s.labels, s.images):
+                raise ValueError(f"reads as {got[0]} tokens, {got[1]} labels, {got[2]} images; its size index "
+                                 f"says {s.tokens}, {s.labels}, {s.images} (changed since it was indexed?)")
+            return sample, record
+        except _READ_ERRORS as e:
+            counter[1] += 1
+            if src.name not in self._warned_reads:
+                self._warned_reads.add(src.name)
+                log.warning("masking planned sample %s of source %s: %s (further ones are only counted)",
+                            src.key(s.index), src.name, e)
+            return None
+
+    def _image(self, s: Slot, j: int, record: dict, counter: list[int]) -> torch.Tensor:
+        src = self.sources[s.source]
+        try:
+            img = src.image(s.index, j, record)
         except (BadSample, OSError, ValueError, KeyError) as e:
             counter[0] += 1
-            name = self.sources[p.source].name
-            if name not in self._warned_images:  # once per source: the metrics count the rest
-                self._warned_images.add(name)
+            if src.name not in self._warned_images:  # once per source: the metrics count the rest
+                self._warned_images.add(src.name)
                 log.warning("blank image for %s (image %d): %s (further ones in source %s are only counted)",
-                            p.key, j, e, name)
+                            src.key(s.index), j, e, src.name)
             img = torch.zeros(3, self.image_size, self.image_size, dtype=torch.uint8)
         return resize_and_pad(img, self.image_size, self.pad_mean)
 
-    def _collate(self, items: list[Planned], modality: str, counter: list[int]) -> Microbatch:
-        s, b = self.cfg.train.seq_len, len(items)
-        tokens = torch.full((b, s), self.tok.pad_id, dtype=torch.long)
-        labels = torch.full((b, s), IGNORE, dtype=torch.long)
+    def _collate(self, rows: list[list[Slot]], modality: str, counter: list[int]) -> Microbatch:
+        seq, b = self.cfg.train.seq_len, len(rows)
+        packed = self.cfg.data.packing
+        tokens = torch.full((b, seq), self.tok.pad_id, dtype=torch.long)
+        labels = torch.full((b, seq), IGNORE, dtype=torch.long)
+        positions = torch.zeros(b, seq, dtype=torch.long) if packed else None
+        doc_ids = torch.zeros(b, seq, dtype=torch.long) if packed else None
+        per_row = [sum(s.images for s in row) for row in rows]
         # image steps give every microbatch an image tensor (possibly with no image) so that all ranks run
         # the vision towers; text steps give None and skip them
         images = None
         if self.load_images and modality != "text":
-            images = torch.zeros(b, max(len(p.sample.images) for p in items), 3, self.image_size, self.image_size,
-                                 dtype=torch.uint8)
-        for row, p in enumerate(items):
-            tokens[row, :len(p.sample.tokens)] = torch.tensor(p.sample.tokens)
-            labels[row, :len(p.sample.labels)] = torch.tensor(p.sample.labels)
-            if images is not None:
-                for j in range(len(p.sample.images)):
-                    images[row, j] = self._image(p, j, counter)
-        return Microbatch(tokens, labels, images)
-
-    def _collate_packed(self, rows: list[PackedRow], slots: list[Planned], modality: str,
-                        counter: list[int]) -> Microbatch:
-        tokens, labels, positions, doc_ids = to_tensors(rows)
-        images = None
-        if self.load_images and modality != "text":
-            images = torch.zeros(len(rows), max(len(r.images) for r in rows), 3, self.image_size, self.image_size,
-                                 dtype=torch.uint8)
-            for row, r in enumerate(rows):
-                for j, (k, i) in enumerate(r.images):  # (sample index in the step, image index in it)
-                    images[row, j] = self._image(slots[k], i, counter)
+            images = torch.zeros(b, max(per_row), 3, self.image_size, self.image_size, dtype=torch.uint8)
+        lo, hi = image_share(sum(per_row), self.image_split[1], self.image_split[0])
+        k = 0  # image number in the microbatch, in placeholder order (row by row): the engine's order
+        for r, row in enumerate(rows):
+            pos, slot = 0, 0
+            for d, s in enumerate(row, start=1):
+                got = self._read(s, counter)
+                n = s.tokens
+                if got is not None:
+                    tokens[r, pos:pos + n] = torch.tensor(got[0].tokens)
+                    labels[r, pos:pos + n] = torch.tensor(got[0].labels)
+                else:  # keep the planned layout (image placeholders, so every image count agrees), no label
+                    tokens[r, pos:pos + s.images * self.encoder.image_tokens] = self.tok.image_id
+                if packed:
+                    positions[r, pos:pos + n] = torch.arange(n)
+                    doc_ids[r, pos:pos + n] = d
+                if images is not None and got is not None:
+                    for j in range(s.images):
+                        if lo <= k + j < hi:
+                            images[r, slot + j] = self._image(s, j, got[1], counter)
+                k, slot, pos = k + s.images, slot + s.images, pos + n
         if not self.cfg.data.document_causal:  # plain concatenation: no position reset, full causal attention
             positions = doc_ids = None
         return Microbatch(tokens, labels, images, positions, doc_ids)
 
-    def build(self, step: int, modality: str, slots: list[Planned], bad: dict[str, int]) -> GlobalBatch:
-        mbs = self.cfg.train.micro_batch_size
-        counter = [0]
-        if self.cfg.data.packing:
-            refs = [EncodedSample(p.sample.tokens, p.sample.labels, [(k, j) for j in range(len(p.sample.images))])
-                    for k, p in enumerate(slots)]
-            rows = pack_samples(refs, self.cfg.train.seq_len, self.cfg.model.image_token_id, self.tok.pad_id)
-            local = len(rows) // self.dp_size
-            mine = rows[self.dp_rank * local:(self.dp_rank + 1) * local]
-            micro = [self._collate_packed(mine[i:i + mbs], slots, modality, counter)
-                     for i in range(0, len(mine), mbs)]
-        else:
-            local = len(slots) // self.dp_size
-            mine = slots[self.dp_rank * local:(self.dp_rank + 1) * local]
-            micro = [self._collate(mine[i:i + mbs], modality, counter) for i in range(0, len(mine), mbs)]
-        counts: dict[str, int] = {}
-        for p in slots:
-            name = self.sources[p.source].name
-            counts[name] = counts.get(name, 0) + 1
-        digest = hashlib.sha1("\n".join(p.key for p in slots).encode()).hexdigest()[:16]
-        self.plans.language_steps += modality == "text"
-        return GlobalBatch(
-            step=step, modality=modality, microbatches=micro,
-            num_label_tokens=sum(sum(1 for x in p.sample.labels if x != IGNORE) for p in slots),
-            num_tokens=sum(len(p.sample.tokens) for p in slots),
-            num_images=sum(len(p.sample.images) for p in slots), num_samples=len(slots),
-            language_ratio_target=self.plans.schedule.ratio(step),
-            language_ratio_realized=self.plans.language_steps / step, samples_digest=digest,
-            source_counts=counts, bad_samples=bad, bad_images=counter[0], data_state=self.state_dict())
+    def build(self, plan: StepPlan | LocalPlan) -> GlobalBatch:
+        """This rank's microbatches of a planned step (only its rows are read)."""
+        local = self.local(plan) if isinstance(plan, StepPlan) else plan
+        mbs, counter = self.cfg.train.micro_batch_size, [0, 0]
+        micro = [self._collate(local.rows[i:i + mbs], local.modality, counter)
+                 for i in range(0, len(local.rows), mbs)]
+        return GlobalBatch(step=local.step, modality=local.modality, microbatches=micro, bad_images=counter[0],
+                           bad_reads=counter[1], **local.totals)
 
     def __iter__(self):
         return self
 
     def __next__(self) -> GlobalBatch:
-        return self.build(*self.plans.plan())
+        return self.build(self.plans.plan())
 
     def steps(self, pin_memory: bool = False):
-        """Iterator over the coming steps; with ``data.num_workers`` > 0 worker processes prepare whole steps
-        ahead (worker w builds the steps w, w + W, ... and plans every step to keep the sequence), pinned for
-        fast copies to the GPU when ``pin_memory``."""
+        """Iterator over the coming steps; with ``data.num_workers`` > 0 this process plans (sizes only) and
+        worker processes build whole steps ahead, each its own steps and only this rank's rows of them; pinned
+        for fast copies to the GPU when ``pin_memory``."""
         if self.cfg.data.num_workers == 0:
             return (b.pin_memory() for b in self) if pin_memory else iter(self)
         loader = torch.utils.data.DataLoader(
-            _WorkerSteps(self), batch_size=None, num_workers=self.cfg.data.num_workers,
+            _Builder(self), sampler=_Plans(self), batch_size=None, num_workers=self.cfg.data.num_workers,
             prefetch_factor=self.cfg.data.prefetch_steps, collate_fn=_identity, pin_memory=pin_memory)
         return iter(loader)
 
@@ -337,17 +403,23 @@ def _identity(x):
     return x
 
 
-class _WorkerSteps(torch.utils.data.IterableDataset):
+class _Plans(torch.utils.data.Sampler):
+    """Runs in the training process: the plan of every step, this rank's part of it handed to a worker."""
+
     def __init__(self, pipeline: DataPipeline):
         self.pipeline = pipeline
 
     def __iter__(self):
-        info = torch.utils.data.get_worker_info()
-        wid, n = (info.id, info.num_workers) if info is not None else (0, 1)
         p = self.pipeline
         while True:
-            step, modality, slots, bad = p.plans.plan()
-            if (step - 1 - p.first_step) % n == wid:
-                yield p.build(step, modality, slots, bad)
-            else:  # another worker builds it: keep the counters in step
-                p.plans.language_steps += modality == "text"
+            yield p.local(p.plans.plan())
+
+
+class _Builder(torch.utils.data.Dataset):
+    """Runs in a worker: builds the step it is handed."""
+
+    def __init__(self, pipeline: DataPipeline):
+        self.pipeline = pipeline
+
+    def __getitem__(self, plan: LocalPlan) -> GlobalBatch:
+        return self.pipeline.build(plan)

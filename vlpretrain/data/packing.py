@@ -82,39 +82,77 @@ def pack_samples(samples: list[EncodedSample], seq_len: int, image_token_id: int
         except ValueError as e:
             raise ValueError(f"sample {i}: {e}") from None
 
-    bins: list[list[EncodedSample]] = []
-    free: list[int] = []
-    for s in samples:
-        n = len(s.tokens)
-        for b, room in enumerate(free):
-            if n <= room:
-                bins[b].append(s)
-                free[b] -= n
-                break
-        else:
-            bins.append([s])
-            free.append(seq_len - n)
+    fit = FirstFit(seq_len, max(len(samples), 1))
+    for k, s in enumerate(samples):
+        fit.place(len(s.tokens), k)
+    return [fill_row([samples[k] for k in docs], seq_len, pad_id) for docs in fit.rows]
 
-    rows = []
-    for docs, room in zip(bins, free):
-        tokens: list[int] = []
-        labels: list[int] = []
-        positions: list[int] = []
-        doc_ids: list[int] = []
-        images: list[str] = []
-        for d, s in enumerate(docs, start=1):
-            n = len(s.tokens)
-            tokens += s.tokens
-            labels += s.labels
-            positions += range(n)
-            doc_ids += [d] * n
-            images += s.images
-        tokens += [pad_id] * room
-        labels += [IGNORE] * room
-        positions += [0] * room
-        doc_ids += [0] * room
-        rows.append(PackedRow(tokens, labels, positions, doc_ids, images, len(docs)))
-    return rows
+
+class FirstFit:
+    """First fit in arrival order over at most ``max_rows`` rows of ``capacity`` tokens: the one implementation
+    of the policy (``pack_samples`` and the loader's step planner both use it).
+
+    ``place(n, item)`` puts the item into the first row, in creation order, whose room is >= n, opening the next
+    row when none has room; it returns the row, or None when no row has room and all ``max_rows`` are open (the
+    item is not placed). A max-segment tree over the rows' free room (unopened rows hold ``capacity``, so the
+    leftmost row with room is either the first fitting open row or the next new one) makes a placement
+    O(log rows) instead of a scan over the open rows."""
+
+    def __init__(self, capacity: int, max_rows: int):
+        self.capacity, self.max_rows = capacity, max_rows
+        size = 1
+        while size < max_rows:
+            size *= 2
+        self._size = size
+        self._tree = [0] * (2 * size)
+        for r in range(max_rows):
+            self._tree[size + r] = capacity
+        for i in range(size - 1, 0, -1):
+            self._tree[i] = max(self._tree[2 * i], self._tree[2 * i + 1])
+        self.rows: list[list] = []  # the items of every open row, in arrival order
+        self.free: list[int] = []  # room left in every open row
+
+    def place(self, n: int, item=None) -> int | None:
+        tree = self._tree
+        if n > tree[1]:
+            return None
+        i = 1
+        while i < self._size:
+            i = 2 * i if tree[2 * i] >= n else 2 * i + 1
+        row = i - self._size
+        tree[i] -= n
+        i //= 2
+        while i:
+            tree[i] = max(tree[2 * i], tree[2 * i + 1])
+            i //= 2
+        if row == len(self.rows):
+            self.rows.append([])
+            self.free.append(self.capacity)
+        self.rows[row].append(item)
+        self.free[row] -= n
+        return row
+
+
+def fill_row(docs: list[EncodedSample], seq_len: int, pad_id: int) -> PackedRow:
+    """One row of ``seq_len`` tokens from its documents (in order), padded at the end."""
+    tokens: list[int] = []
+    labels: list[int] = []
+    positions: list[int] = []
+    doc_ids: list[int] = []
+    images: list = []
+    for d, s in enumerate(docs, start=1):
+        n = len(s.tokens)
+        tokens += s.tokens
+        labels += s.labels
+        positions += range(n)
+        doc_ids += [d] * n
+        images += s.images
+    room = seq_len - len(tokens)
+    tokens += [pad_id] * room
+    labels += [IGNORE] * room
+    positions += [0] * room
+    doc_ids += [0] * room
+    return PackedRow(tokens, labels, positions, doc_ids, images, len(docs))
 
 
 def to_tensors(rows: list[PackedRow]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -130,7 +130,8 @@ class SamplePlanner:
         self.choosers = {m: WeightedChooser([weights[i] for i in idx]) for m, idx in self.by_modality.items() if idx}
         self.mixed = WeightedChooser(weights)
         self.counters = [0] * len(sizes)
-        self.step = 0
+        self.step = 0  # global steps planned so far (this object is the only one that advances it)
+        self.language_steps = 0  # of which all-language
         self._perms: dict[tuple[int, int], FeistelPermutation] = {}
 
     def modality(self, step: int) -> str:
@@ -140,6 +141,13 @@ class SamplePlanner:
         if has_text and has_mm:
             return "text" if self.schedule.is_language(step) else "multimodal"
         return "text" if has_text else "multimodal"
+
+    def next_step(self) -> tuple[int, str]:
+        """Advance to the next global step: (step, its modality)."""
+        self.step += 1
+        modality = self.modality(self.step)
+        self.language_steps += modality == "text"
+        return self.step, modality
 
     def next_source(self, modality: str) -> int:
         if modality == "mixed":

@@ -14,7 +14,10 @@ The manifest (YAML, ``data.manifest``: a path as given, else relative to ``data.
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +28,9 @@ import yaml
 from vlpretrain.config import ConfigError, DataConfig, SourceConfig, _build
 from vlpretrain.data.indexed import IndexedDataset, idx_path
 from vlpretrain.data.preprocess import load_image
-from vlpretrain.data.shards import BadSample, ShardReader, decode_image, expand_shards
+from vlpretrain.data.shards import BadSample, ShardReader, decode_image, expand_shards, index_path
+from vlpretrain.data.sizes import (SizeTable, announce, chunk_id_range, compute_entries, idx_fingerprint,
+                                   size_encoder, sizes_key, table_from_entries, write_json_atomic)
 from vlpretrain.errors import UserError
 
 
@@ -54,6 +59,11 @@ class Source:
     def image(self, i: int, j: int, record: dict) -> torch.Tensor:
         raise NotImplementedError
 
+    def size_table(self, tokenizer, system_prompt: str, vocab_size: int) -> SizeTable:
+        """Every sample's size (``sizes.py``), from the stored size index when it matches, else computed (and
+        stored, best effort)."""
+        raise NotImplementedError
+
 
 class JsonlSource(Source):
     def __init__(self, cfg: SourceConfig, path: Path):
@@ -64,6 +74,24 @@ class JsonlSource(Source):
         except UnicodeDecodeError as e:
             raise UserError(f"data source '{self.name}': {path} is not UTF-8 text (byte {e.start})") from None
         self.lines = [line for line in text.splitlines() if line.strip()]
+        self.path = path
+        self.content_hash = hashlib.blake2b(text.encode("utf-8"), digest_size=16).hexdigest()
+
+    def size_table(self, tokenizer, system_prompt: str, vocab_size: int) -> SizeTable:
+        key, side = sizes_key(tokenizer, system_prompt), Path(f"{self.path}.sizes.json")
+        try:
+            stored = json.loads(side.read_text(encoding="utf-8"))
+            if (stored.get("key"), stored.get("file_hash")) == (key, self.content_hash) and \
+                    len(stored["samples"]) == len(self):
+                return table_from_entries(stored["samples"])
+        except (OSError, ValueError, AttributeError, KeyError, TypeError):
+            pass
+        t0 = time.perf_counter()
+        entries = compute_entries(len(self), self.record, size_encoder(tokenizer, system_prompt))
+        write_json_atomic(side, {"format": "vlpretrain.sizes", "key": key, "file_hash": self.content_hash,
+                                 "samples": entries})
+        announce(self.name, len(self), t0)
+        return table_from_entries(entries)
 
     def __len__(self) -> int:
         return len(self.lines)
@@ -117,6 +145,26 @@ class ShardSource(Source):
         raw = self.reader.read_member(i, str(record["images"][j]).lower())
         return decode_image(raw, str(shard), key)
 
+    def size_table(self, tokenizer, system_prompt: str, vocab_size: int) -> SizeTable:
+        """Sizes kept in each shard's index (``"sizes"``); shards without them for this tokenizer are sized
+        now and their index rewritten with them."""
+        key, encoder, entries, computed, t0 = sizes_key(tokenizer, system_prompt), None, [], 0, time.perf_counter()
+        reader = self.reader
+        for s, index in enumerate(reader.indexes):
+            stored = index.pop("sizes", None)  # kept here, not in the reader's memory
+            n, start = len(index["samples"]), reader._starts[s]
+            if isinstance(stored, dict) and stored.get("key") == key and len(stored.get("samples", ())) == n:
+                entries += stored["samples"]
+                continue
+            encoder = encoder or size_encoder(tokenizer, system_prompt)
+            part = compute_entries(n, lambda j: self.record(start + j), encoder)
+            entries += part
+            computed += n
+            write_json_atomic(index_path(reader.paths[s]), {**index, "sizes": {"key": key, "samples": part}})
+        if computed:
+            announce(self.name, computed, t0)
+        return table_from_entries(entries)
+
 
 class IndexedSource(Source):
     """A token corpus: document d of n tokens gives ceil(n / chunk) samples of at most ``chunk`` tokens."""
@@ -144,6 +192,39 @@ class IndexedSource(Source):
         seq, off = int(self.seq_of_chunk[i]), int(self.offset_of_chunk[i])
         n = min(self.chunk, int(self.ds.sequence_lengths[seq]) - off)
         return np.asarray(self.ds.get(seq, off, n), dtype=np.int64)
+
+    def chunk_lengths(self) -> np.ndarray:
+        lengths = self.ds.sequence_lengths.astype(np.int64)[self.seq_of_chunk]
+        return np.minimum(self.chunk, lengths - self.offset_of_chunk)
+
+    def size_table(self, tokenizer, system_prompt: str, vocab_size: int) -> SizeTable:
+        """A chunk of n ids is BOS + n ids: n inputs, all supervised. The ids' range per chunk (for the
+        vocabulary check) comes from ``PREFIX.sizes.npz``, built by one pass over the .bin when missing."""
+        n = self.chunk_lengths().astype(np.int32)
+        side, key = Path(f"{self.ds.prefix}.sizes.npz"), f"{idx_fingerprint(self.ds.prefix)}:{self.chunk}"
+        lo = hi = None
+        try:
+            with np.load(side, allow_pickle=False) as z:
+                if str(z["key"]) == key and len(z["max_id"]) == len(n):
+                    lo, hi = z["min_id"], z["max_id"]
+        except (OSError, ValueError, KeyError):
+            pass
+        if lo is None:
+            t0 = time.perf_counter()
+            starts = self.ds.sequence_pointers[self.seq_of_chunk] // self.ds.dtype.itemsize + self.offset_of_chunk
+            lo, hi = chunk_id_range(self.ds, starts, n)
+            tmp = side.with_name(f".{side.name}.{os.getpid()}.tmp.npz")
+            try:
+                np.savez(tmp, key=np.array(key), min_id=lo, max_id=hi)
+                os.replace(tmp, side)
+            except OSError:
+                tmp.unlink(missing_ok=True)
+            announce(self.name, len(n), t0)
+        reasons = {}
+        for i in np.flatnonzero((hi >= vocab_size) | (lo < 0)).tolist():
+            bad = int(hi[i]) if hi[i] >= vocab_size else int(lo[i])
+            reasons[i] = (f"token id {bad} is outside the model's vocabulary (model.vocab_size={vocab_size})")
+        return SizeTable(n.copy(), n.copy(), np.zeros(len(n), np.int32), reasons)
 
 
 def _resolve(base: Path, path: str) -> Path:

@@ -1,6 +1,7 @@
 """HF ``tokenizers`` wrapper with the special tokens the chat format and the image splicing need."""
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 from tokenizers import Tokenizer
@@ -30,6 +31,8 @@ class TextTokenizer:
                 raise UserError(f"tokenizer {path} lacks the special token {text!r}")
             ids[name] = tid
         self.bos_id, self.eos_id, self.image_id, self.pad_id = ids["bos"], ids["eos"], ids["image"], ids["pad"]
+        # names this tokenizer in the sample-size indexes (vlpretrain/data/sizes.py): a change rebuilds them
+        self.fingerprint = hashlib.blake2b(path.read_bytes(), digest_size=16).hexdigest()
 
     @property
     def vocab_size(self) -> int:
