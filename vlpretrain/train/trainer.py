@@ -20,7 +20,8 @@ import torch.distributed as dist
 from vlpretrain.config import Config, ConfigError, trainable_parts
 from vlpretrain.data.loader import DataPipeline, resolve
 from vlpretrain.data.tokenizer import TextTokenizer
-from vlpretrain.eval.mcppl import check_eval_file, evaluate_mcppl
+from vlpretrain.eval.evaluator import Evaluator
+from vlpretrain.eval.mcppl import check_eval_file
 from vlpretrain.models.flops import step_flops
 from vlpretrain.models.pretrained import load_pretrained_parts
 from vlpretrain.parallel.engine import ParallelModel
@@ -51,6 +52,9 @@ def _check_inputs(cfg: Config) -> tuple[TextTokenizer, Path | None, Path | None]
     if eval_path is not None and not eval_path.is_file():
         raise FileNotFoundError(f"train.eval_file not found: {eval_path}")
     check_eval_file(eval_path, cfg, tokenizer)  # fields, images, lengths: fail now, not after training
+    text_path = resolve(cfg.data.root, tc.eval_text) if tc.eval_text else None
+    if text_path is not None and not (text_path.is_file() or Path(f"{text_path}.idx").is_file()):
+        raise FileNotFoundError(f"train.eval_text not found: {text_path}")
     init_file = verified(find_weights(tc.init_from)) if tc.init_from else None  # checksums, before any work
     resume = None
     if cfg.checkpoint.resume:  # checked on every rank alike (a shared file system): the same answer everywhere
@@ -64,7 +68,7 @@ def _check_inputs(cfg: Config) -> tuple[TextTokenizer, Path | None, Path | None]
         if path and world_size_from_env() > 1:
             raise ConfigError("config error: train.pretrained loads on a single process for now: run stage 1 "
                               "for one step on one process and pass its run dir as train.init_from")
-    return tokenizer, eval_path, init_file, resume
+    return tokenizer, (eval_path, text_path), init_file, resume
 
 
 def checkpoint_dir(cfg: Config) -> Path:
@@ -74,13 +78,13 @@ def checkpoint_dir(cfg: Config) -> Path:
 def train(cfg: Config) -> dict:
     """One stage, start to end; under torchrun/srun every rank runs it. Exits 42 when preempted."""
     PREEMPTION.install(cfg.train.preempt_signals)  # the CLI did it already, before torch was imported
-    tokenizer, eval_path, init_file, resume = _check_inputs(cfg)
+    tokenizer, eval_paths, init_file, resume = _check_inputs(cfg)
     run_dir = Path(cfg.train.run_dir)
     lock = RunDirLock(run_dir)
     if _global_rank() == 0:  # before any process group: a second job on this run dir stops here
         lock.acquire()
     try:
-        return _train(cfg, tokenizer, eval_path, init_file, resume, lock)
+        return _train(cfg, tokenizer, eval_paths, init_file, resume, lock)
     finally:
         lock.release()
 
@@ -89,7 +93,7 @@ def _global_rank() -> int:
     return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
 
 
-def _train(cfg: Config, tokenizer, eval_path, init_file, resume, lock: RunDirLock) -> dict:
+def _train(cfg: Config, tokenizer, eval_paths, init_file, resume, lock: RunDirLock) -> dict:
     t_start = time.perf_counter()
     tc = cfg.train
     resumed = json.loads((resume / TRAIN_STATE).read_text()) if resume else None
@@ -107,7 +111,10 @@ def _train(cfg: Config, tokenizer, eval_path, init_file, resume, lock: RunDirLoc
     data = DataPipeline(cfg, tokenizer, dp_rank=ctx.dp_rank, dp_size=lay.dp,  # opens every source now
                         state=resumed["data_state"] if resumed else None)
     model = ParallelModel(cfg, ctx)
+    evaluator = Evaluator(cfg, tokenizer, *eval_paths)  # MCPPL + held-out text, in this layout
     data.load_images = model.has_first  # only ranks that run the vision encoder decode images
+    if cfg.parallel.vision_split == "images":  # and each TP rank only the images it encodes
+        data.image_split = (ctx.tp_rank, lay.tp)
     batches = data.steps(pin_memory=device.type == "cuda")
 
     # ---- weights, optimizer
@@ -214,19 +221,17 @@ def _train(cfg: Config, tokenizer, eval_path, init_file, resume, lock: RunDirLoc
             deadline.observe(save_s=time.perf_counter() - t_save)
             if _preempted(ctx, deadline):  # arrived during the save: it is complete, so just exit
                 stop_here(step, save=False)
-        if eval_path is not None and tc.eval_interval and step % tc.eval_interval == 0 and step < tc.steps \
-                and lay.world_size == 1:
-            acc = evaluate_mcppl(model.modules[0], cfg, tokenizer, eval_path, device)["accuracy"]
-            print(f"eval step {step}: mcppl accuracy {acc:.3f}", flush=True)
+        if evaluator and tc.eval_interval and step % tc.eval_interval == 0 and step < tc.steps:
+            logger.log_eval(step, evaluator.run(model))
 
     if start < tc.steps:  # the final checkpoint also carries the full weights (init_from, eval, export)
         ckpt.save(tc.steps, train_state(), weights=gather_full_state_dict(model, ctx))
-    logger.close()
     summary = {"steps": tc.steps, "first_loss": first_loss, "final_loss": loss,
                "wall_time_s": round(time.perf_counter() - t_start, 2), "skipped_samples": data_state["bad_total"],
                "checkpoint": str(checkpoint_dir(cfg))}
-    if eval_path is not None and lay.world_size == 1:
-        summary["eval"] = evaluate_mcppl(model.modules[0], cfg, tokenizer, eval_path, device)
+    if evaluator and start < tc.steps:
+        summary["eval"] = logger.log_eval(tc.steps, evaluator.run(model))
+    logger.close()
     if ctx.is_main:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     if dist.is_initialized():
