@@ -72,18 +72,21 @@ def _run_all(cmds: list[list[str]], envs: list[dict], logs: Path, timeout_s: flo
 
 def _agents(rdzv: str, run_dir: Path, demo_dir: Path, *overrides: str, restarts: int = 0, resume: bool = False,
             env_extra: dict | None = None, timeout_s: float = 240) -> list[tuple[int, str]]:
-    """Two torchrun agents ("nodes") of one process each on 127.0.0.1."""
+    """Two torchrun agents ("nodes") of one process each on 127.0.0.1: c10d through launch/torchrun_multinode.sh
+    (run on every node), static with torchrun's own options."""
     port = _free_port()
-    cmds = []
-    for node in range(2):
-        if rdzv == "c10d":
-            rd = ["--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=vlptest"]
-        else:
-            rd = [f"--node-rank={node}", "--master-addr=127.0.0.1", f"--master-port={port}"]
-        cmds.append([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1", *rd,
-                     f"--max-restarts={restarts}", "--monitor-interval=0.1", "-m", "vlpretrain",
-                     *train_args(run_dir, demo_dir, *STEPS, *overrides), *(["--resume", "auto"] if resume else [])])
+    args = train_args(run_dir, demo_dir, *STEPS, *overrides)  # train --config CONFIG --set KEY=VALUE ...
     env = _clean_env(**(env_extra or {}))
+    if rdzv == "c10d":
+        env.update(NNODES="2", NPROC_PER_NODE="1", RDZV_ENDPOINT=f"127.0.0.1:{port}", RDZV_ID="vlptest",
+                   MAX_RESTARTS=str(restarts), RESUME="auto" if resume else "", PYTHON=sys.executable,
+                   TORCHRUN_ARGS="--monitor-interval=0.1")
+        cmds = [["bash", str(REPO / "launch" / "torchrun_multinode.sh"), args[2], *args[4:]]] * 2
+    else:
+        cmds = [[sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1",
+                 f"--node-rank={node}", "--master-addr=127.0.0.1", f"--master-port={port}",
+                 f"--max-restarts={restarts}", "-m", "vlpretrain", *args,
+                 *(["--resume", "auto"] if resume else [])] for node in range(2)]
     return _run_all(cmds, [env, env], run_dir.parent / f"{run_dir.name}_logs", timeout_s)
 
 
@@ -122,6 +125,17 @@ def test_sigkill_restarts_both_agents_and_resumes(single, demo_dir, tmp_path):
     assert "exitcode: -9" in logs or "Signal 9" in logs, logs[-3000:]  # the kill happened
     assert "resumed from" in logs and "step_00000002" in logs
     assert_same_training(_metrics(tmp_path / "run"), ref, tmp_path / "run", ref_dir)  # no duplicate step lines
+
+
+def test_torchrun_script_exits_42_when_preempted(demo_dir, tmp_path):
+    """torchrun exits 1 when its workers were preempted; launch/torchrun_multinode.sh reads the run dir's
+    `preempted` marker and exits 42 on every node, like the srun launch."""
+    results = _agents("c10d", tmp_path / "run", demo_dir, *DP2, env_extra={"VLP_FAULT": "term:2:1"})
+    for rc, out in results:
+        assert rc == 42, out[-4000:]
+    assert "torchrun_multinode: preempted" in results[0][1]
+    assert json.loads((tmp_path / "run" / "preempted").read_text())["step"] == 2
+    assert (tmp_path / "run" / "checkpoints" / "latest").read_text().strip() == "step_00000002"
 
 
 def _slurm_job_id() -> int:
