@@ -18,15 +18,35 @@ from vlpretrain.config import ConfigError, load_config, trainable_parts
 from vlpretrain.models.flops import step_flops
 from vlpretrain.models.vlm import build_model  # noqa: F401 - import timm before anything is timed
 from vlpretrain.parallel import balance
-from vlpretrain.parallel.balance import (part_costs, partition, partition_details, predict, resolve_layer_split,
-                                         uniform_split, validate_split)
+from vlpretrain.parallel.balance import part_costs, partition, partition_details, predict, uniform_split, validate_split
+from vlpretrain.parallel.balance_mix import resolve_layer_split as _resolve
+from vlpretrain.parallel.mesh import resolve_layout
 from vlpretrain.parallel.plan import measure_part_times, plan
+from vlpretrain.parallel.mix import StepType
+from vlpretrain.parallel.stages import placement_rank
 
 SEVEN_B = CONFIGS / "deepseek-vl-7b"
 
 
 def _cfg(stage: int = 2, *overrides: str, model: str = "deepseek-vl-7b"):
     return load_config(CONFIGS / model / f"stage{stage}.yaml", list(overrides))
+
+
+def resolve_layer_split(cfg, **kw):
+    """The split for the config's own microbatch count (dp 1)."""
+    return _resolve(cfg, _n_mb(cfg), **kw)
+
+
+def _predict(cfg, split, costs, world_size=None):
+    p = cfg.parallel
+    dp = p.dp if isinstance(p.dp, int) else (world_size // (p.tp * p.pp) if world_size else 1)
+    return predict(cfg, split, costs, _n_mb(cfg, world_size), dp)
+
+
+def _n_mb(cfg, world_size=None):
+    p = cfg.parallel
+    dp = p.dp if isinstance(p.dp, int) else (world_size // (p.tp * p.pp) if world_size else 1)
+    return cfg.train.global_batch_size // (cfg.train.micro_batch_size * dp)
 
 
 def _brute(costs: list[float], n_stages: int, pp: int, style: str = "loop") -> tuple[float, list[list[int]]]:
@@ -37,7 +57,7 @@ def _brute(costs: list[float], n_stages: int, pp: int, style: str = "loop") -> t
         b = [0, *cuts, n_parts]
         loads = [0.0] * pp
         for k in range(n_stages):
-            loads[balance.rank_of_stage(k, pp, style)] += sum(costs[b[k]:b[k + 1]])
+            loads[placement_rank(k, pp, style)] += sum(costs[b[k]:b[k + 1]])
         counts = [(b[k + 1] - b[k]) - (k == 0) - (k == n_stages - 1) for k in range(n_stages)]
         results.append((max(loads), counts))
     best = min(v for v, _ in results)
@@ -47,7 +67,7 @@ def _brute(costs: list[float], n_stages: int, pp: int, style: str = "loop") -> t
 def _rank_max(costs, split, pp, style="loop"):
     loads = [0.0] * pp
     for k, (a, e) in enumerate(balance.stage_bounds(split)):
-        loads[balance.rank_of_stage(k, pp, style)] += sum(costs[a:e])
+        loads[placement_rank(k, pp, style)] += sum(costs[a:e])
     return max(loads)
 
 
@@ -171,7 +191,12 @@ def test_tp_and_checkpointing():
     base, tp2 = part_costs(_cfg(2)), part_costs(_cfg(2, "parallel.tp=2"))
     assert tp2[1].time_s == pytest.approx(base[1].time_s / 2)  # decoder layers are tensor-parallel
     assert tp2[-1].time_s == pytest.approx(base[-1].time_s / 2)
-    assert tp2[0].time_s == pytest.approx(base[0].time_s)  # embed is recomputed on every TP rank
+    # one image per microbatch: split or not, one TP rank encodes it
+    assert tp2[0].time_s == pytest.approx(base[0].time_s)
+    rep4 = part_costs(_cfg(2, "parallel.tp=2", "parallel.vision_split=replicate"), images_per_sample=4)
+    split4 = part_costs(_cfg(2, "parallel.tp=2"), images_per_sample=4)
+    assert split4[0].time_s < 0.51 * rep4[0].time_s  # 4 images: each TP rank encodes 2 (text embedding ~0)
+    assert part_costs(_cfg(2, "parallel.tp=4"), image_counts=(1, 3))[0].time_s == pytest.approx(tp2[0].time_s)
     assert tp2[0].static_bytes == base[0].static_bytes
     full = part_costs(_cfg(2, "parallel.activation_checkpointing=full"))
     assert full[1].flops == pytest.approx(base[1].flops + base[1].forward_flops)  # one recomputed forward
@@ -185,7 +210,7 @@ def test_auto_balances_7b_stage2_pp4():
     auto = resolve_layer_split(cfg)
     assert uni == [8, 8, 7, 7] and sum(auto) == cfg.model.n_layers == 30 and len(auto) == 4
     costs = part_costs(cfg)
-    pu, pa = predict(cfg, uni, costs), predict(cfg, auto, costs)
+    pu, pa = _predict(cfg, uni, costs), _predict(cfg, auto, costs)
     assert pa["step_time"] < pu["step_time"]
     assert max(pa["stage_time"]) < max(pu["stage_time"])
     assert auto[0] <= uni[0]
@@ -193,9 +218,9 @@ def test_auto_balances_7b_stage2_pp4():
     # ~1.8: the gain comes from the last rank. With a packed multimodal sequence (4 images) the first stage
     # is heavy enough that rank 0 gets fewer layers than the uniform split gives it.
     costs4 = part_costs(cfg, images_per_sample=4)
-    auto4 = resolve_layer_split(cfg, images_per_sample=4)
+    auto4 = resolve_layer_split(cfg, mix=[StepType("multimodal", 1.0, (4,))])  # multimodal steps only
     assert auto4[0] < uni[0] and sum(auto4) == 30
-    assert predict(cfg, auto4, costs4)["step_time"] < predict(cfg, uni, costs4)["step_time"]
+    assert _predict(cfg, auto4, costs4)["step_time"] < _predict(cfg, uni, costs4)["step_time"]
     # the stage-3 embed (trainable SigLIP) is heavier than stage 2's under the same layout
     assert part_costs(_cfg(3, "parallel.pp=4"))[0].time_s > costs[0].time_s
 
@@ -220,7 +245,8 @@ def test_measured_times_override_model():
     costs = part_costs(cfg, measured=measured)
     assert [c.time_s for c in costs] == [measured[n] for n in names]
     # rank loads (3 + k, 5 - k) for k layers on rank 0: k = 1 balances them
-    assert resolve_layer_split(cfg, measured=measured) == [1, 3]
+    only_mm = [StepType("multimodal", 1.0, (cfg.train.micro_batch_size,))]  # the measured image count
+    assert resolve_layer_split(cfg, measured=measured, mix=only_mm) == [1, 3]
     with pytest.raises(ValueError):
         part_costs(cfg, measured={"embed": 1.0})
 
@@ -229,32 +255,32 @@ def test_predict_schedules():
     cfg = _cfg(2, "parallel.pp=4")
     costs = part_costs(cfg)
     split = [8, 8, 8, 6]
-    p = predict(cfg, split, costs)
+    p = _predict(cfg, split, costs)
     n_mb = cfg.train.global_batch_size // cfg.train.micro_batch_size  # dp = 1 without a world size
     assert p["n_microbatches"] == n_mb
     assert p["step_time"] == pytest.approx((n_mb + 3) * max(p["stage_time"]))
-    p64 = predict(cfg, split, costs, world_size=64)  # dp = 64 / 4 = 16
+    p64 = _predict(cfg, split, costs, world_size=64)  # dp = 64 / 4 = 16
     assert p64["dp"] == 16 and p64["n_microbatches"] == n_mb // 16
     # 1F1B: rank r keeps pp - r microbatches in flight
     act = [sum(c.activation_bytes for c in costs[a:e]) for a, e in balance.stage_bounds(split)]
     static = [sum(c.static_bytes for c in costs[a:e]) for a, e in balance.stage_bounds(split)]
     assert p["stage_memory"] == pytest.approx([static[r] + (4 - r) * act[r] for r in range(4)])
-    gp = predict(_cfg(2, "parallel.pp=4", "parallel.schedule=gpipe"), split, costs, world_size=64)
+    gp = _predict(_cfg(2, "parallel.pp=4", "parallel.schedule=gpipe"), split, costs, world_size=64)
     assert all(g > m for g, m in zip(gp["stage_memory"], p64["stage_memory"]))
     split8 = [4, 4, 4, 4, 4, 4, 3, 3]  # zero bubble runs several (here 2) stages per rank, like interleaving
-    zb = predict(_cfg(2, "parallel.pp=4", "parallel.vpp=2", "parallel.schedule=zero_bubble"), split8, costs)
-    il = predict(_cfg(2, "parallel.pp=4", "parallel.vpp=2", "parallel.schedule=interleaved_1f1b"), split8, costs)
+    zb = _predict(_cfg(2, "parallel.pp=4", "parallel.vpp=2", "parallel.schedule=zero_bubble"), split8, costs)
+    il = _predict(_cfg(2, "parallel.pp=4", "parallel.vpp=2", "parallel.schedule=interleaved_1f1b"), split8, costs)
     assert zb["step_time"] < il["step_time"]
     # interleaved with equal chunks: Megatron's (n_mb + (pp - 1) / vpp) x rank time
     icfg = _cfg(2, "parallel.pp=2", "parallel.vpp=2", "parallel.schedule=interleaved_1f1b",
                 "model.n_layers=10", "train.global_batch_size=16")
     flat = [balance.PartCost(name=n, time_s=1.0, memory_bytes=0.0, flops=0.0)
             for n in balance.part_names(10)]
-    ip = predict(icfg, [2, 3, 3, 2], flat)  # every virtual stage costs 3
+    ip = _predict(icfg, [2, 3, 3, 2], flat)  # every virtual stage costs 3
     assert ip["stage_time"] == [6.0, 6.0]
     assert ip["step_time"] == pytest.approx((16 + 1 / 2) * 6.0)
     with pytest.raises(ConfigError):
-        predict(cfg, split, costs, world_size=6)  # not divisible by tp x pp
+        resolve_layout(cfg, 6)  # not divisible by tp x pp
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -274,8 +300,9 @@ def test_plan_json_7b_fast():
     out = _run_cli(["plan", "--config", str(SEVEN_B / "stage2.yaml"), "--set", "parallel.pp=4", "--json"])
     elapsed = time.process_time() - t0
     data = json.loads(out)
-    assert set(data) == {"uniform", "auto"}
-    for v in data.values():
+    assert set(data) == {"uniform", "multimodal_only", "auto", "mix"}
+    assert [m["name"] for m in data["mix"]] == ["text", "multimodal"]  # no data here: the assumed mix
+    for v in (data["uniform"], data["multimodal_only"], data["auto"]):
         assert set(v) == {"split", "stage_time", "stage_memory", "step_time"}
         assert sum(v["split"]) == 30 and len(v["stage_time"]) == len(v["stage_memory"]) == 4
     assert data["uniform"]["split"] == [8, 8, 7, 7]

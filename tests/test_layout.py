@@ -15,8 +15,12 @@ def _cfg(*overrides: str):
 
 
 def test_dp_auto_and_explicit():
-    assert resolve_layout(_cfg("parallel.tp=2", "parallel.pp=2"), 8) == Layout(dp=2, tp=2, pp=2, vpp=1)
-    assert resolve_layout(_cfg(), 1) == Layout(1, 1, 1, 1)
+    # derived once: dp, microbatches per pipeline (16 / (2 x dp)), the split, the schedule's placement
+    assert resolve_layout(_cfg("parallel.tp=2", "parallel.pp=2", "parallel.layer_split=uniform"), 8) == \
+        Layout(dp=2, tp=2, pp=2, vpp=1, schedule="1f1b", n_microbatches=4, split=(2, 2))
+    assert resolve_layout(_cfg(), 1) == Layout(1, 1, 1, 1, "1f1b", 8, (4,))
+    lay = resolve_layout(_cfg("parallel.pp=2", "parallel.vpp=2", "parallel.schedule=zbv"), 2)
+    assert lay.stages_of_rank(0) == [0, 3] and sum(lay.split) == 4 and lay.n_microbatches == 8
     assert resolve_layout(_cfg("parallel.dp=4"), 4).dp == 4
 
 

@@ -96,7 +96,8 @@ def cmd_plan(args: argparse.Namespace, cfg: Config) -> int:
 
             measured = measure_part_times(cfg, device="cuda" if torch.cuda.is_available() else "cpu",
                                           images_per_sample=round(args.images_per_sample))
-        result = plan(cfg, measured=measured, world_size=args.world_size, images_per_sample=args.images_per_sample)
+        result = plan(cfg, measured=measured, world_size=args.world_size, images_per_sample=args.images_per_sample,
+                      read_data=not args.no_data)
     except ValueError as e:  # ConfigError is handled by main()
         if isinstance(e, ConfigError):
             raise
@@ -104,8 +105,11 @@ def cmd_plan(args: argparse.Namespace, cfg: Config) -> int:
         return 2
     if args.json:
         keys = ("split", "stage_time", "stage_memory", "step_time")
-        print(json.dumps({name: ({k: result[name][k] for k in keys} if result[name] else None)
-                          for name in ("uniform", "auto")}))
+        out = {name: ({k: result[name][k] for k in keys} if result[name] else None)
+               for name in ("uniform", "multimodal_only", "auto")}
+        out["mix"] = [{"name": st.name, "share": st.share, "images_per_microbatch": st.mean_images}
+                      for st in result["mix"]]
+        print(json.dumps(out))
         return 0
     print(format_plan(cfg, result, args.images_per_sample))
     return 0
@@ -235,12 +239,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-file", default="", help="jsonl multi-choice set (default: train.eval_file)")
     p.add_argument("--limit", type=int, default=None)
     p.set_defaults(func=cmd_eval)
-    p = sub.add_parser("plan", help="pipeline layer split: uniform vs vision-aware balance (meta device)")
+    p = sub.add_parser("plan", help="pipeline layer split: uniform vs balance over the step mix (meta device)")
     _add_config_args(p)
     p.add_argument("--json", action="store_true")
     p.add_argument("--measure", action="store_true", help="time each part on this machine (tiny models)")
     p.add_argument("--world-size", type=int, default=None, help="GPUs in all (for dp: auto); default dp=1")
-    p.add_argument("--images-per-sample", type=float, default=1.0, help="expected images per sequence")
+    p.add_argument("--images-per-sample", type=float, default=1.0,
+                   help="images per multimodal sequence when the data is not read (and for --measure)")
+    p.add_argument("--no-data", action="store_true", help="do not sample the data for the step mix")
     p.set_defaults(func=cmd_plan)
     p = sub.add_parser("ckpt", help="checkpoint tools")
     csub = p.add_subparsers(dest="ckpt_command", required=True)

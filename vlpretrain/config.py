@@ -18,6 +18,7 @@ from typing import Any, Literal, Optional, Union
 import yaml
 
 from vlpretrain.errors import UserError
+from vlpretrain.parallel.stages import microbatch_problem, schedule_problem, split_problem
 
 
 class ConfigError(UserError, ValueError):
@@ -460,6 +461,12 @@ def _check(cond: bool, key: str, msg: str) -> None:
         raise ConfigError(f"config error: {key}: {msg}")
 
 
+def _problem(found: tuple[str, str] | None) -> None:
+    """Raise the (key, message) a layout rule of parallel/stages.py found, if any."""
+    if found is not None:
+        _check(False, *found)
+
+
 _BOUNDS = {"ge": (">=", lambda v, b: v >= b), "gt": (">", lambda v, b: v > b),
            "le": ("<=", lambda v, b: v <= b), "lt": ("<", lambda v, b: v < b)}
 
@@ -530,9 +537,6 @@ def validate(cfg: Config) -> None:
            f"{t.seq_len} cannot hold one image ({m.image_tokens} tokens) and text")
     _check(t.global_batch_size % t.micro_batch_size == 0, "train.global_batch_size",
            f"{t.global_batch_size} is not divisible by train.micro_batch_size={t.micro_batch_size}")
-    if isinstance(p.dp, int):
-        _check(t.global_batch_size % (t.micro_batch_size * p.dp) == 0, "train.global_batch_size",
-               f"{t.global_batch_size} is not divisible by micro_batch_size x dp = {t.micro_batch_size * p.dp}")
     if not m.sam.enabled:
         _check("sam" not in t.trainable, "train.trainable", "'sam' is trainable but model.sam.enabled is false")
     names: dict[str, int] = {}
@@ -542,10 +546,8 @@ def validate(cfg: Config) -> None:
                f"'{name}' is already the name of data.sources[{names.get(name)}]")
         names[name] = i
     if isinstance(p.layer_split, list):
-        _check(sum(p.layer_split) == m.n_layers, "parallel.layer_split",
-               f"sums to {sum(p.layer_split)}, model has {m.n_layers} layers")
-        _check(len(p.layer_split) == p.pp * p.vpp, "parallel.layer_split",
-               f"has {len(p.layer_split)} entries, pp x vpp = {p.pp * p.vpp} virtual stages")
+        bad = split_problem(p.layer_split, m.n_layers, p.pp * p.vpp)
+        _check(bad is None, "parallel.layer_split", bad or "")
     # name the key the user most likely set: pp alone, or vpp on top of it
     _check(p.pp * p.vpp <= m.n_layers + 2, "parallel.vpp" if p.vpp > 1 else "parallel.pp",
            f"pp x vpp = {p.pp * p.vpp} virtual stages exceed the {m.n_layers + 2} model parts "
@@ -554,12 +556,6 @@ def validate(cfg: Config) -> None:
            f"{p.tp} does not divide the attention heads ({m.n_heads} q, {m.kv_heads} kv)")
     _check(m.ffn_dim % p.tp == 0, "parallel.tp", f"{p.tp} does not divide model.ffn_dim={m.ffn_dim}")
     _check(m.vocab_size % p.tp == 0, "parallel.tp", f"{p.tp} does not divide model.vocab_size={m.vocab_size}")
-    if p.pp > 1:
-        looped = p.schedule in ("interleaved_1f1b", "zero_bubble", "zbv", "dualpipev")
-        _check(not looped or p.vpp >= 2, "parallel.schedule", f"{p.schedule} needs parallel.vpp >= 2")
-        _check(looped or p.vpp == 1, "parallel.schedule",
-               f"{p.schedule} runs one stage per rank; use interleaved_1f1b for vpp={p.vpp}")
-        _check(p.schedule not in ("zbv", "dualpipev") or p.vpp == 2, "parallel.schedule",
-               f"{p.schedule} is V-shaped: it needs exactly parallel.vpp=2")
-    else:
-        _check(p.vpp == 1, "parallel.vpp", f"{p.vpp} virtual stages need pipeline parallelism (parallel.pp > 1)")
+    _problem(schedule_problem(p.schedule, p.pp, p.vpp))  # the schedule table (parallel/stages.py)
+    if isinstance(p.dp, int):  # (dp: auto is checked with the world size, by mesh.resolve_layout)
+        _problem(microbatch_problem(t.global_batch_size, t.micro_batch_size, p.dp, p.pp, p.vpp, p.schedule))

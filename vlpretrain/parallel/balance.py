@@ -3,11 +3,15 @@
 The model is a chain of parts ``embed`` (vision towers + adaptor + text embedding), ``layers.0..N-1``,
 ``head``. A layout has ``pp`` ranks x ``vpp`` virtual stages = V virtual stages; virtual stage 0 starts with
 ``embed``, stage V-1 ends with ``head``, and a split is the list of decoder-layer counts per virtual stage
-(sum = n_layers; a 0 only where the stage still holds embed or head, so no stage is empty). Rank r holds
-virtual stages r, r+pp, r+2pp, ... (looped / interleaved); ``dualpipev`` uses the V shape (r and 2pp-1-r).
+(sum = n_layers; a 0 only where the stage still holds embed or head, so no stage is empty). Which rank runs
+which virtual stage is the schedule table's placement (``parallel/stages.py``): r, r+pp, ... (looped) or r and
+2pp-1-r (V-shaped: ``zbv``, ``dualpipev``), the same table the runtime places stages by.
 
 Megatron and torchtitan split the decoder layers evenly (``uniform_split``) and ignore the first stage's
-vision encoders and the output head; ``partition`` balances the real per-part costs from ``part_costs``.
+vision encoders and the output head; ``partition`` balances the real per-part costs from ``part_costs``, and
+``partition_mix`` (what ``layer_split: auto`` runs) minimises the EXPECTED step time over the run's step types
+(``mix.StepType``: text-only steps, multimodal steps with their images per microbatch): each type's step time
+is ``predict``'s formula, weighted by the type's share of the steps.
 
 Cost model (per MICROBATCH of ``train.micro_batch_size`` sequences of ``train.seq_len`` tokens, on ONE device):
 
@@ -15,11 +19,13 @@ Cost model (per MICROBATCH of ``train.micro_batch_size`` sequences of ``train.se
   per sequence); forward+backward from ``step_flops`` (the same backward rules as the MFU counter: frozen parts
   upstream of every trainable parameter run no backward, trainable parts pay weight grads, activation grads
   flow through everything downstream of the first trainable part), so the per-part sums equal ``step_flops``.
-  With ``parallel.tp`` > 1 decoder layers and head are divided by tp; ``embed`` is NOT (the paper recomputes
-  it on every tensor-parallel rank). ``activation_checkpointing: full`` adds one forward of every decoder layer
-  that runs a backward (recomputation).
+  With ``parallel.tp`` > 1 decoder layers and head are divided by tp; ``embed``'s vision side is divided by
+  the image split (``parallel.vision_split: images``: the busiest TP rank encodes ceil(images / tp) of a
+  microbatch, at least the blank one a rank without images runs; the all-gather of the adaptor outputs is
+  small next to the towers and not modelled); with ``replicate`` (the paper) every TP rank encodes every
+  image. ``activation_checkpointing: full`` adds one forward of every decoder layer that runs a backward.
 * Time: flops / (peak TFLOP/s x 1e12 x ``EFFICIENCY``). Peak: ``logging.peak_tflops`` if set, else the visible
-  GPU's datasheet peak (``train.metrics.device_peak_tflops``), else (no GPU: planning on a CPU host) the H100
+  GPU's datasheet peak (``models.peaks.device_peak_tflops``), else (no GPU: planning on a CPU host) the H100
   figure, since the plan is for GPU training and only ratios decide the split. ``EFFICIENCY`` = 0.4 for every
   part: a flat MFU guess; measured times (``measure_part_times`` / ``plan --measure``) replace the model when
   the encoders run at a different efficiency than the decoder.
@@ -33,8 +39,9 @@ Cost model (per MICROBATCH of ``train.micro_batch_size`` sequences of ``train.se
   vision tower: 34 bytes x tokens x width x depth per image; the adaptor (when it runs a backward): the inputs
   and outputs of its Linear layers in bf16. Parts that run no backward keep no activations.
 
-``partition`` is exact for vpp == 1 (DP) and branch and bound for vpp > 1 (see its docstring); ``predict``
-documents the in-flight microbatch counts and the step-time formula per schedule.
+``partition`` and ``partition_mix`` are exact for vpp == 1 (dynamic programming) and branch and bound for
+vpp > 1 (see their docstrings); ``predict`` documents the in-flight microbatch counts and the step-time formula
+per schedule.
 """
 from __future__ import annotations
 
@@ -47,6 +54,7 @@ from typing import Optional
 from vlpretrain.config import Config, ConfigError, ModelConfig, trainable_parts
 from vlpretrain.models.flops import (adaptor_flops, decoder_layer_flops, head_flops, sam_flops, siglip_flops,
                                      step_flops)
+from vlpretrain.parallel.stages import placement_rank, schedule_info, split_problem
 
 EFFICIENCY = 0.4  # fraction of peak FLOP/s the time model assumes for every part (MFU guess)
 NO_GPU_PEAK_TFLOPS = 989.0  # H100 dense bf16: the assumed target when planning on a host without a GPU
@@ -65,15 +73,8 @@ def part_names(n_layers: int) -> list[str]:
 
 
 def stage_style(schedule: str) -> str:
-    """How virtual stages map to ranks: "loop" (r, r+pp, ...) or "v" (DualPipeV: r, 2pp-1-r)."""
-    return "v" if schedule == "dualpipev" else "loop"
-
-
-def rank_of_stage(k: int, pp: int, style: str = "loop") -> int:
-    chunk, pos = divmod(k, pp)
-    if style == "v" and chunk % 2 == 1:
-        return pp - 1 - pos
-    return pos
+    """How ``schedule`` places virtual stages on ranks: "single", "loop" or "v" (the schedule table's)."""
+    return schedule_info(schedule).placement
 
 
 def stage_bounds(split: list[int]) -> list[tuple[int, int]]:
@@ -91,17 +92,9 @@ def stage_bounds(split: list[int]) -> list[tuple[int, int]]:
 
 def validate_split(split: list[int], n_layers: int, n_stages: int) -> None:
     """Raise ConfigError unless ``split`` is a valid layout (see the module docstring)."""
-    key = "parallel.layer_split"
-    if len(split) != n_stages:
-        raise ConfigError(f"config error: {key}: has {len(split)} entries, pp x vpp = {n_stages} virtual stages")
-    if any((not isinstance(x, int)) or x < 0 for x in split):
-        raise ConfigError(f"config error: {key}: layer counts must be integers >= 0, got {split}")
-    if sum(split) != n_layers:
-        raise ConfigError(f"config error: {key}: sums to {sum(split)}, model has {n_layers} layers")
-    for k, c in enumerate(split):
-        if c == 0 and 0 < k < n_stages - 1:
-            raise ConfigError(f"config error: {key}: virtual stage {k} has no layer and holds neither embed nor "
-                              f"head (split {split})")
+    bad = split_problem(list(split), n_layers, n_stages)
+    if bad is not None:
+        raise ConfigError(f"config error: parallel.layer_split: {bad}")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -117,21 +110,21 @@ def uniform_split(n_layers: int, n_stages: int) -> list[int]:
     return [base + (1 if k < rem else 0) for k in range(n_stages)]
 
 
-def _prefix(costs: list[float]) -> list[float]:
+def prefix_sums(costs: list[float]) -> list[float]:
     pre = [0.0]
     for c in costs:
         pre.append(pre[-1] + c)
     return pre
 
 
-def _counts_from_cuts(cuts: list[int], n_parts: int) -> list[int]:
+def counts_from_cuts(cuts: list[int], n_parts: int) -> list[int]:
     """Stage boundaries b_1..b_{V-1} (part indices) -> layer counts per stage."""
     b = [0, *cuts, n_parts]
     v = len(b) - 1
     return [(b[k + 1] - b[k]) - (k == 0) - (k == v - 1) for k in range(v)]
 
 
-def _cuts_from_counts(split: list[int]) -> list[int]:
+def cuts_from_counts(split: list[int]) -> list[int]:
     return [end for _, end in stage_bounds(split)[:-1]]
 
 
@@ -139,7 +132,7 @@ def _rank_loads(pre: list[float], cuts: list[int], pp: int, style: str) -> list[
     b = [0, *cuts, len(pre) - 1]
     loads = [0.0] * pp
     for k in range(len(b) - 1):
-        loads[rank_of_stage(k, pp, style)] += pre[b[k + 1]] - pre[b[k]]
+        loads[placement_rank(k, pp, style)] += pre[b[k + 1]] - pre[b[k]]
     return loads
 
 
@@ -202,7 +195,7 @@ def _search(pre: list[float], v: int, pp: int, style: str, rank_bound: float, st
     stage that breaks a bound (costs >= 0, so longer stages do too), remaining cost above what the remaining
     stages and ranks can take. Raises _Budget past ``max_nodes`` nodes."""
     p = len(pre) - 1
-    ranks = [rank_of_stage(k, pp, style) for k in range(v)]
+    ranks = [placement_rank(k, pp, style) for k in range(v)]
     later = [sorted(set(ranks[k + 1:])) for k in range(v)]  # ranks that still receive a stage after stage k
     lim = {"rank": rank_bound, "stage": stage_bound}
     best: Optional[list[int]] = None
@@ -265,7 +258,7 @@ def _rank_lower_bound(costs: list[float], v: int, pp: int, style: str) -> float:
             c = sum(costs)
         else:
             c = costs[0] if k == 0 else (costs[-1] if k == v - 1 else cheapest)
-        need[rank_of_stage(k, pp, style)] += c
+        need[placement_rank(k, pp, style)] += c
     return max(sum(costs) / pp, max(need))
 
 
@@ -310,7 +303,7 @@ def partition_details(costs: list[float], n_stages: int, pp: int, style: str = "
     n_parts = len(costs)
     if n_stages > n_parts:
         raise ValueError(f"{n_stages} virtual stages exceed the {n_parts} parts")
-    pre = _prefix(costs)
+    pre = prefix_sums(costs)
     v = n_stages
     exact = True
     if v == pp:  # one stage per rank: the rank objective is the stage objective, exact DP
@@ -326,7 +319,7 @@ def partition_details(costs: list[float], n_stages: int, pp: int, style: str = "
         try:
             u = uniform_split(n_parts - 2, v)
             validate_split(u, n_parts - 2, v)
-            seeds.append(_cuts_from_counts(u))
+            seeds.append(cuts_from_counts(u))
         except ConfigError:
             pass
         seeds = [_polish(pre, c, pp, style, math.inf, math.inf) for c in seeds if c is not None]
@@ -353,7 +346,7 @@ def partition_details(costs: list[float], n_stages: int, pp: int, style: str = "
         cands = [_polish(pre, c, pp, style, rank_opt, stage_opt) for c in cands]
         cuts = min(cands, key=lambda c: (sorted(_rank_loads(pre, c, pp, style), reverse=True),
                                          sorted(_stage_costs(pre, c), reverse=True)))
-    return {"split": _counts_from_cuts(cuts, n_parts), "value": max(_rank_loads(pre, cuts, pp, style)),
+    return {"split": counts_from_cuts(cuts, n_parts), "value": max(_rank_loads(pre, cuts, pp, style)),
             "max_stage": max(_stage_costs(pre, cuts)), "exact": exact}
 
 
@@ -436,22 +429,38 @@ def peak_tflops(cfg: Config) -> float:
     import torch
 
     if torch.cuda.is_available():
-        from vlpretrain.train.metrics import device_peak_tflops
+        from vlpretrain.models.peaks import device_peak_tflops
 
         return device_peak_tflops(cfg, torch.device("cuda"))
     return NO_GPU_PEAK_TFLOPS
 
 
+def encoded_images(cfg: Config, images: float) -> float:
+    """Images the busiest first-stage TP rank encodes for a microbatch holding ``images`` (module docstring):
+    all of them (``vision_split: replicate`` or tp 1), else ceil(images / tp) and at least the blank image a
+    rank without one runs; a fractional count (an average) is divided evenly."""
+    tp = cfg.parallel.tp
+    if images <= 0 or tp == 1 or cfg.parallel.vision_split != "images":
+        return float(max(images, 0.0))
+    if float(images).is_integer():
+        return float(max(1, math.ceil(images / tp)))
+    return max(1.0, images / tp)
+
+
 def part_costs(cfg: Config, device_tflops: float | None = None, measured: dict[str, float] | None = None,
-               images_per_sample: float = 1.0, efficiency: float = EFFICIENCY) -> list[PartCost]:
+               images_per_sample: float = 1.0, efficiency: float = EFFICIENCY,
+               image_counts: tuple[float, ...] | None = None) -> list[PartCost]:
     """Per-microbatch time, memory and FLOPs of each part, in order [embed, layers.0, ..., head].
 
     ``device_tflops``: peak TFLOP/s (default ``peak_tflops(cfg)``); time = flops / (peak x 1e12 x efficiency).
     ``measured``: part name -> measured forward+backward seconds; replaces the time model (all parts needed).
+    Images: ``image_counts`` (images per microbatch, one entry per microbatch observed: a step type's) or
+    ``images_per_sample`` x micro batch; ``encoded_images`` gives what the busiest TP rank encodes of them.
+    Per-part FLOPs are one device's (tp and the image split applied).
     """
     m, t, par = cfg.model, cfg.train, cfg.parallel
-    if images_per_sample < 0:
-        raise ValueError(f"images_per_sample must be >= 0, got {images_per_sample}")
+    if images_per_sample < 0 or (image_counts is not None and any(n < 0 for n in image_counts)):
+        raise ValueError(f"images per sample / microbatch must be >= 0, got {images_per_sample}, {image_counts}")
     trainable = trainable_parts(cfg)
     b, s, tp = t.micro_batch_size, t.seq_len, par.tp
     names = part_names(m.n_layers)
@@ -465,7 +474,10 @@ def part_costs(cfg: Config, device_tflops: float | None = None, measured: dict[s
     rate = peak * 1e12 * efficiency
 
     # FLOPs: forward from the per-part formulas, forward+backward via step_flops' backward rules
-    images = b * images_per_sample
+    if image_counts is not None:
+        images = sum(encoded_images(cfg, n) for n in image_counts) / max(len(image_counts), 1)
+    else:
+        images = encoded_images(cfg, b * images_per_sample)
     emb_fwd = images * (siglip_flops(m) + sam_flops(m) + adaptor_flops(m))
     emb_step = step_flops(m, 0, s, images, trainable)  # sequences=0: the vision side + adaptor only
     emb_tot = emb_fwd * emb_step.total / emb_step.forward if emb_step.forward > 0 else 0.0
@@ -514,7 +526,7 @@ def part_costs(cfg: Config, device_tflops: float | None = None, measured: dict[s
     for name in names:
         if name == "embed":
             fwd, tot, act = emb_fwd, emb_tot, emb_act
-            st, n, tr = static(name, 1)  # not tensor-parallel: replicated on every TP rank
+            st, n, tr = static(name, 1)  # weights not tensor-parallel: replicated on every TP rank
         elif name == "head":
             fwd, tot, act = head_fwd, head_fwd * llm_ratio, head_act
             st, n, tr = static(name, tp)
@@ -529,57 +541,29 @@ def part_costs(cfg: Config, device_tflops: float | None = None, measured: dict[s
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Resolution and prediction
+# Prediction
 
 
-def resolve_layer_split(cfg: Config, measured: dict[str, float] | None = None,
-                        images_per_sample: float = 1.0) -> list[int]:
-    """``parallel.layer_split`` -> decoder-layer counts per virtual stage."""
-    par, n = cfg.parallel, cfg.model.n_layers
-    v = par.pp * par.vpp
-    ls = par.layer_split
-    if isinstance(ls, list):
-        split = list(ls)
-    elif ls == "uniform":
-        split = uniform_split(n, v)
-    elif ls == "auto":
-        costs = part_costs(cfg, measured=measured, images_per_sample=images_per_sample)
-        split = partition([c.time_s for c in costs], v, par.pp, stage_style(par.schedule))
-    else:  # pragma: no cover - config validation rejects anything else
-        raise ConfigError(f"config error: parallel.layer_split: unknown value {ls!r}")
-    validate_split(split, n, v)
-    return split
+def step_time(vtime: list[float], pp: int, placement: str, n_mb: int, bubble: float) -> float:
+    """``predict``'s step time from the virtual stages' times: n_mb x the slowest rank + bubble x (pp - 1) x the
+    slowest virtual stage."""
+    rtime = [0.0] * pp
+    for k, t in enumerate(vtime):
+        rtime[placement_rank(k, pp, placement)] += t
+    return n_mb * max(rtime) + bubble * (pp - 1) * max(vtime)
 
 
-def num_microbatches(cfg: Config, world_size: int | None = None) -> tuple[int, int]:
-    """(microbatches per step per pipeline, dp). dp 'auto' = world_size / (tp x pp), or 1 without world_size."""
-    par, t = cfg.parallel, cfg.train
-    if isinstance(par.dp, int):
-        dp = par.dp
-    elif world_size:
-        if world_size % (par.tp * par.pp):
-            raise ConfigError(f"config error: parallel.dp: world size {world_size} is not divisible by "
-                              f"tp x pp = {par.tp * par.pp}")
-        dp = world_size // (par.tp * par.pp)
-    else:
-        dp = 1
-    per = t.micro_batch_size * dp
-    if t.global_batch_size % per:
-        raise ConfigError(f"config error: train.global_batch_size: {t.global_batch_size} is not divisible by "
-                          f"micro_batch_size x dp = {per}")
-    return t.global_batch_size // per, dp
-
-
-def predict(cfg: Config, split: list[int], costs: list[PartCost], world_size: int | None = None) -> dict:
-    """Per-rank time and memory and the step time of ``split`` under ``parallel.schedule``.
+def predict(cfg: Config, split: list[int], costs: list[PartCost], n_microbatches: int, dp: int = 1) -> dict:
+    """Per-rank time and memory and the step time of ``split`` under ``parallel.schedule``, for one step type
+    (``costs``) and ``n_microbatches`` per pipeline (``mesh.Layout.n_microbatches``; ``dp`` is reported).
 
     ``stage_time[r]``: forward+backward seconds of one microbatch on rank r (sum of its virtual stages).
     ``stage_memory[r]``: static bytes + activations of the microbatches in flight at the peak:
       gpipe: all n_mb; 1f1b / zero_bubble (vpp = 1): min(pp - r, n_mb); interleaved (vpp > 1):
       min(2(pp - r - 1) + (vpp - 1)pp + 1, n_mb vpp) chunks of the rank's mean chunk (Megatron's warm-up count
       + 1); dualpipev: min(pp + 1, n_mb) microbatches of the rank (DeepSeek-V3, Table 2).
-    ``step_time`` = n_mb x max_r stage_time[r] + f x (pp - 1) x (slowest virtual stage), f = 1 for gpipe, 1f1b,
-      interleaved and dualpipev, 1/3 for zero_bubble (ZB-H1: B and W each ~1/3 of a fwd+bwd). With vpp = 1 that
+    ``step_time`` = n_mb x max_r stage_time[r] + f x (pp - 1) x (slowest virtual stage), f = the schedule
+      table's ``bubble``: 1, and 1/3 for zero_bubble (ZB-H1: B and W each ~1/3 of a fwd+bwd). With vpp = 1 that
       is (n_mb + pp - 1) x max rank time; with balanced chunks under interleaving it is Megatron's
       (n_mb + (pp - 1)/vpp) x max rank time. Communication, optimizer step and data loading are not modelled.
     """
@@ -590,7 +574,7 @@ def predict(cfg: Config, split: list[int], costs: list[PartCost], world_size: in
     if len(costs) != cfg.model.n_layers + 2:
         raise ValueError(f"costs has {len(costs)} parts, the model has {cfg.model.n_layers + 2}")
     style = stage_style(par.schedule)
-    n_mb, dp = num_microbatches(cfg, world_size)
+    n_mb = n_microbatches
     bounds = stage_bounds(list(split))
     vtime = [sum(c.time_s for c in costs[a:e]) for a, e in bounds]
     vact = [sum(c.activation_bytes for c in costs[a:e]) for a, e in bounds]
@@ -598,7 +582,7 @@ def predict(cfg: Config, split: list[int], costs: list[PartCost], world_size: in
     rtime, ract, rstatic = [0.0] * pp, [0.0] * pp, [0.0] * pp
     rlayers: list[list[int]] = [[] for _ in range(pp)]
     for k in range(v):
-        r = rank_of_stage(k, pp, style)
+        r = placement_rank(k, pp, style)
         rtime[r] += vtime[k]
         ract[r] += vact[k]
         rstatic[r] += vstatic[k]
@@ -616,7 +600,7 @@ def predict(cfg: Config, split: list[int], costs: list[PartCost], world_size: in
         else:
             inflight = float(min(pp - r, n_mb))
         mem.append(rstatic[r] + inflight * ract[r])
-    bubble = (pp - 1) * max(vtime) * (1 / 3 if sched == "zero_bubble" else 1.0)
+    bubble = (pp - 1) * max(vtime) * schedule_info(sched).bubble
     return {
         "split": list(split), "stage_time": rtime, "stage_memory": mem, "step_time": n_mb * max(rtime) + bubble,
         "virtual_stage_time": vtime, "rank_layers": rlayers, "n_microbatches": n_mb, "dp": dp,

@@ -17,10 +17,9 @@ from torch.distributed.tensor.parallel import loss_parallel
 from vlpretrain.config import Config, trainable_parts
 from vlpretrain.models.init import initial_values
 from vlpretrain.models.vlm import build_model, set_trainable
-from vlpretrain.parallel.balance import resolve_layer_split
 from vlpretrain.parallel.fsdp import apply_activation_checkpointing, apply_fsdp
 from vlpretrain.parallel.mesh import ParallelContext
-from vlpretrain.parallel.pipeline import build_schedule, cut_stage, run_microbatches, stage_specs, stages_of_rank
+from vlpretrain.parallel.pipeline import build_schedule, cut_stage, run_microbatches, stage_specs
 from vlpretrain.parallel.tensor import apply_tensor_parallel
 from vlpretrain.parallel.vision_split import apply_vision_split, reduce_first_stage_grads
 
@@ -71,9 +70,9 @@ class ParallelModel:
         lay = ctx.layout
         whole = build_model(cfg.model, "meta")
         set_trainable(whole, trainable_parts(cfg))  # stage copies inherit requires_grad
-        self.split = resolve_layer_split(cfg) if lay.pp > 1 else [cfg.model.n_layers]
+        self.split = list(lay.split)  # derived once, by mesh.resolve_layout
         specs = stage_specs(self.split)
-        self.stage_ids = stages_of_rank(ctx.pp_rank, lay.pp, lay.vpp, cfg.parallel.schedule) if lay.pp > 1 else [0]
+        self.stage_ids = lay.stages_of_rank(ctx.pp_rank)
         self.modules: list[nn.Module] = [parallelize_part(cut_stage(whole, specs[i]) if lay.pp > 1 else whole,
                                                           cfg, ctx) for i in self.stage_ids]
         self.has_first = 0 in self.stage_ids
@@ -82,7 +81,7 @@ class ParallelModel:
         self.schedule = None
         self.packed = cfg.data.packing and cfg.data.document_causal
         if lay.pp > 1:
-            n_mb = cfg.train.global_batch_size // (cfg.train.micro_batch_size * lay.dp)
+            n_mb = lay.n_microbatches
             self.schedule = build_schedule(self.modules, self.stage_ids, lay.n_stages, ctx.device,
                                            ctx.submesh("pp").get_group(), cfg.parallel.schedule, n_mb,
                                            summed_text_loss, packed=self.packed)

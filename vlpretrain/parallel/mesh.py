@@ -15,17 +15,23 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from vlpretrain.config import Config, ConfigError
+from vlpretrain.parallel.balance_mix import resolve_layer_split
 from vlpretrain.parallel.launch_env import apply_launch_env, pg_timeout_s, process_group_store
-
-V_SCHEDULES = ("zbv", "dualpipev")  # V-shaped: rank r holds stages r and 2 pp - 1 - r
+from vlpretrain.parallel.stages import microbatch_problem, stages_of_rank
 
 
 @dataclass(frozen=True)
 class Layout:
+    """The whole parallel layout, derived once (``resolve_layout``) and read everywhere else: degrees, the
+    schedule, microbatches per step per pipeline, and decoder layers per virtual stage."""
+
     dp: int
     tp: int
     pp: int
     vpp: int
+    schedule: str = "1f1b"
+    n_microbatches: int = 1
+    split: tuple[int, ...] = ()
 
     @property
     def world_size(self) -> int:
@@ -35,15 +41,24 @@ class Layout:
     def n_stages(self) -> int:
         return self.pp * self.vpp
 
+    def stages_of_rank(self, pp_rank: int) -> list[int]:
+        """Virtual stages pipeline rank ``pp_rank`` runs (the schedule table's placement)."""
+        return stages_of_rank(pp_rank, self.pp, self.vpp, self.schedule)
+
 
 def _fail(key: str, msg: str) -> None:
     """One line naming the key to change, like every config error (the world size comes from the launcher)."""
     raise ConfigError(f"config error: {key}: {msg}")
 
 
-def resolve_layout(cfg: Config, world_size: int) -> Layout:
-    """Check the parallel layout against the world size; derive ``dp: auto``. Raises ConfigError."""
+def resolve_layout(cfg: Config, world_size: int | None = None, mix=None) -> Layout:
+    """Check the parallel layout against the world size and derive it: ``dp: auto``, the microbatch count and
+    the layer split (``parallel.layer_split``: ``auto`` balances the expected step over ``mix``, a list of
+    ``balance.StepType``, default ``balance.assumed_mix(cfg)``). ``world_size`` None: planning without a job
+    (dp: auto counts as 1). Raises ConfigError."""
     p, t = cfg.parallel, cfg.train
+    if world_size is None:
+        world_size = p.tp * p.pp * (p.dp if isinstance(p.dp, int) else 1)
     if world_size % (p.tp * p.pp) != 0:
         _fail("parallel.tp" if p.pp == 1 else "parallel.pp",
               f"world size {world_size} is not divisible by tp x pp = {p.tp * p.pp}")
@@ -51,20 +66,15 @@ def resolve_layout(cfg: Config, world_size: int) -> Layout:
     if dp * p.tp * p.pp != world_size:
         _fail("parallel.dp",
               f"dp x tp x pp = {dp} x {p.tp} x {p.pp} = {dp * p.tp * p.pp} but the world size is {world_size}")
-    if t.global_batch_size % (t.micro_batch_size * dp) != 0:
-        _fail("train.global_batch_size", f"{t.global_batch_size} is not divisible by micro_batch_size x dp = "
-                                         f"{t.micro_batch_size} x {dp} (world size {world_size})")
-    n_mb = t.global_batch_size // (t.micro_batch_size * dp)
-    if p.pp > 1:  # (schedule / vpp consistency is checked with the config)
-        if n_mb < p.pp:
-            _fail("train.global_batch_size", f"{n_mb} microbatches per step (global batch / (micro batch x dp)) "
-                                             f"cannot fill {p.pp} pipeline ranks: need at least {p.pp}")
-        if p.vpp > 1 and n_mb % p.pp != 0:
-            _fail("train.global_batch_size",
-                  f"{p.schedule} needs the microbatch count ({n_mb}) to be a multiple of pp={p.pp}")
+    bad = microbatch_problem(t.global_batch_size, t.micro_batch_size, dp, p.pp, p.vpp, p.schedule)
+    if bad is not None:
+        _fail(bad[0], f"{bad[1]} (world size {world_size})")
     if p.sequence_parallel and p.tp > 1 and t.seq_len % p.tp != 0:
         _fail("train.seq_len", f"sequence parallel needs train.seq_len={t.seq_len} divisible by tp={p.tp}")
-    return Layout(dp=dp, tp=p.tp, pp=p.pp, vpp=p.vpp)
+    n_mb = t.global_batch_size // (t.micro_batch_size * dp)
+    split = resolve_layer_split(cfg, n_mb, mix=mix) if p.pp > 1 else [cfg.model.n_layers]
+    return Layout(dp=dp, tp=p.tp, pp=p.pp, vpp=p.vpp, schedule=p.schedule, n_microbatches=n_mb,
+                  split=tuple(split))
 
 
 @dataclass

@@ -16,16 +16,10 @@ from torch import nn
 from torch.distributed.pipelining import PipelineStage
 from torch.distributed.pipelining import schedules as S
 
-from vlpretrain.parallel.mesh import V_SCHEDULES
+from vlpretrain.parallel import stages
 
-SCHEDULES = {
-    "1f1b": S.Schedule1F1B,
-    "gpipe": S.ScheduleGPipe,
-    "interleaved_1f1b": S.ScheduleInterleaved1F1B,
-    "zero_bubble": S.ScheduleInterleavedZeroBubble,
-    "zbv": S.ScheduleZBVZeroBubble,
-    "dualpipev": getattr(S, "ScheduleDualPipeV", None),
-}
+# name -> torch class (None where this torch lacks it), from the one schedule table (parallel/stages.py)
+SCHEDULES = {name: getattr(S, info.torch_class, None) for name, info in stages.SCHEDULES.items()}
 
 
 @dataclass(frozen=True)
@@ -49,9 +43,8 @@ def stage_specs(split: list[int]) -> list[StageSpec]:
 
 
 def stages_of_rank(pp_rank: int, pp: int, vpp: int, schedule: str) -> list[int]:
-    if schedule in V_SCHEDULES:
-        return [pp_rank, 2 * pp - 1 - pp_rank]
-    return [pp_rank + k * pp for k in range(vpp)]
+    """Virtual stages of ``pp_rank``: the schedule table's placement (the one the partitioner plans)."""
+    return stages.stages_of_rank(pp_rank, pp, vpp, schedule)
 
 
 def cut_stage(model: nn.Module, spec: StageSpec) -> nn.Module:
@@ -85,34 +78,50 @@ class PackedStage(nn.Module):
         return h if self.is_last else (h, positions, doc_ids)
 
 
+class ScoringStage(nn.Module):
+    """Forward-only scoring (evaluation): the first stage takes tokens and labels (+ images), every stage hands
+    the labels on beside its hidden states, and the last one returns each row's summed next-token NLL and
+    supervised-token count, (B, 2) in fp32, instead of logits: no rank keeps a step's logits."""
+
+    def __init__(self, stage: nn.Module, is_first: bool, is_last: bool, score):
+        super().__init__()
+        self.stage, self.score = stage, score
+        self.is_first, self.is_last = is_first, is_last
+
+    def forward(self, x, labels, images=None):
+        h = self.stage(x, images if self.is_first else None)
+        return self.score(h, labels) if self.is_last else (h, labels)
+
+
 def build_schedule(stage_modules: list[nn.Module], stage_ids: list[int], n_stages: int, device: torch.device,
-                   pp_group, schedule: str, n_microbatches: int, loss, packed: bool = False):
-    """``loss(output, target)``: each microbatch's target carries what the loss needs (labels, normaliser)."""
+                   pp_group, schedule: str, n_microbatches: int, loss=None, wrap=None):
+    """The pipeline schedule over this rank's stages. ``loss(output, target)``: the training loss (None: a
+    forward-only schedule); ``wrap(module, is_first, is_last)``: what the schedule runs for each stage
+    (e.g. ``PackedStage``), so that checkpoints and initialisation keep using the stage itself."""
     cls = SCHEDULES[schedule]
     if cls is None:
         raise RuntimeError(f"parallel.schedule={schedule} is not available in torch {torch.__version__}")
-    if packed:
-        stage_modules = [PackedStage(m, sid == 0, sid == n_stages - 1) for m, sid in zip(stage_modules, stage_ids)]
-    stages = [PipelineStage(m, sid, n_stages, device, group=pp_group) for m, sid in zip(stage_modules, stage_ids)]
-    # the loss is already normalised by the global token count: the schedule must not rescale gradients
+    if wrap is not None:
+        stage_modules = [wrap(m, sid == 0, sid == n_stages - 1) for m, sid in zip(stage_modules, stage_ids)]
+    pipe = [PipelineStage(m, sid, n_stages, device, group=pp_group) for m, sid in zip(stage_modules, stage_ids)]
+    # the loss is a sum over tokens, normalised once after backward: the schedule must not rescale gradients
     if cls in (S.Schedule1F1B, S.ScheduleGPipe):
-        return cls(stages[0], n_microbatches, loss_fn=loss, scale_grads=False)
-    return cls(stages, n_microbatches, loss_fn=loss, scale_grads=False)
+        return cls(pipe[0], n_microbatches, loss_fn=loss, scale_grads=False)
+    return cls(pipe, n_microbatches, loss_fn=loss, scale_grads=False)
 
 
-def run_microbatches(schedule, arg_mbs: list | None, kwarg_mbs: list | None, target_mbs: list | None,
-                     losses: list) -> None:
+def run_microbatches(schedule, arg_mbs: list | None, kwarg_mbs: list | None, target_mbs: list | None = None,
+                     losses: list | None = None, return_outputs: bool = False):
     """One pipeline step over the microbatches the data path made. Newer torch takes them as they are
     (``step(arg_mbs=...)``); older releases only split whole-batch inputs, so there they are joined first
-    (images padded to a common count of slots per sample)."""
+    (images padded to a common count of slots per sample). Returns the last stage's merged outputs if asked."""
     if "arg_mbs" in inspect.signature(schedule.step).parameters:
-        schedule.step(arg_mbs=arg_mbs, kwarg_mbs=kwarg_mbs, target_mbs=target_mbs, losses=losses,
-                      return_outputs=False)
-        return
+        return schedule.step(arg_mbs=arg_mbs, kwarg_mbs=kwarg_mbs, target_mbs=target_mbs, losses=losses,
+                             return_outputs=return_outputs)
     args = tuple(torch.cat(parts) for parts in zip(*arg_mbs)) if arg_mbs else ()
     kwargs = {k: _cat_slots([kw[k] for kw in kwarg_mbs]) for k in kwarg_mbs[0]} if kwarg_mbs else {}
     target = torch.cat(target_mbs) if target_mbs else None
-    schedule.step(*args, target=target, losses=losses, **kwargs)
+    return schedule.step(*args, target=target, losses=losses, **kwargs)
 
 
 def _cat_slots(tensors: list[torch.Tensor]) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""``vlpretrain plan``: the uniform and the vision-aware split side by side, from the cost model of
+"""``vlpretrain plan``: the uniform split, the multimodal-only balance and the mix-aware one (``layer_split:
+auto``) side by side, over the run's step mix (read from the data when it is there), from the cost model of
 ``balance.py`` or from per-part times measured on this machine (``--measure``)."""
 from __future__ import annotations
 
@@ -12,8 +13,12 @@ from torch.utils.checkpoint import checkpoint
 from vlpretrain.config import Config, ConfigError, trainable_parts
 from vlpretrain.data.synthetic import synthetic_microbatches
 from vlpretrain.models.vlm import build_model, set_trainable
-from vlpretrain.parallel.balance import (EFFICIENCY, PartCost, _part_params, part_costs, part_names, partition_details, peak_tflops,
-                                         predict, stage_style, uniform_split)
+from vlpretrain.errors import UserError
+from vlpretrain.parallel.balance import (EFFICIENCY, PartCost, part_costs, part_names, part_parameters,
+                                         partition_details, peak_tflops, predict, stage_style, uniform_split)
+from vlpretrain.parallel.balance_mix import mix_costs, partition_mix
+from vlpretrain.parallel.mesh import resolve_layout
+from vlpretrain.parallel.mix import StepType, assumed_mix, measured_mix
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -30,7 +35,7 @@ def measure_part_times(cfg: Config, steps: int = 3, device: str = "cpu", images_
     ``torch.utils.checkpoint``. Real model weights are built: on CPU, models over ``max_cpu_params`` parameters
     are refused (ValueError). Measured times are used as they are (no division by tp)."""
     dev = torch.device(device)
-    n_params = sum(sum(g.values()) for g in _part_params(cfg.model)[0].values())
+    n_params = sum(sum(g.values()) for g in part_parameters(cfg.model).values())
     if dev.type == "cpu" and n_params > max_cpu_params:
         raise ValueError(f"measuring {cfg.model.name} ({n_params / 1e9:.1f}B parameters) on CPU would build the full "
                          f"model in memory: measure on a GPU, or a smaller config (e.g. --set model.n_layers=2)")
@@ -101,22 +106,56 @@ def measure_part_times(cfg: Config, steps: int = 3, device: str = "cpu", images_
 # The ``vlpretrain plan`` report
 
 
+def step_mix(cfg: Config, images_per_sample: float = 1.0, read_data: bool = True) -> tuple[list[StepType], str]:
+    """The run's step types, measured from the data when it can be read, else assumed; and a one-line note
+    saying which (with the reason the data was not used)."""
+    if read_data:
+        try:
+            return measured_mix(cfg), ""
+        except (UserError, OSError, ValueError, RuntimeError) as e:
+            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+            return assumed_mix(cfg, images_per_sample), f"no data ({reason})"
+    return assumed_mix(cfg, images_per_sample), "data not read"
+
+
+def _expected(cfg: Config, split: list[int], costs: list[list[PartCost]], mix: list[StepType], n_mb: int,
+              dp: int) -> dict | None:
+    """``predict`` per step type, combined: expected step and rank times, the largest memory of any type."""
+    try:
+        per = [predict(cfg, split, c, n_mb, dp) for c in costs]
+    except ConfigError:
+        return None
+    w = [st.share / sum(x.share for x in mix) for st in mix]
+    pp = cfg.parallel.pp
+    return {"split": list(split), "rank_layers": per[0]["rank_layers"], "n_microbatches": n_mb, "dp": dp,
+            "stage_time": [sum(wt * p["stage_time"][r] for wt, p in zip(w, per)) for r in range(pp)],
+            "stage_memory": [max(p["stage_memory"][r] for p in per) for r in range(pp)],
+            "step_time": sum(wt * p["step_time"] for wt, p in zip(w, per)),
+            "step_time_by_type": {st.name: p["step_time"] for st, p in zip(mix, per)}}
+
+
 def plan(cfg: Config, measured: dict[str, float] | None = None, world_size: int | None = None,
-         images_per_sample: float = 1.0) -> dict:
-    """Predictions for the uniform split and the balanced one, plus the costs they come from. ``uniform`` is
-    None where the even spread leaves a middle stage empty (more virtual stages than layers allow)."""
-    costs = part_costs(cfg, measured=measured, images_per_sample=images_per_sample)
+         images_per_sample: float = 1.0, mix: list[StepType] | None = None, read_data: bool = True) -> dict:
+    """The uniform split, the multimodal-only balance (one multimodal step of ``images_per_sample`` images per
+    sample: the previous ``auto``) and the mix-aware ``auto`` split, each with its expected step time over the
+    step mix. ``uniform`` / ``multimodal_only`` are None where invalid (an empty middle stage)."""
+    note = ""
+    if mix is None:
+        mix, note = step_mix(cfg, images_per_sample, read_data)
+    layout = resolve_layout(cfg, world_size, mix=assumed_mix(cfg, images_per_sample))  # what training runs
+    n_mb, dp = layout.n_microbatches, layout.dp
     par = cfg.parallel
     v = par.pp * par.vpp
-    uni = uniform_split(cfg.model.n_layers, v)
-    try:
-        uniform = predict(cfg, uni, costs, world_size)
-        uniform_error = ""
-    except ConfigError as e:
-        uniform, uniform_error = None, str(e)
-    det = partition_details([c.time_s for c in costs], v, par.pp, stage_style(par.schedule))
-    return {"uniform": uniform, "auto": predict(cfg, det["split"], costs, world_size), "auto_exact": det["exact"],
-            "uniform_error": uniform_error, "costs": costs}
+    costs = mix_costs(cfg, mix, measured, images_per_sample)
+    det = partition_mix([[c.time_s for c in cs] for cs in costs], [st.share for st in mix], v, par.pp,
+                        par.schedule, n_mb)
+    mm_costs = part_costs(cfg, measured=measured, images_per_sample=images_per_sample)
+    mm_only = partition_details([c.time_s for c in mm_costs], v, par.pp, stage_style(par.schedule))["split"]
+    uniform = _expected(cfg, uniform_split(cfg.model.n_layers, v), costs, mix, n_mb, dp)
+    return {"uniform": uniform, "multimodal_only": _expected(cfg, mm_only, costs, mix, n_mb, dp),
+            "auto": _expected(cfg, det["split"], costs, mix, n_mb, dp), "auto_exact": det["exact"],
+            "training_split": list(layout.split), "mix": mix, "mix_note": note, "costs": costs,
+            "uniform_error": "" if uniform else "the uniform split leaves a middle virtual stage empty"}
 
 
 def _gib(x: float) -> str:
@@ -127,42 +166,66 @@ def _ms(x: float) -> str:
     return f"{x * 1e3:.2f} ms" if x < 10 else f"{x:.1f} s"
 
 
+def _mix_line(mix: list[StepType], note: str, cfg: Config) -> str:
+    parts = []
+    for st in mix:
+        what = "no images" if not st.images else f"{st.mean_images:.2f} images/microbatch"
+        parts.append(f"{st.share * 100:.0f}% {st.name} ({what})")
+    src = mix[0].note if mix else ""
+    return f"step mix: {', '.join(parts)}; {src}" + (f"; {note}" if note else "")
+
+
 def format_plan(cfg: Config, result: dict, images_per_sample: float = 1.0) -> str:
     par, t = cfg.parallel, cfg.train
-    u, a = result["uniform"], result["auto"]
-    costs: list[PartCost] = result["costs"]
+    u, a, mo = result["uniform"], result["auto"], result["multimodal_only"]
+    costs: list[list[PartCost]] = result["costs"]
+    mix: list[StepType] = result["mix"]
     lines = [f"{cfg.model.name} stage {t.stage}: pp={par.pp} vpp={par.vpp} tp={par.tp} schedule={par.schedule} "
              f"dp={a['dp']}: {a['n_microbatches']} microbatches of {t.micro_batch_size}x{t.seq_len} tokens, "
-             f"{images_per_sample:g} image(s)/sample, trainable {'+'.join(trainable_parts(cfg))}"]
-    if costs and costs[0].measured:
+             f"trainable {'+'.join(trainable_parts(cfg))}, vision_split={par.vision_split}"]
+    lines.append(_mix_line(mix, result.get("mix_note", ""), cfg))
+    if costs and costs[0] and costs[0][0].measured:
         lines.append("times: measured on this machine (plan --measure)")
     else:
         lines.append(f"times: model FLOPs / ({peak_tflops(cfg):g} TFLOP/s peak x {EFFICIENCY:g} efficiency)")
-    layer = costs[1] if len(costs) > 2 else None
+    ref = costs[-1]
+    layer = ref[1] if len(ref) > 2 else None
+    embeds = ", ".join(f"{st.name} {_ms(c[0].time_s)}" for st, c in zip(mix, costs))
     rel = ""
     if layer is not None and layer.time_s > 0:
-        rel = (f"  (embed = {costs[0].time_s / layer.time_s:.2f} layers, "
-               f"head = {costs[-1].time_s / layer.time_s:.2f} layers)")
-    lines.append("per microbatch fwd+bwd: embed " + _ms(costs[0].time_s)
-                 + (f", decoder layer {_ms(layer.time_s)}" if layer else "") + f", head {_ms(costs[-1].time_s)}" + rel)
+        rel = (f"  (embed = {ref[0].time_s / layer.time_s:.2f} layers in a {mix[-1].name} step, "
+               f"head = {ref[-1].time_s / layer.time_s:.2f})")
+    lines.append(f"per microbatch fwd+bwd: embed {embeds}" + (f", decoder layer {_ms(layer.time_s)}" if layer else "")
+                 + f", head {_ms(ref[-1].time_s)}" + rel)
     note = "" if result.get("auto_exact", True) else "  (search budget hit: best found, not proven optimal)"
-    lines.append(f"split uniform {u['split'] if u else 'invalid'}   auto {a['split']}{note}")
-    if u is None:
-        lines.append(f"uniform: {result.get('uniform_error', '')}")
+    lines.append(f"split uniform {u['split'] if u else 'invalid'}   multimodal-only "
+                 f"{mo['split'] if mo else 'invalid'}   auto (mix-aware) {a['split']}{note}")
+    if result.get("training_split") and result["training_split"] != a["split"]:
+        lines.append(f"training's layer_split: auto does not read the data and picks {result['training_split']}; "
+                     f"to train with this mix: --set parallel.layer_split={a['split']}")
     lines.append("")
-    lines.append(f"{'rank':<6}{'uniform: layers':>16}{'time/mb':>12}{'memory':>12}   "
-                 f"{'auto: layers':>13}{'time/mb':>12}{'memory':>12}")
+    lines.append(f"{'rank':<6}{'uniform: layers':>16}{'time/mb':>11}{'memory':>11}  {'mm-only: layers':>16}"
+                 f"{'time/mb':>11}  {'auto: layers':>13}{'time/mb':>11}{'memory':>11}")
     for r in range(par.pp):
-        la = "+".join(str(x) for x in a["rank_layers"][r])
-        if u is not None:
-            lu = "+".join(str(x) for x in u["rank_layers"][r])
-            left = f"{lu:>16}{_ms(u['stage_time'][r]):>12}{_gib(u['stage_memory'][r]):>12}"
-        else:
-            left = f"{'-':>16}{'':>24}"
-        lines.append(f"{r:<6}{left}   {la:>13}{_ms(a['stage_time'][r]):>12}{_gib(a['stage_memory'][r]):>12}")
-    lines.append(f"{'step':<6}{'':>16}{(_ms(u['step_time']) if u else '-'):>12}{'':>12}   "
-                 f"{'':>13}{_ms(a['step_time']):>12}")
+        cols = []
+        for res, mem in ((u, True), (mo, False), (a, True)):
+            if res is None:
+                cols.append(f"{'-':>16}{'':>11}" + (f"{'':>11}" if mem else ""))
+                continue
+            lay = "+".join(str(x) for x in res["rank_layers"][r])
+            cols.append(f"{lay:>16}{_ms(res['stage_time'][r]):>11}"
+                        + (f"{_gib(res['stage_memory'][r]):>11}" if mem else ""))
+        lines.append(f"{r:<6}{cols[0]}  {cols[1]}  {cols[2][3:]}")
+    lines.append("(time/mb: expected over the step mix; memory: the largest over the step types)")
+    for name, res in (("uniform", u), ("multimodal-only", mo), ("auto", a)):
+        if res is None:
+            continue
+        by = ", ".join(f"{k} {_ms(v)}" for k, v in res["step_time_by_type"].items())
+        lines.append(f"step {name:<16} expected {_ms(res['step_time'])}  ({by})")
     if u is not None and u["step_time"] > 0 and a["step_time"] > 0:
         ratio = a["step_time"] / u["step_time"]
         lines.append(f"auto / uniform step time = {ratio:.3f}  ({(1 / ratio - 1) * 100:+.1f}% throughput)")
+    if mo is not None and mo["step_time"] > 0 and a["step_time"] > 0:
+        ratio = a["step_time"] / mo["step_time"]
+        lines.append(f"auto / multimodal-only step time = {ratio:.3f}  ({(1 / ratio - 1) * 100:+.1f}% throughput)")
     return "\n".join(lines)

@@ -8,26 +8,8 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 from vlpretrain.config import Config
-
-# dense bf16 peak TFLOP/s per device (vendor datasheets)
-_PEAKS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "A800": 312.0, "H800": 989.0, "L40S": 362.0,
-          "A10": 125.0, "V100": 125.0}
-CPU_DEFAULT_PEAK = 1.0  # TFLOP/s: a placeholder; set logging.peak_tflops to your CPU's fp32 peak
-
-
-def device_peak_tflops(cfg: Config, device: torch.device) -> float:
-    if cfg.logging.peak_tflops > 0:
-        return cfg.logging.peak_tflops
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        for key, peak in _PEAKS.items():
-            if key in name:
-                return peak
-        return 312.0
-    return CPU_DEFAULT_PEAK
+from vlpretrain.models.peaks import CPU_DEFAULT_PEAK, device_peak_tflops  # noqa: F401 - re-exported
 
 
 def format_duration(seconds: float) -> str:
