@@ -96,7 +96,8 @@ def bench(name: str, modules: list, optimizers: list, root: Path, repeats: int) 
     size = sum(f.stat().st_size for f in (ck / "step_00000001").iterdir())
     shutil.rmtree(ck, ignore_errors=True)
     med = {f"{op}_s_{'with' if c else 'without'}": round(statistics.median(v), 4) for (op, c), v in times.items()}
-    out = {"bytes": size, **med,
+    out = {"bytes": size, **med, "samples": {f"{op}_{'with' if c else 'without'}": [round(x, 3) for x in v]
+                                             for (op, c), v in times.items()},
            "save_ratio": round(med["save_s_with"] / med["save_s_without"], 3),
            "load_ratio": round(med["load_s_with"] / med["load_s_without"], 3)}
     print(f"{name}: {size / 1e6:.1f} MB; save {med['save_s_without']:.3f} s -> {med['save_s_with']:.3f} s with "
