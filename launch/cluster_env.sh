@@ -12,9 +12,9 @@
 : "${NCCL_DEBUG:=WARN}"                     # INFO to see the topology/transport picked on the first run
 : "${NCCL_IB_TIMEOUT:=19}"                  # InfiniBand retry timeout 4.096 us * 2^19 ~ 2 s (Megatron's value;
                                             # the default 18 aborts jobs on busy fabrics)
-: "${VLP_PG_TIMEOUT_S:=600}"                # every start-up wait (store, rank check-in) and every collective of
-                                            # vlpretrain is bounded by this (seconds); a timeout names the missing
-                                            # ranks. Large saves or slow file systems may need more.
+# VLP_PG_TIMEOUT_S (not set here; default 600 s, or the config's parallel.timeout_s): bounds every start-up wait
+# (store, rank check-in) and every collective; a start-up timeout names the missing ranks and their nodes.
+# Hundreds of ranks or slow shared file systems may need more (the 7B example job sets 1800).
 
 # -- CUDA / PyTorch
 : "${TORCH_NCCL_AVOID_RECORD_STREAMS:=1}"   # frees TP/SP communication buffers at once instead of via
@@ -28,7 +28,7 @@
                                             # (all cores per process) oversubscribes 8 ranks x N cores
 
 export TORCH_NCCL_ASYNC_ERROR_HANDLING TORCH_NCCL_DUMP_ON_TIMEOUT TORCH_FR_BUFFER_SIZE \
-    TORCH_FR_DUMP_TEMP_FILE NCCL_DEBUG NCCL_IB_TIMEOUT VLP_PG_TIMEOUT_S TORCH_NCCL_AVOID_RECORD_STREAMS \
+    TORCH_FR_DUMP_TEMP_FILE NCCL_DEBUG NCCL_IB_TIMEOUT TORCH_NCCL_AVOID_RECORD_STREAMS \
     CUDA_DEVICE_MAX_CONNECTIONS PYTORCH_CUDA_ALLOC_CONF PYTHONFAULTHANDLER PYTHONUNBUFFERED OMP_NUM_THREADS
 
 # Site-specific, left unset: NCCL_SOCKET_IFNAME / GLOO_SOCKET_IFNAME (the interface the nodes reach each other
