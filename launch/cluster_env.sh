@@ -19,8 +19,9 @@
 # -- CUDA / PyTorch
 : "${TORCH_NCCL_AVOID_RECORD_STREAMS:=1}"   # frees TP/SP communication buffers at once instead of via
                                             # recordStream (lower peak memory with tensor parallelism)
-: "${CUDA_DEVICE_MAX_CONNECTIONS:=1}"       # one hardware queue: TP/SP communication kernels are issued in
-                                            # program order, so they overlap compute as scheduled (Megatron)
+# CUDA_DEVICE_MAX_CONNECTIONS (not set here): Megatron sets 1 so that TP/SP communication kernels run in issue
+# order; with FSDP (dp > 1 here) one hardware queue also serialises the parameter all-gathers behind compute,
+# so set it only for tensor-parallel-heavy layouts after a profile shows the gain.
 : "${PYTORCH_CUDA_ALLOC_CONF:=expandable_segments:True}"  # less fragmentation with varying image counts
 : "${PYTHONFAULTHANDLER:=1}"                # a Python stack on SIGSEGV/SIGABRT/timeouts in every rank's log
 : "${PYTHONUNBUFFERED:=1}"                  # logs reach the files as they are written (preempted jobs too)
@@ -29,7 +30,7 @@
 
 export TORCH_NCCL_ASYNC_ERROR_HANDLING TORCH_NCCL_DUMP_ON_TIMEOUT TORCH_FR_BUFFER_SIZE \
     TORCH_FR_DUMP_TEMP_FILE NCCL_DEBUG NCCL_IB_TIMEOUT TORCH_NCCL_AVOID_RECORD_STREAMS \
-    CUDA_DEVICE_MAX_CONNECTIONS PYTORCH_CUDA_ALLOC_CONF PYTHONFAULTHANDLER PYTHONUNBUFFERED OMP_NUM_THREADS
+    PYTORCH_CUDA_ALLOC_CONF PYTHONFAULTHANDLER PYTHONUNBUFFERED OMP_NUM_THREADS
 
 # Site-specific, left unset: NCCL_SOCKET_IFNAME / GLOO_SOCKET_IFNAME (the interface the nodes reach each other
 # on, e.g. ib0 or eth0, when the default route is a management network), NCCL_IB_HCA, NCCL_NET_GDR_LEVEL.
