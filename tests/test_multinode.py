@@ -186,8 +186,9 @@ def test_hostlists_and_task_counts():
 def test_slurm_env_fills_torchrun_variables(monkeypatch):
     from vlpretrain.parallel.mesh import world_size_from_env
 
-    for k in LAUNCH_VARS:
-        monkeypatch.delenv(k, raising=False)
+    for k in (*LAUNCH_VARS, "VLP_MASTER_ADDR_GUESSED"):  # set, then delete: monkeypatch removes what the
+        monkeypatch.setenv(k, "")                           # code under test fills in, for later tests
+        monkeypatch.delenv(k)
     # the batch script itself (SLURM_PROCID=0 but no step): one process, nothing filled in
     monkeypatch.setenv("SLURM_PROCID", "0")
     monkeypatch.setenv("SLURM_NTASKS", "16")
