@@ -1,4 +1,4 @@
-"""Command line: `python -m data_tools demo ...` and `python -m data_tools tokenizer ...`."""
+"""Command line: `python -m data_tools {demo,tokenizer,tokenize,convert,inspect,index} ...`."""
 
 from __future__ import annotations
 
@@ -34,6 +34,11 @@ def main(argv: list[str] | None = None) -> int:
     add_convert_parser(commands)
     add_inspect_parser(commands)
 
+    index = commands.add_parser("index", help="store every source's sample sizes (what the step planner reads) "
+                                "for a training config, ahead of the run")
+    index.add_argument("--config", required=True, help="training config (YAML)")
+    index.add_argument("overrides", nargs="*", help="config overrides key=value, as for training")
+
     args = parser.parse_args(argv)
     try:
         return _run(args)
@@ -49,6 +54,8 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "inspect":
         from .inspect_data import run_inspect
         return run_inspect(args)
+    if args.command == "index":
+        return _index(args)
     if args.command == "tokenize":
         from .tokenize_corpus import run as run_tokenize
         return run_tokenize(args)
@@ -60,6 +67,23 @@ def _run(args: argparse.Namespace) -> int:
         tokenizer = train_from_dir(args.data, args.vocab_size)
         print(f"wrote {args.data}/tokenizer.json: vocab {tokenizer.get_vocab_size()}, "
               f"special ids {SPECIAL_TOKEN_IDS} ({time.perf_counter() - start:.1f}s)")
+    return 0
+
+
+def _index(args: argparse.Namespace) -> int:
+    """Open the config's sources as training does: missing or outdated size indexes are built and stored."""
+    from vlpretrain.config import load_config
+    from vlpretrain.data.loader import StepPlanner, resolve
+    from vlpretrain.data.tokenizer import TextTokenizer
+
+    cfg = load_config(args.config, args.overrides)
+    start = time.perf_counter()
+    planner = StepPlanner(cfg, TextTokenizer(resolve(cfg.data.root, cfg.data.tokenizer)))
+    for src, table in zip(planner.sources, planner.tables):
+        print(f"{src.name}: {len(table)} samples, {len(table.reasons)} bad, "
+              f"{int(table.text.sum() + table.images.sum() * cfg.model.image_tokens)} tokens, "
+              f"{int(table.images.sum())} images")
+    print(f"sizes indexed in {time.perf_counter() - start:.1f}s")
     return 0
 
 

@@ -198,3 +198,15 @@ def test_sample_changed_after_sizing_is_masked_in_place(demo_dir, tokenizer, tmp
         assert torch.equal(a.doc_ids, b.doc_ids)
     n_labels = sum(int((mb.labels != -100).sum()) for mb in got.microbatches)
     assert n_labels == want.num_label_tokens - victim.labels
+
+
+def test_data_tools_index_stores_sizes_ahead(demo_dir, tmp_path, capsys):
+    from data_tools.__main__ import main
+
+    root = _copy_demo(demo_dir, tmp_path / "demo")
+    shard = next((root / "shards").glob("captions-*.tar"))
+    assert "sizes" not in json.loads(index_path(shard).read_text())
+    assert main(["index", "--config", str(TINY / "stage2.yaml"), f"data.root={root}"]) == 0
+    assert "sizes" in json.loads(index_path(shard).read_text())
+    assert (root / "corpus" / "text.sizes.npz").is_file()
+    assert "captions:" in capsys.readouterr().out

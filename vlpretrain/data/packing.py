@@ -113,18 +113,23 @@ class FirstFit:
         self.free: list[int] = []  # room left in every open row
 
     def place(self, n: int, item=None) -> int | None:
-        tree = self._tree
+        tree, size = self._tree, self._size
         if n > tree[1]:
             return None
         i = 1
-        while i < self._size:
-            i = 2 * i if tree[2 * i] >= n else 2 * i + 1
-        row = i - self._size
-        tree[i] -= n
-        i //= 2
-        while i:
-            tree[i] = max(tree[2 * i], tree[2 * i + 1])
-            i //= 2
+        while i < size:
+            i <<= 1
+            if tree[i] < n:
+                i += 1
+        row = i - size
+        room = tree[i] = tree[i] - n
+        while i > 1:  # update the maxima up to the root; stop early once a parent does not change
+            sibling = tree[i ^ 1]
+            i >>= 1
+            top = room if room > sibling else sibling
+            if tree[i] == top:
+                break
+            tree[i] = room = top
         if row == len(self.rows):
             self.rows.append([])
             self.free.append(self.capacity)

@@ -78,13 +78,17 @@ class FeistelPermutation:
     def __call__(self, i: int) -> int:
         if not 0 <= i < self.n:
             raise IndexError(i)
+        # _round inlined (the planner calls this once per drawn sample: the hot path of planning)
+        blake2b, from_bytes, half, mask, keys, n = hashlib.blake2b, int.from_bytes, self.half, self.mask, \
+            self.keys, self.n
         x = i
         while True:
-            left, right = x >> self.half, x & self.mask
-            for k in self.keys:
-                left, right = right, left ^ self._round(right, k)
-            x = (left << self.half) | right
-            if x < self.n:
+            left, right = x >> half, x & mask
+            for k in keys:
+                h = blake2b((right ^ k).to_bytes(16, "little"), digest_size=8).digest()
+                left, right = right, left ^ (from_bytes(h, "little") & mask)
+            x = (left << half) | right
+            if x < n:
                 return x
 
 
