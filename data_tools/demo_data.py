@@ -33,6 +33,8 @@ POSITIONS = ("top left", "top right", "bottom left", "bottom right")
 BAR_NAMES = "ABCD"
 NUMBER_WORDS = {2: "two", 3: "three", 4: "four"}
 
+HELD_OUT_EVERY = 20  # text chunks: one in 20 is the held-out language eval set
+
 # Samples per file at scale 1.0 (text.jsonl: all chunks at scale >= 1).
 BASE_COUNTS = {"captions.jsonl": 3000, "ocr.jsonl": 800, "interleaved.jsonl": 800, "sft.jsonl": 3000,
                "eval_mc.jsonl": 200}
@@ -532,7 +534,11 @@ def generate_demo(out_dir: str | os.PathLike, seed: int = 0, scale: float = 1.0,
     chunks = text_chunks()
     if scale < 1:
         chunks = chunks[:_count(len(chunks), scale)]
-    files["text.jsonl"] = [{"id": f"text-{i:06d}", "kind": "text", "text": c} for i, c in enumerate(chunks)]
+    # every HELD_OUT_EVERY-th chunk is held out for the language evaluation (train.eval_text), never trained on
+    files["text.jsonl"] = [{"id": f"text-{i:06d}", "kind": "text", "text": c} for i, c in enumerate(chunks)
+                           if i % HELD_OUT_EVERY]
+    files["eval_text.jsonl"] = [{"id": f"text-{i:06d}", "kind": "text", "text": c}
+                                for i, c in enumerate(chunks) if i % HELD_OUT_EVERY == 0]
 
     rng = _rng(seed, "sft")
     facts, sentences = _text_chat_sources()

@@ -28,8 +28,8 @@ def cmd_train(args: argparse.Namespace, cfg: Config) -> int:
     summary = train(cfg)
     if int(os.environ.get("RANK", "0")) != 0:  # one summary line per job, from rank 0
         return 0
-    print(json.dumps({"train": "done", **{k: v for k, v in summary.items() if k != "eval"},
-                      **({"mcppl_accuracy": summary["eval"]["accuracy"]} if "eval" in summary else {})}))
+    evals = {k: v for k, v in summary.get("eval", {}).items() if k in ("mcppl_accuracy", "text_bpb", "text_ppl")}
+    print(json.dumps({"train": "done", **{k: v for k, v in summary.items() if k != "eval"}, **evals}))
     return 0
 
 
@@ -66,23 +66,18 @@ def cmd_config_show(args: argparse.Namespace, cfg: Config) -> int:
 
 def cmd_eval(args: argparse.Namespace, cfg: Config) -> int:
     from vlpretrain.data.loader import resolve
-    from vlpretrain.data.tokenizer import TextTokenizer
-    from vlpretrain.eval.mcppl import check_eval_file, evaluate_mcppl
-    from vlpretrain.models.vlm import build_model
-    from vlpretrain.train.checkpoint import load_weights
-    from vlpretrain.parallel.mesh import local_device
+    from vlpretrain.eval.evaluator import evaluate_weights
 
-    device = local_device(cfg)
-    tokenizer = TextTokenizer(resolve(cfg.data.root, cfg.data.tokenizer))
     path = args.eval_file or (resolve(cfg.data.root, cfg.train.eval_file) if cfg.train.eval_file else None)
-    if path is None:
-        raise ConfigError("config error: train.eval_file is empty and no --eval-file given")
-    check_eval_file(path, cfg, tokenizer)  # a bad file fails before the model is built
-    model = build_model(cfg.model, device, seed=cfg.train.seed)
-    if args.weights:
-        load_weights(model, args.weights)
-    result = evaluate_mcppl(model, cfg, tokenizer, path, device, limit=args.limit)
-    print(json.dumps({"eval": "mcppl", "weights": args.weights or "random-init", **result}))
+    text = args.eval_text or (resolve(cfg.data.root, cfg.train.eval_text) if cfg.train.eval_text else None)
+    if path is None and text is None:
+        raise ConfigError("config error: train.eval_file and train.eval_text are empty and no --eval-file or "
+                          "--eval-text given")
+    result = evaluate_weights(cfg, args.weights, path, text, limit=args.limit)
+    if int(os.environ.get("RANK", "0")) == 0:  # one line per job
+        print(json.dumps({"eval": "mcppl" if "mcppl" in result else "text", "weights": args.weights or "random-init",
+                          **result.get("mcppl", {}), **({"text": result["text"]} if "text" in result else {}),
+                          "eval_time_s": result["eval_time_s"]}))
     return 0
 
 
@@ -216,6 +211,13 @@ def cmd_ckpt_import(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from vlpretrain.report import write_report
+
+    print(json.dumps(write_report(args.run_dirs, args.out)))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vlpretrain", description="DeepSeek-VL-style VLM pretraining")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -233,10 +235,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = csub.add_parser("show", help="print the resolved config")
     _add_config_args(p, positional=True)
     p.set_defaults(func=cmd_config_show)
-    p = sub.add_parser("eval", help="multi-choice perplexity evaluation")
+    p = sub.add_parser("eval", help="MCPPL and held-out text bits/byte of any checkpoint, in any layout")
     _add_config_args(p)
     p.add_argument("--weights", default="", help="checkpoint dir or .safetensors (default: random init)")
     p.add_argument("--eval-file", default="", help="jsonl multi-choice set (default: train.eval_file)")
+    p.add_argument("--eval-text", default="", help="held-out text: jsonl or .bin/.idx prefix (default: train.eval_text)")
     p.add_argument("--limit", type=int, default=None)
     p.set_defaults(func=cmd_eval)
     p = sub.add_parser("plan", help="pipeline layer split: uniform vs balance over the step mix (meta device)")
@@ -267,6 +270,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path", help="a DeepSeek-VL checkpoint directory (config.json + safetensors)")
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_ckpt_import, config=None)
+    p = sub.add_parser("report", help="HTML page + PNG figures of one or more runs (overlaid), offline")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories (metrics.jsonl, eval.jsonl)")
+    p.add_argument("--out", required=True, help="output directory (index.html and the figures)")
+    p.set_defaults(func=cmd_report, config=None)
     return parser
 
 

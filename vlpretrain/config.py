@@ -224,6 +224,14 @@ class PretrainedConfig:
 
 
 @dataclass
+class ProfileConfig:
+    """torch.profiler over a window of steps: a Chrome trace per rank and a pipeline timeline in
+    ``<run_dir>/profile`` (train/profiling.py)."""
+
+    steps: list[int] = _f(factory=list, ge=1)  # [first, last], inclusive; empty: off
+
+
+@dataclass
 class TrainConfig:
     stage: Literal[1, 2, 3] = 1
     # which parts learn; empty = the paper's choice for the stage (S1 adaptor; S2 + llm; S3 + siglip)
@@ -252,6 +260,7 @@ class TrainConfig:
     run_dir: str = _f("runs/default", nonempty=True)
     eval_interval: int = _f(0, ge=0)  # 0: only at the end
     eval_file: str = ""  # multi-choice eval set (jsonl), relative to data.root
+    eval_text: str = ""  # held-out text (JSONL with "text", or a .bin/.idx prefix): bits per byte, perplexity
     # preemption: these signals (and a first Ctrl-C) make every rank save at the end of the step and exit 42
     preempt_signals: list[Literal["SIGTERM", "SIGUSR1", "SIGUSR2", "SIGHUP"]] = field(
         default_factory=lambda: ["SIGTERM", "SIGUSR1", "SIGUSR2"])
@@ -259,6 +268,7 @@ class TrainConfig:
     max_wall_time: float = _f(0.0, ge=0)
     # kept for the last save before a deadline; 0: 2 x slowest step + 2 x slowest save
     exit_margin_s: float = _f(0.0, ge=0)
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
 
 
 @dataclass
@@ -535,6 +545,9 @@ def validate(cfg: Config) -> None:
     _check(t.seq_len <= m.max_seq_len, "train.seq_len", f"{t.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
     _check(t.seq_len > m.image_tokens, "train.seq_len",
            f"{t.seq_len} cannot hold one image ({m.image_tokens} tokens) and text")
+    _check(not t.profile.steps or (len(t.profile.steps) == 2 and t.profile.steps[0] <= t.profile.steps[1]
+                                   <= t.steps), "train.profile.steps",
+           f"needs [first, last] with first <= last <= train.steps={t.steps}, got {t.profile.steps}")
     _check(t.global_batch_size % t.micro_batch_size == 0, "train.global_batch_size",
            f"{t.global_batch_size} is not divisible by train.micro_batch_size={t.micro_batch_size}")
     if not m.sam.enabled:

@@ -12,14 +12,13 @@ import json
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 from vlpretrain.config import Config
 from vlpretrain.data.preprocess import load_image, preprocess_image
-from vlpretrain.data.samples import IGNORE, SampleEncoder
+from vlpretrain.data.samples import SampleEncoder
 from vlpretrain.data.tokenizer import IMAGE, TextTokenizer
 from vlpretrain.errors import UserError
+from vlpretrain.eval.rows import EvalRow
 
 
 def _check_item(it, root: Path) -> str | None:
@@ -85,50 +84,39 @@ def check_eval_file(path: str | Path | None, cfg: Config | None = None,
     return [it for _, it in items]
 
 
-def load_mc_items(path: str | Path) -> list[dict]:
-    return check_eval_file(path)
-
-
 def _as_sample(it: dict, option: str) -> dict:
     return {"images": it.get("images") or [], "conversation": [
         {"role": "User", "content": it["question"]}, {"role": "Assistant", "content": option}]}
 
 
-@torch.no_grad()
-def evaluate_mcppl(model: nn.Module, cfg: Config, tokenizer: TextTokenizer, path: str | Path,
-                   device: torch.device, limit: int | None = None) -> dict:
-    items = load_mc_items(path)[:limit]
-    root = Path(path).parent
+def mcppl_rows(items: list[dict], cfg: Config, tokenizer: TextTokenizer, root: Path) -> list[EvalRow]:
+    """One row per (item, option): the option as the assistant's answer, only it (and EOS) supervised."""
     m = cfg.model
     pad_mean = m.sam.mean if m.sam.enabled else m.siglip.mean
     encoder = SampleEncoder(tokenizer, m.image_tokens, cfg.train.seq_len, cfg.data.system_prompt)
-    was_training = model.training
-    model.eval()
-    correct, by_type = 0, {}
+    rows = []
     for it in items:
-        encoded = [encoder.encode(_as_sample(it, opt)) for opt in it["options"]]
-        width = max(len(e.tokens) for e in encoded)
-        tokens = torch.full((len(encoded), width), tokenizer.pad_id, dtype=torch.long)
-        labels = torch.full((len(encoded), width), IGNORE, dtype=torch.long)
-        for r, e in enumerate(encoded):
-            tokens[r, :len(e.tokens)] = torch.tensor(e.tokens)
-            labels[r, :len(e.labels)] = torch.tensor(e.labels)
-        images = None
-        if it.get("images"):
-            pix = torch.stack([preprocess_image(load_image(root / p), m.image_size, pad_mean) for p in it["images"]])
-            images = pix.unsqueeze(0).expand(len(encoded), -1, -1, -1, -1)
-            images = images.to(device)
-        logits = model(tokens.to(device), images).float()
-        labels = labels.to(device)
-        nll = F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=IGNORE, reduction="none").sum(1)
-        nll = nll / (labels != IGNORE).sum(1)  # mean NLL = log perplexity of the answer (+ eos)
-        pred = int(nll.argmin())
-        ok = pred == int(it["answer"])
+        images = [preprocess_image(load_image(root / p), m.image_size, pad_mean) for p in it.get("images") or []]
+        for opt in it["options"]:
+            e = encoder.encode(_as_sample(it, opt))
+            rows.append(EvalRow(e.tokens, e.labels, images))
+    return rows
+
+
+def mcppl_metrics(items: list[dict], scores: torch.Tensor) -> dict:
+    """Pick each item's option of lowest mean NLL (log perplexity of the answer + EOS); accuracy overall and
+    per question ``type``. ``scores``: (rows, 2) summed NLL and token count, rows as ``mcppl_rows``."""
+    correct, by_type, r, nll_sum = 0, {}, 0, 0.0
+    for it in items:
+        k = len(it["options"])
+        mean_nll = scores[r:r + k, 0] / scores[r:r + k, 1].clamp_min(1)
+        nll_sum += float(mean_nll.sum())
+        r += k
+        ok = int(mean_nll.argmin()) == int(it["answer"])
         correct += ok
-        t = it.get("type", "all")
-        hit, n = by_type.get(t, (0, 0))
-        by_type[t] = (hit + ok, n + 1)
-    model.train(was_training)
+        hit, n = by_type.get(it.get("type", "all"), (0, 0))
+        by_type[it.get("type", "all")] = (hit + ok, n + 1)
     n = max(len(items), 1)
     return {"accuracy": correct / n, "n": len(items), "chance": sum(1 / len(i["options"]) for i in items) / n,
+            "option_nll": nll_sum / max(r, 1),  # mean over all options of their mean NLL: a smooth measure
             "by_type": {t: round(h / c, 4) for t, (h, c) in sorted(by_type.items())}}

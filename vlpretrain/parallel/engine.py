@@ -19,7 +19,7 @@ from vlpretrain.models.init import initial_values
 from vlpretrain.models.vlm import build_model, set_trainable
 from vlpretrain.parallel.fsdp import apply_activation_checkpointing, apply_fsdp
 from vlpretrain.parallel.mesh import ParallelContext
-from vlpretrain.parallel.pipeline import build_schedule, cut_stage, run_microbatches, stage_specs
+from vlpretrain.parallel.pipeline import PackedStage, build_schedule, cut_stage, run_microbatches, stage_specs
 from vlpretrain.parallel.tensor import apply_tensor_parallel
 from vlpretrain.parallel.vision_split import apply_vision_split, reduce_first_stage_grads
 
@@ -84,7 +84,8 @@ class ParallelModel:
             n_mb = lay.n_microbatches
             self.schedule = build_schedule(self.modules, self.stage_ids, lay.n_stages, ctx.device,
                                            ctx.submesh("pp").get_group(), cfg.parallel.schedule, n_mb,
-                                           summed_text_loss, packed=self.packed)
+                                           summed_text_loss, wrap=PackedStage if self.packed else None)
+        self._scoring = None  # the forward-only schedule of ``score_rows``, built on first use
         # bf16 autocast only when FSDP does not already cast parameters (its mixed-precision policy)
         self.autocast = (torch.autocast(ctx.device.type, dtype=torch.bfloat16)
                          if use_bf16(cfg, ctx.device) and lay.dp == 1 else contextlib.nullcontext())
@@ -152,6 +153,49 @@ class ParallelModel:
                 p.grad = torch.zeros_like(p)
         return float(total)
 
+    # ---- forward only: evaluation
+
+    @torch.no_grad()
+    def score_rows(self, microbatches: list) -> torch.Tensor:
+        """Each row's summed next-token NLL and supervised-token count, (rows, 2) fp32 on every rank of this dp
+        replica, for this rank's microbatches (pipelined: exactly the training step's microbatch count and
+        shapes, since pipeline shapes are fixed). Rows are not packed."""
+        dev = self.ctx.device
+        images = _image_inputs(microbatches)
+        was_training = [m.training for m in self.modules]
+        for m in self.modules:
+            m.eval()
+        try:
+            with self.autocast, self._loss_context():
+                if self.schedule is None:
+                    scores = torch.cat([row_scores(self.modules[0](mb.tokens.to(dev), _to(imgs, dev)),
+                                                   mb.labels.to(dev)) for mb, imgs in zip(microbatches, images)])
+                else:
+                    scores = self._score_pipelined(microbatches, images)
+        finally:
+            for m, mode in zip(self.modules, was_training):
+                m.train(mode)
+        return scores
+
+    def _score_pipelined(self, microbatches: list, images: list) -> torch.Tensor:
+        dev, lay = self.ctx.device, self.ctx.layout
+        if self._scoring is None:  # the training placement, forward only, the row scores as its "loss"
+            self._scoring = build_schedule(self.modules, self.stage_ids, lay.n_stages, dev,
+                                           self.ctx.submesh("pp").get_group(), self.cfg.parallel.schedule,
+                                           len(microbatches), loss=row_scores)
+        arg_mbs = kwarg_mbs = target_mbs = None
+        if self.has_first:
+            arg_mbs = [(mb.tokens.to(dev),) for mb in microbatches]
+            kwarg_mbs = [{"images": _to(imgs, dev)} if imgs is not None else {} for imgs in images]
+        if self.has_last:
+            target_mbs = [mb.labels.to(dev) for mb in microbatches]
+        losses: list[torch.Tensor] = []
+        run_microbatches(self._scoring, arg_mbs, kwarg_mbs, target_mbs, losses, forward_only=True)
+        rows = sum(mb.tokens.shape[0] for mb in microbatches)
+        scores = torch.cat(losses).float() if self.has_last else torch.zeros(rows, 2, device=dev)
+        dist.all_reduce(scores, group=self.ctx.submesh("pp").get_group())  # from the last stage to all
+        return scores
+
     # ---- gradient norm over dp, tp and pp
 
     def clip_grad_norm_(self, max_norm: float) -> float:
@@ -180,6 +224,14 @@ def summed_text_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor
     ``logits`` is vocab-sharded and this runs inside ``loss_parallel``."""
     return torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100,
                                              reduction="sum")
+
+
+def row_scores(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """(B, 2) fp32: each row's summed next-token NLL over supervised positions, and their count."""
+    nll = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100,
+                                            reduction="none")
+    nll = _plain(nll).view(labels.shape).sum(1)
+    return torch.stack([nll, (labels != -100).sum(1).float()], dim=1)
 
 
 def text_loss(logits: torch.Tensor, labels: torch.Tensor, num_label_tokens: float) -> torch.Tensor:

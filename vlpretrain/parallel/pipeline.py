@@ -8,6 +8,7 @@ r, r + pp, ... (looped schedules) or r and 2 pp - 1 - r (V-shaped schedules).
 from __future__ import annotations
 
 import copy
+import functools
 import inspect
 from dataclasses import dataclass
 
@@ -78,25 +79,10 @@ class PackedStage(nn.Module):
         return h if self.is_last else (h, positions, doc_ids)
 
 
-class ScoringStage(nn.Module):
-    """Forward-only scoring (evaluation): the first stage takes tokens and labels (+ images), every stage hands
-    the labels on beside its hidden states, and the last one returns each row's summed next-token NLL and
-    supervised-token count, (B, 2) in fp32, instead of logits: no rank keeps a step's logits."""
-
-    def __init__(self, stage: nn.Module, is_first: bool, is_last: bool, score):
-        super().__init__()
-        self.stage, self.score = stage, score
-        self.is_first, self.is_last = is_first, is_last
-
-    def forward(self, x, labels, images=None):
-        h = self.stage(x, images if self.is_first else None)
-        return self.score(h, labels) if self.is_last else (h, labels)
-
-
 def build_schedule(stage_modules: list[nn.Module], stage_ids: list[int], n_stages: int, device: torch.device,
                    pp_group, schedule: str, n_microbatches: int, loss=None, wrap=None):
-    """The pipeline schedule over this rank's stages. ``loss(output, target)``: the training loss (None: a
-    forward-only schedule); ``wrap(module, is_first, is_last)``: what the schedule runs for each stage
+    """The pipeline schedule over this rank's stages. ``loss(output, target)``: the training loss (or, run
+    forward only, the evaluation's row scores); ``wrap(module, is_first, is_last)``: what the schedule runs
     (e.g. ``PackedStage``), so that checkpoints and initialisation keep using the stage itself."""
     cls = SCHEDULES[schedule]
     if cls is None:
@@ -111,17 +97,25 @@ def build_schedule(stage_modules: list[nn.Module], stage_ids: list[int], n_stage
 
 
 def run_microbatches(schedule, arg_mbs: list | None, kwarg_mbs: list | None, target_mbs: list | None = None,
-                     losses: list | None = None, return_outputs: bool = False):
+                     losses: list | None = None, forward_only: bool = False) -> None:
     """One pipeline step over the microbatches the data path made. Newer torch takes them as they are
-    (``step(arg_mbs=...)``); older releases only split whole-batch inputs, so there they are joined first
-    (images padded to a common count of slots per sample). Returns the last stage's merged outputs if asked."""
+    (``step(arg_mbs=...)``; ``eval`` for forward only); older releases only split whole-batch inputs, so
+    there they are joined first (images padded to a common count of slots per sample)."""
     if "arg_mbs" in inspect.signature(schedule.step).parameters:
-        return schedule.step(arg_mbs=arg_mbs, kwarg_mbs=kwarg_mbs, target_mbs=target_mbs, losses=losses,
-                             return_outputs=return_outputs)
+        run = schedule.eval if forward_only else functools.partial(schedule.step, return_outputs=False)
+        run(arg_mbs=arg_mbs, kwarg_mbs=kwarg_mbs, target_mbs=target_mbs, losses=losses)
+        return
     args = tuple(torch.cat(parts) for parts in zip(*arg_mbs)) if arg_mbs else ()
     kwargs = {k: _cat_slots([kw[k] for kw in kwarg_mbs]) for k in kwarg_mbs[0]} if kwarg_mbs else {}
     target = torch.cat(target_mbs) if target_mbs else None
-    return schedule.step(*args, target=target, losses=losses, **kwargs)
+    if not forward_only:
+        schedule.step(*args, target=target, losses=losses, **kwargs)
+        return
+    backward, schedule._has_backward = schedule._has_backward, False  # what newer torch's eval() does
+    try:
+        schedule.step(*args, target=target, losses=losses, **kwargs)
+    finally:
+        schedule._has_backward = backward
 
 
 def _cat_slots(tensors: list[torch.Tensor]) -> torch.Tensor:

@@ -41,6 +41,43 @@ def truncate_after(path: Path, step: int) -> None:
     os.replace(tmp, path)
 
 
+def eval_record(step: int, results: dict) -> dict:
+    """Flat eval.jsonl line: step, mcppl_accuracy, mcppl_by_type, text_bpb, text_ppl, eval_time_s."""
+    record = {"step": step}
+    if "mcppl" in results:
+        r = results["mcppl"]
+        record.update(mcppl_accuracy=r["accuracy"], mcppl_by_type=r["by_type"], mcppl_n=r["n"])
+    if "text" in results:
+        r = results["text"]
+        record.update(text_bpb=r["bits_per_byte"], text_ppl=r["perplexity"], text_tokens=r["tokens"])
+    if "eval_time_s" in results:
+        record["eval_time_s"] = results["eval_time_s"]
+    return record
+
+
+def scalars(record: dict, prefix: str = "") -> dict[str, float]:
+    """The numbers of a metrics / eval record for wandb and tensorboard: dicts flattened into ``key/name``
+    (``source_counts/captions``, ``eval/mcppl_by_type/colour``), strings and ``step`` left out; a training
+    record also gives ``loss/<modality>`` so dashboards can split the loss as the report does."""
+    out: dict[str, float] = {}
+
+    def walk(key: str, v) -> None:
+        if isinstance(v, bool):
+            out[key] = int(v)
+        elif isinstance(v, (int, float)):
+            out[key] = v
+        elif isinstance(v, dict):
+            for k, x in v.items():
+                walk(f"{key}/{k}", x)
+
+    for k, v in record.items():
+        if k != "step":
+            walk(prefix + k, v)
+    if isinstance(record.get("modality"), str) and isinstance(record.get("loss"), (int, float)):
+        out[f"{prefix}loss/{record['modality']}"] = record["loss"]
+    return out
+
+
 class MetricsLogger:
     """Writes ``<run_dir>/metrics.jsonl`` (appending, flushed per line) and prints progress on rank 0."""
 
@@ -58,12 +95,16 @@ class MetricsLogger:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
         truncate_after(run_dir / "metrics.jsonl", resume_step)
+        truncate_after(run_dir / "eval.jsonl", resume_step)
+        self._eval_path = run_dir / "eval.jsonl"
         self._file = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")
         if cfg.logging.wandb:
             try:
                 import wandb  # optional
 
-                self._wandb = wandb.init(project=cfg.logging.wandb_project, dir=str(run_dir), config=cfg.to_dict())
+                # WANDB_MODE=offline keeps everything under <run_dir>/wandb (``wandb sync`` uploads it later)
+                self._wandb = wandb.init(project=cfg.logging.wandb_project, dir=str(run_dir), name=run_dir.name,
+                                         config=cfg.to_dict())
             except ImportError:
                 print("warning: logging.wandb is on but wandb is not installed; skipping it", file=sys.stderr)
         if cfg.logging.tensorboard:
@@ -83,12 +124,7 @@ class MetricsLogger:
             return
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
-        if self._wandb is not None:
-            self._wandb.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=step)
-        if self._tb is not None:
-            for k, v in record.items():
-                if isinstance(v, (int, float)) and k != "step":
-                    self._tb.add_scalar(k, v, step)
+        self._forward(scalars(record), step)
         if step % self.cfg.logging.log_interval == 0 or step == self.total:
             avg = self.time_sum / self.steps_timed if self.steps_timed else record["step_time_s"]
             eta = avg * (self.total - step)
@@ -96,6 +132,31 @@ class MetricsLogger:
                   f"lr {record['lr']:.2e} | gnorm {record['grad_norm']:.3f} | "
                   f"{record['tokens_per_s']:,.0f} tok/s | mfu {100 * record['mfu']:.2f}% | "
                   f"ETA {format_duration(eta)}", flush=True)
+
+    def log_eval(self, step: int, results: dict) -> dict:
+        """One line of ``<run_dir>/eval.jsonl`` (and the loggers, the console) from ``Evaluator.run``."""
+        record = eval_record(step, results)
+        if not self.is_main:
+            return record
+        with open(self._eval_path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+        self._forward(scalars(record, "eval/"), step)
+        parts = []
+        if "mcppl_accuracy" in record:
+            types = " ".join(f"{t} {a:.2f}" for t, a in record["mcppl_by_type"].items())
+            parts.append(f"mcppl accuracy {record['mcppl_accuracy']:.3f} ({types})")
+        if "text_bpb" in record:
+            parts.append(f"text bits/byte {record['text_bpb']:.3f} ppl {record['text_ppl']:.2f}")
+        print(f"eval step {step}: " + " | ".join(parts), flush=True)
+        return record
+
+    def _forward(self, values: dict[str, float], step: int) -> None:
+        """The same scalars to wandb and tensorboard (whichever are on)."""
+        if self._wandb is not None:
+            self._wandb.log(values, step=step)
+        if self._tb is not None:
+            for k, v in values.items():
+                self._tb.add_scalar(k, v, step)
 
     def close(self) -> None:
         if self._file is not None:

@@ -33,6 +33,7 @@ from vlpretrain.train.integrity import check_checkpoint_room
 from vlpretrain.train import faults
 from vlpretrain.train.metrics import MetricsLogger, device_peak_tflops
 from vlpretrain.train.optim import build_optimizer, lr_multiplier
+from vlpretrain.train.profiling import StepProfiler
 from vlpretrain.train.preemption import EXIT_PREEMPTED, PREEMPTED_MARKER, PREEMPTION, Deadline
 from vlpretrain.train.rundir import RunDirLock
 
@@ -147,6 +148,7 @@ def _train(cfg: Config, tokenizer, eval_paths, init_file, resume, lock: RunDirLo
     trainable = trainable_parts(cfg)
     peak = device_peak_tflops(cfg, device)
     logger = MetricsLogger(cfg, run_dir, tc.steps, is_main=ctx.is_main, resume_step=start)
+    profiler = StepProfiler(cfg, run_dir, ctx, model)  # train.profile.steps: traces + pipeline timeline
     if ctx.is_main:
         print(f"training stage {tc.stage} ({'+'.join(trainable)}) of {cfg.model.name} on {device}: "
               f"{tc.steps} steps x {tc.global_batch_size} samples x {tc.seq_len} tokens; layout dp={lay.dp} "
@@ -179,6 +181,7 @@ def _train(cfg: Config, tokenizer, eval_paths, init_file, resume, lock: RunDirLo
         stop_here(start, save=resume is None)
     for step in range(start + 1, tc.steps + 1):
         t0 = time.perf_counter()
+        profiler.before(step)
         batch = next(batches)
         data_state = batch.data_state
         loss = model.forward_backward(batch.microbatches, batch.num_label_tokens)
@@ -194,6 +197,7 @@ def _train(cfg: Config, tokenizer, eval_paths, init_file, resume, lock: RunDirLo
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         dt = time.perf_counter() - t0
+        profiler.after(step)
 
         consumed += batch.num_samples
         first_loss = loss if first_loss is None else first_loss
