@@ -17,10 +17,11 @@ setup(
         "pyyaml>=6.0",
         "numpy",
         "pillow",
+        "matplotlib",  # vlpretrain report, pipeline timelines
     ],
     extras_require={
-        "test": ["pytest>=8", "transformers>=4.40", "webdataset"],
-        "dev": ["pytest>=8", "transformers>=4.40", "webdataset", "ruff"],
+        "test": ["pytest>=8", "transformers>=4.40", "webdataset", "tensorboard", "wandb"],
+        "dev": ["pytest>=8", "transformers>=4.40", "webdataset", "tensorboard", "wandb", "ruff"],
         "logging": ["wandb", "tensorboard"],
         # GPU-only accelerations, imported behind guards; build from source on the GPU image
         "gpu": ["transformer-engine[pytorch]"],

@@ -22,6 +22,11 @@ python3 -m vlpretrain train --config configs/tiny/stage3.yaml --set "${common[@]
 python3 -m vlpretrain eval --config configs/tiny/stage3.yaml --set "${common[@]}" \
   --weights "$RUNS/tiny-stage3" | tee "$RUNS/eval_after.json"
 
+# the run report: loss, LR, language share, throughput, evaluations, sources, bad data of the three stages
+python3 -m vlpretrain report "$RUNS/tiny-stage1" "$RUNS/tiny-stage2" "$RUNS/tiny-stage3" --out "$RUNS/report" \
+  > "$RUNS/report.json"
+echo "report: $RUNS/report/index.html" >&2
+
 python3 - "$RUNS/eval_before.json" "$RUNS/eval_after.json" "$t0" <<'PY'
 import json, sys, time
 before = json.loads(open(sys.argv[1]).read().strip().splitlines()[-1])

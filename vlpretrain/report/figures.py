@@ -38,7 +38,7 @@ def _curve(ax, x: np.ndarray, y: np.ndarray, color: str, label: str | None, styl
     if len(xm) == 1:
         ax.plot(xm, mean, "o", color=color, label=label)
         return True
-    ax.plot(xm, mean, style, color=color, lw=lw, label=label)
+    ax.plot(xm, mean, style, color=color, lw=lw, label=label, marker="." if len(xm) <= 60 else None, ms=5)
     if band and np.any(hi > lo):
         ax.fill_between(xm, lo, hi, color=color, alpha=0.15, lw=0)
     return True
@@ -89,11 +89,17 @@ def fig_lr(runs: list[Run]) -> Figure | None:
 def fig_language_share(runs: list[Run]) -> Figure | None:
     if not any(np.isfinite(r.cols["language_ratio_target"]).any() for r in runs):
         return None
-    fig, (ax,) = _figure(1, "language share of steps: target (dashed) vs realised (solid)")
-    fig.set_size_inches(8, 3.6)
+    fig, (ax,) = _figure(1, "language-only share of steps so far: realised vs the schedule's target")
+    fig.set_size_inches(9, 3.8)
     for i, r in enumerate(runs):
+        target = np.nan_to_num(r.cols["language_ratio_target"])
+        # the planner keeps the language steps so far within one of the summed target: compare the realised
+        # share with the target's running mean (the schedule's value at each step is the thin dashed line)
+        mean_target = np.cumsum(target) / np.arange(1, len(target) + 1)
         _curve(ax, r.steps, r.cols["language_ratio_realized"], _color(i), f"{r.name} realised", band=False)
-        _curve(ax, r.steps, r.cols["language_ratio_target"], _color(i), f"{r.name} target", "--", band=False)
+        _curve(ax, r.steps, mean_target, _color(i), f"{r.name} target (mean so far)", ":", band=False, lw=2)
+        _curve(ax, r.steps, r.cols["language_ratio_target"], _color(i), f"{r.name} target at the step", "--",
+               band=False, lw=0.8)
     ax.set_ylabel("language-only steps / all steps")
     ax.set_ylim(-0.03, 1.03)
     _legend(ax)
@@ -196,8 +202,10 @@ FIGURES = [  # file stem, builder, caption
     ("loss", fig_loss, "Training loss per step, split into language-only and multimodal steps (the bands are "
                        "the min-max of the steps each plotted point stands for)."),
     ("lr", fig_lr, "Learning-rate schedule and gradient norm."),
-    ("language_share", fig_language_share, "Share of language-only steps so far: the schedule's target "
-                                           "(data.language_ratio) against what the planner realised."),
+    ("language_share", fig_language_share, "Share of language-only steps so far as the planner realised it "
+                                           "(solid), the running mean of the schedule's target (dotted; the "
+                                           "planner keeps the two within one step) and the target at each step "
+                                           "(data.language_ratio, dashed)."),
     ("throughput", fig_throughput, "Tokens per second over the global batch and model FLOPs utilisation."),
     ("eval", fig_eval, "Evaluations during training (eval.jsonl; without it, the final evaluation of "
                        "summary.json)."),
