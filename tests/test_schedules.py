@@ -117,3 +117,21 @@ def test_assumed_mix_follows_the_config():
     # auto at start-up: the assumed mix; a text-heavy mix moves layers onto the first rank
     lay = resolve_layout(cfg, 2)
     assert list(lay.split) == resolve_layer_split(cfg, lay.n_microbatches, mix)
+
+
+def test_measured_mix_reads_the_data_and_auto_uses_it(demo_dir):
+    """``plan`` and training's ``auto`` sample the run's own planner: text steps carry no images, multimodal
+    steps the images per microbatch of the packed rows, and the split is balanced over that mix."""
+    from vlpretrain.config import load_config
+    from vlpretrain.parallel.mesh import resolve_layout
+    from vlpretrain.parallel.mix import measured_mix
+
+    cfg = load_config(TINY / "stage2.yaml", [f"data.root={demo_dir}", "parallel.pp=2"])
+    mix = measured_mix(cfg, steps=4)
+    by_name = {t.name: t for t in mix}
+    assert by_name["text"].share == pytest.approx(0.7) and by_name["text"].images == ()
+    mm = by_name["multimodal"]
+    assert mm.share == pytest.approx(0.3) and len(mm.images) == 4 * (16 // 8) and min(mm.images) > 0
+    assert "measured" in mm.note
+    layout = resolve_layout(cfg, 2, mix=mix)
+    assert sum(layout.split) == cfg.model.n_layers

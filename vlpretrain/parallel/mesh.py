@@ -117,11 +117,12 @@ def world_size_from_env() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def init_parallel(cfg: Config, device: torch.device) -> ParallelContext:
-    """Check the layout, then (for world size > 1) start the process group and build the mesh. Every wait is
+def init_parallel(cfg: Config, device: torch.device, mix=None) -> ParallelContext:
+    """Check the layout (``mix``: the step mix ``layer_split: auto`` balances), then (for world size > 1) start
+    the process group and build the mesh. Every wait is
     bounded (``VLP_PG_TIMEOUT_S`` or ``parallel.timeout_s``) and a timeout names the missing ranks."""
     world = world_size_from_env()
-    layout = resolve_layout(cfg, world)
+    layout = resolve_layout(cfg, world, mix=mix)
     if world == 1:
         return ParallelContext(layout, device, None)
     if not dist.is_initialized():

@@ -81,10 +81,9 @@ def measured_mix(cfg: Config, steps: int = 24, max_rows: int = 64) -> list[StepT
     at most ``max_rows`` sequences, the step's modality forced) and count the images per microbatch. Raises
     (UserError, OSError, ValueError) when the data cannot be read."""
     from vlpretrain.data.loader import StepPlanner, resolve
-    from vlpretrain.data.packing import pack_samples
     from vlpretrain.data.tokenizer import TextTokenizer
 
-    b, seq_len = cfg.train.micro_batch_size, cfg.train.seq_len
+    b = cfg.train.micro_batch_size
     rows = max(b, min(cfg.train.global_batch_size, max_rows) // b * b)
     tok = TextTokenizer(resolve(cfg.data.root, cfg.data.tokenizer))
 
@@ -95,13 +94,9 @@ def measured_mix(cfg: Config, steps: int = 24, max_rows: int = 64) -> list[StepT
         c.data.language_ratio.warmup_steps = 0
         planner = StepPlanner(c, tok)
         counts: list[int] = []
-        for _ in range(steps):
-            _, _, planned, _ = planner.plan()
-            if cfg.data.packing:
-                per_row = [len(r.images) for r in pack_samples([p.sample for p in planned], seq_len,
-                                                               cfg.model.image_token_id, pad_id=-1)]
-            else:
-                per_row = [len(p.sample.images) for p in planned]
+        for _ in range(steps):  # the plan's rows (packed: first fit) from sample sizes: images per row
+            plan = planner.plan()
+            per_row = [sum(plan.slots[i].images for i in row) for row in plan.rows]
             counts += [sum(per_row[i:i + b]) for i in range(0, len(per_row), b)]
         return tuple(counts)
 

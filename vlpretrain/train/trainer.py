@@ -20,6 +20,7 @@ import torch.distributed as dist
 from vlpretrain.config import Config, ConfigError, trainable_parts
 from vlpretrain.data.loader import DataPipeline, resolve
 from vlpretrain.data.tokenizer import TextTokenizer
+from vlpretrain.errors import UserError
 from vlpretrain.eval.evaluator import Evaluator
 from vlpretrain.eval.mcppl import check_eval_file
 from vlpretrain.models.flops import step_flops
@@ -99,7 +100,7 @@ def _train(cfg: Config, tokenizer, eval_paths, init_file, resume, lock: RunDirLo
     tc = cfg.train
     resumed = json.loads((resume / TRAIN_STATE).read_text()) if resume else None
     device = local_device(cfg)
-    ctx = init_parallel(cfg, device)
+    ctx = init_parallel(cfg, device, mix=_step_mix(cfg))
     torch.manual_seed(tc.seed)  # weights and data order do not use it (they hash the seed); other randomness does
     lay = ctx.layout
     run_dir = Path(tc.run_dir)
@@ -242,6 +243,21 @@ def _train(cfg: Config, tokenizer, eval_paths, init_file, resume, lock: RunDirLo
         dist.barrier()
         dist.destroy_process_group()
     return summary
+
+
+def _step_mix(cfg: Config):
+    """The step types ``layer_split: auto`` balances: measured from the data by sampling the run's own planner
+    (deterministic, so every rank gets the same split), or the assumed mix where that fails."""
+    p = cfg.parallel
+    if p.pp == 1 or p.layer_split != "auto":
+        return None
+    from vlpretrain.parallel.mix import measured_mix
+
+    try:
+        return measured_mix(cfg)
+    except (UserError, OSError, ValueError) as e:
+        print(f"warning: layer_split auto uses the assumed step mix ({str(e).splitlines()[0]})", flush=True)
+        return None
 
 
 def _rng_state() -> dict:
