@@ -177,6 +177,9 @@ class ParallelConfig:
     # the first stage's images: "images" splits them across the TP group (each rank encodes its share, the
     # adaptor outputs are all-gathered); "replicate" recomputes every image on every TP rank (the paper)
     vision_split: Literal["images", "replicate"] = "images"
+    # bound on every process-group wait and collective, seconds (0: VLP_PG_TIMEOUT_S, else 600); a timeout
+    # names the ranks that are missing
+    timeout_s: float = _f(0.0, ge=0)
 
 
 @dataclass

@@ -126,7 +126,7 @@ def init_parallel(cfg: Config, device: torch.device, mix=None) -> ParallelContex
     if world == 1:
         return ParallelContext(layout, device, None)
     if not dist.is_initialized():
-        timeout_s = pg_timeout_s(getattr(cfg.parallel, "timeout_s", None))
+        timeout_s = pg_timeout_s(cfg.parallel.timeout_s)
         backend = "nccl" if device.type == "cuda" else "gloo"
         if device.type == "cuda":
             torch.cuda.set_device(device)
@@ -145,5 +145,7 @@ def local_device(cfg: Config) -> torch.device:
     if want == "cuda" or (want == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
             raise RuntimeError("train.device is 'cuda' but no GPU is visible")
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        # one GPU per rank: cuda:LOCAL_RANK, or the only visible one (Slurm's --gpus-per-task / --gpu-bind)
+        local = int(os.environ.get("LOCAL_RANK", "0")) if torch.cuda.device_count() > 1 else 0
+        return torch.device("cuda", local)
     return torch.device("cpu")

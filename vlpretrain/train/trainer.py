@@ -171,6 +171,7 @@ def _train(cfg: Config, tokenizer, eval_paths, init_file, resume, lock: RunDirLo
             print(f"preempted ({PREEMPTION.signal_name or 'deadline'}): saved step {step}; exiting with "
                   f"{EXIT_PREEMPTED}", flush=True)
         if dist.is_initialized():
+            dist.barrier()  # the marker exists before any rank exits (srun --kill-on-bad-exit)
             dist.destroy_process_group()
         raise SystemExit(EXIT_PREEMPTED)
 
