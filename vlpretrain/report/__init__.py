@@ -105,8 +105,9 @@ def _page(runs, figures, timelines) -> str:
         b = r.bubble or {}
         text = ""
         if b:
-            text = (f" Measured bubble fraction {_fmt(b.get('measured'), 3)} vs the {html.escape(str(b.get('schedule')))} "
-                    f"schedule's theoretical {_fmt(b.get('theoretical'), 3)} (pp={b.get('pp')}, vpp={b.get('vpp')}, "
+            sched = html.escape(str(b.get("schedule")))
+            text = (f" Measured bubble fraction {_fmt(b.get('measured'), 3)} vs the {sched} schedule's theoretical "
+                    f"{_fmt(b.get('theoretical'), 3)} (pp={b.get('pp')}, vpp={b.get('vpp')}, "
                     f"{b.get('microbatches')} microbatches).")
         parts.append(f'<figure><img src="{name}" alt="{html.escape(name)}"><figcaption>Pipeline timeline of '
                      f"{html.escape(r.name)} (train.profile.steps): one row per rank; gaps are idle time.{text}"

@@ -110,8 +110,9 @@ def _draw(ranks: list[dict], result: dict, png: Path) -> None:
               ncol=len(handles), frameon=False)
     meas = result["measured"]
     steps = ", ".join(str(s["step"]) for s in result["per_step"])
+    steps = ("steps " if len(result["per_step"]) > 1 else "step ") + steps
     ax.set_title(f"pipeline timeline, {result['schedule']} pp={result['pp']} vpp={result['vpp']} "
-                 f"m={result['microbatches']} (steps {steps}): bubble fraction measured "
+                 f"m={result['microbatches']} ({steps}): bubble fraction measured "
                  f"{'-' if meas is None else f'{meas:.3f}'} vs theoretical {result['theoretical']:.3f}; "
                  f"blocks are labelled with their microbatch", fontsize=10)
     fig.savefig(png)
