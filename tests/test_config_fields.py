@@ -45,6 +45,7 @@ ALLOWED = {
     ("logging.peak_tflops", 0): "0: from the device",
     ("train.max_wall_time", 0): "0: no time limit",
     ("train.exit_margin_s", 0): "0: estimated from the step and save times",
+    ("parallel.timeout_s", 0): "0: VLP_PG_TIMEOUT_S or the default",
 }
 
 

@@ -65,15 +65,32 @@ def cmd_config_show(args: argparse.Namespace, cfg: Config) -> int:
 
 
 def cmd_eval(args: argparse.Namespace, cfg: Config) -> int:
+    import torch.distributed as dist
+
     from vlpretrain.data.loader import resolve
-    from vlpretrain.eval.evaluator import evaluate_weights
+    from vlpretrain.data.tokenizer import TextTokenizer
+    from vlpretrain.eval.evaluator import Evaluator
+    from vlpretrain.parallel.engine import ParallelModel
+    from vlpretrain.parallel.mesh import init_parallel, local_device
+    from vlpretrain.train.checkpoint import load_weights
 
     path = args.eval_file or (resolve(cfg.data.root, cfg.train.eval_file) if cfg.train.eval_file else None)
     text = args.eval_text or (resolve(cfg.data.root, cfg.train.eval_text) if cfg.train.eval_text else None)
     if path is None and text is None:
         raise ConfigError("config error: train.eval_file and train.eval_text are empty and no --eval-file or "
                           "--eval-text given")
-    result = evaluate_weights(cfg, args.weights, path, text, limit=args.limit)
+    # any checkpoint (or the random init), evaluated in this process's layout (one process, or every rank
+    # under torchrun / srun); a bad eval file fails before the model is built
+    evaluator = Evaluator(cfg, TextTokenizer(resolve(cfg.data.root, cfg.data.tokenizer)), path, text, args.limit)
+    model = ParallelModel(cfg, init_parallel(cfg, local_device(cfg)))
+    if args.weights:
+        for m in model.modules:
+            load_weights(m, args.weights)
+    try:
+        result = evaluator.run(model)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
     if int(os.environ.get("RANK", "0")) == 0:  # one line per job
         print(json.dumps({"eval": "mcppl" if "mcppl" in result else "text", "weights": args.weights or "random-init",
                           **result.get("mcppl", {}), **({"text": result["text"]} if "text" in result else {}),
@@ -156,7 +173,7 @@ def cmd_ckpt_verify(args: argparse.Namespace) -> int:
 
     from vlpretrain.errors import CheckpointError
     from vlpretrain.train.checkpoint import verified
-    from vlpretrain.train.checkpointer import TRAIN_STATE, _step_dirs, verify
+    from vlpretrain.train.checkpointer import TRAIN_STATE, step_dirs, verify
 
     path = Path(args.path)
     if path.is_file():  # a weights file: checked against a manifest beside it, if there is one
@@ -167,7 +184,7 @@ def cmd_ckpt_verify(args: argparse.Namespace) -> int:
         dirs = [path]
     else:  # every checkpoint of a checkpoints dir or run dir
         ckpts = path / "checkpoints" if (path / "checkpoints").is_dir() else path
-        dirs = _step_dirs(ckpts)
+        dirs = step_dirs(ckpts)
         if not dirs:
             raise CheckpointError(f"no checkpoint under {path}")
     problems = {str(d): verify(d) for d in dirs}

@@ -336,7 +336,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"config error: {key}: expected a mapping, got {type(value).__name__}")
-        return _build(tp, value, key)
+        return build_dataclass(tp, value, key)
     if origin in (Union, types.UnionType):
         args = typing.get_args(tp)
         if value is None and type(None) in args:
@@ -374,7 +374,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     raise ConfigError(f"config error: {key}: expected {_type_name(tp)}, got {value!r}")
 
 
-def _build(cls: type, data: dict, prefix: str = "") -> Any:
+def build_dataclass(cls: type, data: dict, prefix: str = "") -> Any:
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     kwargs = {}
@@ -454,13 +454,13 @@ def parse_overrides(overrides: list[str]) -> dict:
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     data = _read_yaml(Path(path)) if path else {}
     data = _deep_merge(data, parse_overrides(overrides or []))
-    cfg = _build(Config, data)
+    cfg = build_dataclass(Config, data)
     validate(cfg)
     return cfg
 
 
 def config_from_dict(data: dict) -> Config:
-    cfg = _build(Config, data)
+    cfg = build_dataclass(Config, data)
     validate(cfg)
     return cfg
 

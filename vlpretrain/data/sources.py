@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import yaml
 
-from vlpretrain.config import ConfigError, DataConfig, SourceConfig, _build
+from vlpretrain.config import ConfigError, DataConfig, SourceConfig, build_dataclass
 from vlpretrain.data.indexed import IndexedDataset, idx_path
 from vlpretrain.data.preprocess import load_image
 from vlpretrain.data.shards import BadSample, ShardReader, decode_image, expand_shards, index_path
@@ -305,7 +305,7 @@ def load_manifest(data: DataConfig) -> Manifest:
     for i, s in enumerate(raw["sources"]):
         if not isinstance(s, dict):
             raise ConfigError(f"config error: data.manifest {path}: sources[{i}] is not a mapping")
-        src = _build(SourceConfig, s, f"manifest.sources[{i}]")
+        src = build_dataclass(SourceConfig, s, f"manifest.sources[{i}]")
         if src.weight <= 0:
             raise ConfigError(f"config error: manifest.sources[{i}].weight: must be positive, got {src.weight}")
         sources.append(src)

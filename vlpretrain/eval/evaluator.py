@@ -65,25 +65,3 @@ class Evaluator:
             dist.all_reduce(scores, group=ctx.submesh("dp").get_group())
         return scores.cpu()
 
-
-def evaluate_weights(cfg: Config, weights: str, eval_file: Path | None, eval_text: Path | None,
-                     limit: int | None = None) -> dict:
-    """``vlpretrain eval``: the weights at ``weights`` (any checkpoint, or "" for the random init) evaluated in
-    this process's layout (one process, or every rank under torchrun / srun)."""
-    from vlpretrain.data.loader import resolve
-    from vlpretrain.parallel.engine import ParallelModel
-    from vlpretrain.parallel.mesh import init_parallel, local_device
-    from vlpretrain.train.checkpoint import load_weights
-
-    tokenizer = TextTokenizer(resolve(cfg.data.root, cfg.data.tokenizer))
-    evaluator = Evaluator(cfg, tokenizer, eval_file, eval_text, limit)  # a bad file fails before the model
-    ctx = init_parallel(cfg, local_device(cfg))
-    model = ParallelModel(cfg, ctx)
-    if weights:
-        for m in model.modules:
-            load_weights(m, weights)
-    try:
-        return evaluator.run(model)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()

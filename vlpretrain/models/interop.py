@@ -63,14 +63,15 @@ from safetensors.torch import save_file
 from torch import nn
 
 from vlpretrain.config import ModelConfig, config_from_dict
+from vlpretrain.paths import find_weights
 from vlpretrain.models.pretrained import (
     TensorSource,
-    _check_shapes,
-    _copy,
-    _model_tensors,
-    _preview,
-    _rope_settings,
-    _torch_load_state,
+    check_shapes,
+    copy_checked,
+    model_tensors,
+    preview_keys,
+    rope_settings,
+    torch_load_state,
     check_hf_llm_config,
     hf_llama_key_map,
     sam_key_to_ours,
@@ -271,8 +272,6 @@ def _entries_of(src: Source) -> dict[str, _Entry]:
     """Our tensors by name: a model, a state dict, or our weights file / checkpoint dir (``find_weights``; read
     lazily with ``safe_open``, so a 7B export holds one shard at a time)."""
     if isinstance(src, (str, Path)):
-        from vlpretrain.train.checkpoint import find_weights
-
         h = safe_open(str(find_weights(src)), framework="pt", device="cpu")
         out = {}
         for k in h.keys():
@@ -300,7 +299,7 @@ def _check_entries(entries: Mapping[str, _Entry], cfg: ModelConfig, keys: list[s
     missing = [k for k in keys if k not in entries]
     if missing:
         raise ValueError(f"{what}: the weights lack {len(missing)} parameters of the model config, e.g. "
-                         f"{_preview(missing)} (a whole model is needed, not one pipeline stage)")
+                         f"{preview_keys(missing)} (a whole model is needed, not one pipeline stage)")
     for k in keys:
         if entries[k].shape != want[k]:
             raise ValueError(f"{what}: {k} has shape {entries[k].shape}, the model config gives {want[k]}")
@@ -443,7 +442,7 @@ def _open_weights(d: Path) -> TensorSource:
         weight_map = json.loads(bin_index.read_text())["weight_map"]
         merged: dict[str, torch.Tensor] = {}
         for f in sorted(set(weight_map.values())):
-            merged.update(_torch_load_state(d / f))
+            merged.update(torch_load_state(d / f))
         return TensorSource.from_state_dict(merged, str(d))
     return TensorSource.open(d)
 
@@ -513,7 +512,7 @@ def deepseek_vl_model_dict(config: dict, shapes: Mapping[str, tuple[int, ...]], 
     for field, got in derived.items():
         if lang[field] != got:
             fail(f"language_config.{field} = {lang[field]} but the weights give {got}")
-    rope_theta, rope_type = _rope_settings(lang)  # v4 rope_theta / rope_scaling or v5 rope_parameters
+    rope_theta, rope_type = rope_settings(lang)  # v4 rope_theta / rope_scaling or v5 rope_parameters
     if rope_type != "default":
         fail(f"language_config rope type {rope_type!r} is not supported (no rope scaling here)")
     model: dict[str, Any] = {
@@ -619,10 +618,10 @@ def _plan(src: TensorSource, cfg: ModelConfig, accept_hd_stub: bool) -> tuple[di
     unexpected = sorted(set(src.keys()) - set(theirs_to_ours) - set(ignored))
     if unexpected:
         raise ValueError(f"{src.origin}: {len(unexpected)} tensors have no place in the model: "
-                         f"{_preview(unexpected)}")
+                         f"{preview_keys(unexpected)}")
     missing = sorted(set(theirs_to_ours) - set(src.keys()))
     if missing:
-        raise ValueError(f"{src.origin}: missing {len(missing)} tensors: {_preview(missing)}")
+        raise ValueError(f"{src.origin}: missing {len(missing)} tensors: {preview_keys(missing)}")
     return {k: theirs_to_ours[k] for k in src.keys() if k in theirs_to_ours}, ignored
 
 
@@ -697,9 +696,9 @@ def load_deepseek_vl(model: nn.Module, path: str | Path) -> dict:
         derived = {**derived, "sam": {**derived["sam"], "hd_path": False}}
     check_model_fits(derived, cfg, str(d))
     plan, ignored = _plan(src, cfg, accept_stub)
-    own = _model_tensors(model)
+    own = model_tensors(model)
     owned = {ck: ours for ck, ours in plan.items() if ours in own}
     skipped = sorted(ck for ck, ours in plan.items() if ours not in own)
-    _check_shapes(src, owned, own)
-    return {"loaded": _copy(src, owned, own), "ignored": ignored, "skipped": skipped, "origin": src.origin,
+    check_shapes(src, owned, own)
+    return {"loaded": copy_checked(src, owned, own), "ignored": ignored, "skipped": skipped, "origin": src.origin,
             "model": derived}

@@ -123,7 +123,7 @@ class TensorSource:
             return _open_sharded(p)
         if p.suffix == ".safetensors":
             return cls.from_safetensors([p], str(p))
-        return cls.from_state_dict(_torch_load_state(p), str(p))
+        return cls.from_state_dict(torch_load_state(p), str(p))
 
 
 def _open_sharded(index: Path) -> TensorSource:
@@ -138,7 +138,7 @@ def _open_sharded(index: Path) -> TensorSource:
     return TensorSource.from_safetensors(files, str(index.parent), weight_map)
 
 
-def _torch_load_state(path: Path) -> dict[str, torch.Tensor]:
+def torch_load_state(path: Path) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
     except RuntimeError:  # legacy (non-zip) format cannot be memory-mapped
@@ -159,7 +159,7 @@ def _torch_load_state(path: Path) -> dict[str, torch.Tensor]:
 # Checking and copying
 
 
-def _model_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+def model_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     """Parameters and persistent buffers by fully-qualified name (the Parameter objects themselves)."""
     return dict(model.state_dict(keep_vars=True))
 
@@ -168,7 +168,7 @@ def _fmt(shape: Iterable[int]) -> str:
     return "(" + ", ".join(str(int(s)) for s in shape) + ")"
 
 
-def _check_shapes(src: TensorSource, plan: dict[str, str], own: dict[str, torch.Tensor], hint: str = "") -> None:
+def check_shapes(src: TensorSource, plan: dict[str, str], own: dict[str, torch.Tensor], hint: str = "") -> None:
     for ck, ours in plan.items():
         if tuple(src.shape(ck)) != tuple(own[ours].shape):
             raise ValueError(f"{src.origin}: shape mismatch for {ck} -> {ours}: checkpoint {_fmt(src.shape(ck))}, "
@@ -179,14 +179,14 @@ def _check_shapes(src: TensorSource, plan: dict[str, str], own: dict[str, torch.
 
 
 @torch.no_grad()
-def _copy(src: TensorSource, plan: dict[str, str], own: dict[str, torch.Tensor]) -> int:
+def copy_checked(src: TensorSource, plan: dict[str, str], own: dict[str, torch.Tensor]) -> int:
     """Copy checkpoint tensor ``ck`` into parameter ``own[plan[ck]]``, one tensor at a time."""
     for ck, ours in plan.items():
         own[ours].copy_(src.get(ck))  # copy_ casts dtype and moves device
     return len(plan)
 
 
-def _preview(keys: list[str], n: int = 3) -> str:
+def preview_keys(keys: list[str], n: int = 3) -> str:
     keys = sorted(keys)
     more = f" (+{len(keys) - n} more)" if len(keys) > n else ""
     return ", ".join(keys[:n]) + more
@@ -216,7 +216,7 @@ def hf_llama_key_map(n_layers: int) -> dict[str, str]:
     return m
 
 
-def _rope_settings(hf: dict) -> tuple[float, str]:
+def rope_settings(hf: dict) -> tuple[float, str]:
     """(rope_theta, rope_type) from a v4 (``rope_theta`` + ``rope_scaling``) or v5 (``rope_parameters``) config."""
     params = hf.get("rope_parameters") or {}
     scaling = hf.get("rope_scaling") or {}
@@ -248,7 +248,7 @@ def check_hf_llm_config(hf: dict, cfg: ModelConfig, origin: str = "config.json")
     eps = hf.get("rms_norm_eps", 1e-6)
     if not isinstance(eps, (int, float)) or not math.isclose(eps, cfg.norm_eps, rel_tol=1e-6):
         fail("rms_norm_eps", eps, f"model.norm_eps={cfg.norm_eps}")
-    theta, rtype = _rope_settings(hf)
+    theta, rtype = rope_settings(hf)
     if not math.isclose(theta, cfg.rope_theta, rel_tol=1e-9):
         fail("rope_theta", theta, f"model.rope_theta={cfg.rope_theta}")
     if rtype != "default":
@@ -282,15 +282,15 @@ def load_hf_llm(model: nn.Module, path: str | Path) -> dict:
     ignored = sorted(k for k in src.keys() if k.endswith("rotary_emb.inv_freq"))
     unexpected = sorted(set(src.keys()) - set(key_map) - set(ignored))
     if unexpected:
-        raise ValueError(f"{src.origin}: {len(unexpected)} unexpected tensors: {_preview(unexpected)}")
+        raise ValueError(f"{src.origin}: {len(unexpected)} unexpected tensors: {preview_keys(unexpected)}")
     missing = sorted(set(key_map) - set(src.keys()))
     if missing:
-        raise ValueError(f"{src.origin}: missing {len(missing)} tensors: {_preview(missing)}")
-    own = _model_tensors(model)
+        raise ValueError(f"{src.origin}: missing {len(missing)} tensors: {preview_keys(missing)}")
+    own = model_tensors(model)
     plan = {hf: ours for hf, ours in key_map.items() if ours in own}
     skipped = sorted(hf for hf, ours in key_map.items() if ours not in own)
-    _check_shapes(src, plan, own)
-    return {"loaded": _copy(src, plan, own), "ignored": ignored, "skipped": skipped, "origin": src.origin}
+    check_shapes(src, plan, own)
+    return {"loaded": copy_checked(src, plan, own), "ignored": ignored, "skipped": skipped, "origin": src.origin}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -336,7 +336,7 @@ def _vision_owner(model: nn.Module, part: str) -> bool:
 def _load_vision(model: nn.Module, src: TensorSource, prefix: str, rename: Callable[[str], str | None],
                  our_root: str, hint: str) -> dict:
     """Map every checkpoint key under ``prefix`` via ``rename`` (None = drop) and copy."""
-    own = {k: v for k, v in _model_tensors(model).items() if k.startswith(our_root)}
+    own = {k: v for k, v in model_tensors(model).items() if k.startswith(our_root)}
     plan: dict[str, str] = {}
     ignored: list[str] = []
     unexpected: list[str] = []
@@ -352,7 +352,7 @@ def _load_vision(model: nn.Module, src: TensorSource, prefix: str, rename: Calla
             unexpected.append(f"{k} -> {ours}")
     if unexpected:
         raise ValueError(f"{src.origin}: {len(unexpected)} checkpoint tensors have no place in the model: "
-                         f"{_preview(unexpected)}{hint}")
+                         f"{preview_keys(unexpected)}{hint}")
     not_in_ckpt = sorted(set(own) - set(plan.values()))
     return {"plan": plan, "ignored": sorted(ignored), "not_in_checkpoint": not_in_ckpt, "own": own}
 
@@ -378,10 +378,10 @@ def load_siglip(model: nn.Module, path: str | Path) -> dict:
     r = _load_vision(model, src, prefix, rename, SIGLIP_PREFIX, hint)
     if r["not_in_checkpoint"]:
         raise ValueError(f"{src.origin}: missing {len(r['not_in_checkpoint'])} SigLIP tensors under prefix "
-                         f"'{prefix}': {_preview(r['not_in_checkpoint'])}")
-    _check_shapes(src, r["plan"], r["own"], " (pos_embed resampling to another image_size/patch_size is "
+                         f"'{prefix}': {preview_keys(r['not_in_checkpoint'])}")
+    check_shapes(src, r["plan"], r["own"], " (pos_embed resampling to another image_size/patch_size is "
                   "not supported: match model.siglip to the checkpoint)")
-    return {"loaded": _copy(src, r["plan"], r["own"]), "ignored": r["ignored"], "skipped": [],
+    return {"loaded": copy_checked(src, r["plan"], r["own"]), "ignored": r["ignored"], "skipped": [],
             "not_in_checkpoint": [], "prefix": prefix, "origin": src.origin}
 
 
@@ -416,10 +416,10 @@ def load_sam(model: nn.Module, path: str | Path) -> dict:
     missing_vit = [k for k in r["not_in_checkpoint"] if k.startswith(SAM_VIT_PREFIX)]
     if missing_vit:
         raise ValueError(f"{src.origin}: missing {len(missing_vit)} SAM tensors under prefix '{prefix}': "
-                         f"{_preview(missing_vit)}")
-    _check_shapes(src, r["plan"], r["own"], " (pos_embed / rel_pos resampling to another image_size, "
+                         f"{preview_keys(missing_vit)}")
+    check_shapes(src, r["plan"], r["own"], " (pos_embed / rel_pos resampling to another image_size, "
                   "patch_size or window_size is not supported: match model.sam to the checkpoint)")
-    return {"loaded": _copy(src, r["plan"], r["own"]), "ignored": r["ignored"], "skipped": [],
+    return {"loaded": copy_checked(src, r["plan"], r["own"]), "ignored": r["ignored"], "skipped": [],
             "not_in_checkpoint": r["not_in_checkpoint"], "prefix": prefix, "origin": src.origin}
 
 

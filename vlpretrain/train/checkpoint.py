@@ -17,11 +17,10 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from vlpretrain.errors import CheckpointError
+from vlpretrain.paths import DCP_METADATA, WEIGHTS, find_weights  # noqa: F401  (re-exported)
 from vlpretrain.train.integrity import (MANIFEST, SafeReader, check_file, check_manifest,
                                         hash_files, read_manifest, write_manifest)
 
-WEIGHTS = "model.safetensors"
-DCP_METADATA = ".metadata"
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
@@ -69,23 +68,6 @@ def save_checkpoint(model: nn.Module | dict, ckpt_dir: Path, step: int, meta: di
     for p in older[:max(0, len(older) - (keep_last - 1))]:
         shutil.rmtree(p, ignore_errors=True)
     return final
-
-
-def find_weights(path: str | Path) -> Path:
-    """A .safetensors file, a checkpoint step dir (full weights, else its DCP shards), a checkpoints dir with
-    ``latest``, or a run dir."""
-    p = Path(path)
-    if p.is_file():
-        return p
-    if (p / WEIGHTS).is_file():
-        return p / WEIGHTS
-    if (p / DCP_METADATA).is_file():
-        return p
-    if (p / "latest").is_file():
-        return find_weights(p / (p / "latest").read_text().strip())
-    if (p / "checkpoints").is_dir():
-        return find_weights(p / "checkpoints")
-    raise FileNotFoundError(f"no weights found at {path} (expected a .safetensors file or a checkpoint dir)")
 
 
 _verified: set[tuple] = set()

@@ -43,7 +43,7 @@ class NoCheckpointError(CheckpointError, FileNotFoundError):
     """No usable checkpoint where one was asked for."""
 
 
-def _step_dirs(ckpt_dir: Path) -> list[Path]:
+def step_dirs(ckpt_dir: Path) -> list[Path]:
     if not ckpt_dir.is_dir():
         return []
     return sorted(p for p in ckpt_dir.iterdir() if STEP_DIR.fullmatch(p.name) and p.is_dir())
@@ -110,7 +110,7 @@ def find_resumable(ckpt_dir: Path, resume: str, move_damaged: bool = False) -> P
         if problem:
             raise CheckpointError(f"checkpoint unusable: {problem}")
         return path
-    candidates = _step_dirs(ckpt_dir)
+    candidates = step_dirs(ckpt_dir)
     latest = ckpt_dir / "latest"
     if latest.is_file() and (ckpt_dir / latest.read_text().strip()) in candidates:
         newest = ckpt_dir / latest.read_text().strip()
@@ -261,7 +261,7 @@ class Checkpointer:
         for partial in [*self.dir.glob(".tmp_step_*"), *self.dir.glob(".old_step_*")]:
             shutil.rmtree(partial, ignore_errors=True)  # left by a killed job: never a published checkpoint
         kept = 1
-        for d in reversed(_step_dirs(self.dir)):
+        for d in reversed(step_dirs(self.dir)):
             if d == newest:
                 continue
             if verify(d, checksums=False):
