@@ -1,13 +1,34 @@
-"""Pipeline balance on CPU: uniform vs vision-aware (``auto``) layer splits, measured side by side.
+"""Pipeline balance on a realistic step mix: uniform vs multimodal-only vs mix-aware layer splits, side by side.
 
-The tiny hybrid model is configured so the first stage (SigLIP + SAM + adaptor + embedding) is heavy. For
-pp = 2 and pp = 4 it launches the same training step under torchrun (gloo, one thread per rank) once with
-``layer_split: uniform`` and once with ``auto``, and prints the median step time of each, their ratio, and
-per pipeline rank: the measured busy time (process CPU time per step: gloo waits block without spinning, so
-this is the rank's compute) beside the cost model's prediction (FLOP model, calibrated to this CPU with one
-factor: total measured busy time / total predicted time of the uniform run).
+A run grouped by modality sees mostly text-only steps (no vision work in the first stage) and some multimodal
+ones. Here: 7 text : 3 multimodal steps, packed rows (3 documents per row, document-causal attention; the
+multimodal rows carry 0..IMAGES_PER_ROW images each), stage 2 (towers frozen, adaptor + LLM trained), 1F1B,
+on a tiny model whose first stage is heavy on multimodal steps (SigLIP + SAM) and whose head costs about two
+decoder layers (as at 7B: a 102400 x 4096 head against 4096-wide layers).
 
-    python bench/pipeline_balance.py [--steps 6] [--pp 2 4]
+For pp = 2 and pp = 4, ONE torchrun launch (gloo, one thread per rank) builds three ``ParallelModel``s with
+explicit ``parallel.layer_split`` lists, each running its own pipeline schedule on the same pp group:
+
+* ``uniform``: the Megatron/torchtitan split;
+* ``mm_only``: the previous ``auto``, balancing one multimodal step (``balance.partition_details``);
+* ``mix``: the mix-aware ``auto`` (``balance_mix.partition_mix``) over this run's step types, the images per
+  microbatch counted from the very rows the bench runs.
+
+After a warm-up (one text and one multimodal step each), the splits run interleaved (A B C A B C ...); a
+repeat is the same 10 steps (fixed order, 7 text and 3 multimodal) for every split; we time forward + backward
+of the whole pipeline step (the optimizer step is not part of the cost model and is left out). Reported per
+split: the median and min-max over repeats of the mean step time, the predicted expected step time
+(``balance_mix.expected_step_time`` on the FLOP cost model, calibrated to this CPU with ONE factor: the
+uniform run's measured / predicted), and the prediction error.
+
+Two measurements, because this machine may have fewer cores than pipeline ranks: ``wall`` is the real step
+time; ``busy`` is the step time of a machine with one core per rank, rebuilt from each rank's measured CPU time
+(gloo waits block without spinning, so a rank's process CPU time per step is its compute): per step,
+(n_mb + pp - 1) / n_mb x the busiest rank's CPU time, the 1F1B formula the cost model also uses. With
+pp ranks on fewer cores the wall time of a balanced split is bounded by the total work / cores, which no
+split changes; ``busy`` is what pp devices would see.
+
+    python bench/pipeline_balance.py [--repeats 3] [--pp 2 4]
 """
 from __future__ import annotations
 
@@ -23,96 +44,202 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-MODEL = {  # heavy vision side, light decoder: 8 layers so pp=4 still has 2 per rank under uniform
-    "name": "tiny-heavy-vision", "vocab_size": 512, "dim": 96, "n_layers": 8, "n_heads": 4, "ffn_dim": 256,
+MODEL = {  # heavy vision side; head ~ 2.8 decoder layers (vocab 4096 x dim 96); 8 layers: pp=4 has 2 per rank
+    "name": "tiny-heavy-vision", "vocab_size": 4096, "dim": 96, "n_layers": 8, "n_heads": 4, "ffn_dim": 256,
     "max_seq_len": 256, "image_token_id": 2,
     "siglip": {"image_size": 64, "patch_size": 8, "width": 128, "depth": 4, "heads": 4},
     "sam": {"enabled": True, "image_size": 128, "patch_size": 8, "width": 128, "depth": 4, "heads": 4,
             "window_size": 8, "global_attn_indexes": [1, 3], "neck_chans": 64, "interp_size": 32,
             "downsample_channels": [96, 128], "hd_path": True},
 }
+IMAGES_PER_ROW = 2  # a multimodal packed row carries 0..2 images (64 tokens each) of its 160
+ORDER = "TTMTTMTTMT"  # one repeat: 7 text, 3 multimodal steps, fixed order
+LANGUAGE_SHARE = ORDER.count("T") / len(ORDER)
+SPLITS = ("uniform", "mm_only", "mix")
 
 
-def config(pp: int, split: str, steps: int) -> dict:
+def config(pp: int, split="uniform") -> dict:
     return {"model": MODEL,
-            "train": {"stage": 3, "steps": steps, "global_batch_size": 16, "micro_batch_size": 2,
-                      "seq_len": 160, "lr": 1e-4, "dtype": "fp32"},
+            "train": {"stage": 2, "steps": 1, "global_batch_size": 16, "micro_batch_size": 2, "seq_len": 160,
+                      "lr": 1e-4, "dtype": "fp32"},
+            "data": {"packing": True, "document_causal": True, "group_by_modality": True,
+                     "language_ratio": {"start": LANGUAGE_SHARE, "end": LANGUAGE_SHARE}},
             "parallel": {"dp": 1, "tp": 1, "pp": pp, "schedule": "1f1b", "layer_split": split}}
 
 
-def worker(cfg_path: str, out: str) -> None:
+def steps_data(cfg) -> list[tuple[list, int]]:
+    """The repeat's steps: packed rows, text steps without images, multimodal ones with 0..IMAGES_PER_ROW."""
+    from vlpretrain.data.synthetic import synthetic_microbatches
+
+    return [synthetic_microbatches(cfg, seed=100 + i, images_per_sample=IMAGES_PER_ROW if kind == "M" else 0,
+                                   documents=3) for i, kind in enumerate(ORDER)]
+
+
+def step_mix(cfg):
+    """The run's step types from the bench's own rows: text share, images per microbatch of the multimodal."""
+    from vlpretrain.parallel.mix import StepType
+
+    it, tok = cfg.model.image_tokens, cfg.model.image_token_id
+    images = tuple(int((mb.tokens == tok).sum()) // it
+                   for (micro, _), kind in zip(steps_data(cfg), ORDER) if kind == "M" for mb in micro)
+    note = f"counted from the bench's {ORDER.count('M')} multimodal steps"
+    return [StepType("text", LANGUAGE_SHARE, (), note), StepType("multimodal", 1 - LANGUAGE_SHARE, images, note)]
+
+
+def plan_splits(pp: int) -> dict:
+    """The three splits and each one's predicted expected step time (uncalibrated: FLOP model on the H100
+    peak; only ratios matter here), plus per-type predictions."""
+    from vlpretrain.config import config_from_dict
+    from vlpretrain.parallel.balance import part_costs, partition_details, stage_style, uniform_split
+    from vlpretrain.parallel.balance_mix import expected_step_time, mix_costs, partition_mix
+    from vlpretrain.parallel.mesh import resolve_layout
+
+    cfg = config_from_dict(config(pp))
+    mix = step_mix(cfg)
+    n_mb = resolve_layout(cfg, pp).n_microbatches
+    type_times = [[c.time_s for c in cs] for cs in mix_costs(cfg, mix)]
+    shares = [st.share for st in mix]
+    mean_images = sum(mix[1].images) / len(mix[1].images) / cfg.train.micro_batch_size
+    splits = {
+        "uniform": uniform_split(cfg.model.n_layers, pp),
+        # the previous auto: one multimodal step at the data's mean images per row
+        "mm_only": partition_details([c.time_s for c in part_costs(cfg, images_per_sample=mean_images)], pp, pp,
+                                     stage_style("1f1b"))["split"],
+        "mix": partition_mix(type_times, shares, pp, pp, "1f1b", n_mb)["split"],
+    }
+    pred = {name: {"expected": expected_step_time(s, type_times, shares, pp, "1f1b", n_mb),
+                   "by_type": {st.name: expected_step_time(s, [tt], [1.0], pp, "1f1b", n_mb)
+                               for st, tt in zip(mix, type_times)}}
+            for name, s in splits.items()}
+    layer = type_times[1][1]
+    return {"splits": splits, "pred": pred, "n_mb": n_mb, "images_per_mb": list(mix[1].images),
+            "embed_over_layer": type_times[1][0] / layer, "head_over_layer": type_times[1][-1] / layer}
+
+
+def worker(spec_path: str, out: str) -> None:
     import torch
     import torch.distributed as dist
 
     from vlpretrain.config import config_from_dict
-    from vlpretrain.data.synthetic import synthetic_microbatches
     from vlpretrain.parallel.engine import ParallelModel
     from vlpretrain.parallel.mesh import init_parallel
-    from vlpretrain.train.optim import build_optimizer
 
     torch.set_num_threads(1)
-    cfg = config_from_dict(json.loads(Path(cfg_path).read_text()))
-    ctx = init_parallel(cfg, torch.device("cpu"))
-    model = ParallelModel(cfg, ctx)
-    params = model.trainable_parameters()
-    opt = build_optimizer(params, cfg.train)[0] if params else None
-    batches = [synthetic_microbatches(cfg, seed=s, images_per_sample=2) for s in range(2)]
-    wall, busy = [], []
-    for step in range(cfg.train.steps + 1):  # step 0 warms up (pipeline shape inference)
-        dist.barrier()
-        w0, c0 = time.perf_counter(), time.process_time()
-        micro, n = batches[step % 2]
-        model.forward_backward(micro, n)
-        if opt is not None:
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        dist.barrier()
-        if step:
-            wall.append(time.perf_counter() - w0)
-            busy.append(time.process_time() - c0)
-    result = {"pp_rank": ctx.pp_rank, "split": model.split, "step_s": statistics.median(wall),
-              "busy_s": statistics.median(busy)}
-    Path(out, f"rank{dist.get_rank()}.json").write_text(json.dumps(result))
+    spec = json.loads(Path(spec_path).read_text())
+    pp, repeats = spec["pp"], spec["repeats"]
+    models = {}
+    for name in SPLITS:
+        cfg = config_from_dict(config(pp, spec["splits"][name]))
+        models[name] = ParallelModel(cfg, init_parallel(cfg, torch.device("cpu")))
+    steps = steps_data(cfg)
+    rank = dist.get_rank()
+
+    def run(model, step) -> tuple[float, float]:
+        c0 = time.process_time()
+        micro, n = step
+        model.forward_backward(micro, n)  # ends in an all-reduce over pp: the ranks leave it together
+        for p in model.trainable_parameters():
+            p.grad = None
+        return time.process_time() - c0
+
+    for model in models.values():  # warm-up: pipeline shape inference, allocator, one step of each kind
+        for i in (ORDER.index("T"), ORDER.index("M")):
+            run(model, steps[i])
+    wall = {n: [] for n in SPLITS}
+    busy = {n: [] for n in SPLITS}  # [repeat][step]: this rank's CPU seconds
+    for _ in range(repeats):
+        for name, model in models.items():
+            dist.barrier()
+            t0 = time.perf_counter()
+            busy[name].append([run(model, s) for s in steps])
+            dist.barrier()
+            wall[name].append((time.perf_counter() - t0) / len(steps))
+    Path(out, f"rank{rank}.json").write_text(json.dumps({"pp_rank": rank, "wall": wall, "busy": busy}))
     dist.destroy_process_group()
 
 
-def launch(pp: int, split: str, steps: int, tmp: Path) -> list[dict]:
-    run = tmp / f"pp{pp}_{split}"
+def launch(pp: int, splits: dict, repeats: int, tmp: Path) -> list[dict]:
+    run = tmp / f"pp{pp}"
     run.mkdir()
-    (run / "cfg.json").write_text(json.dumps(config(pp, split, steps)))
+    (run / "spec.json").write_text(json.dumps({"pp": pp, "splits": splits, "repeats": repeats}))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={pp}", __file__,
-           "--worker", str(run / "cfg.json"), str(run)]
-    subprocess.run(cmd, env=env, check=True, capture_output=True, text=True)
+           "--worker", str(run / "spec.json"), str(run)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1200)
+    if proc.returncode != 0:
+        sys.exit(f"bench failed (pp={pp}):\n{proc.stderr[-4000:]}")
     return sorted((json.loads(p.read_text()) for p in run.glob("rank*.json")), key=lambda r: r["pp_rank"])
 
 
-def predicted_rank_times(pp: int, split: list[int]) -> list[float]:
-    from vlpretrain.config import config_from_dict
-    from vlpretrain.parallel.balance import part_costs, predict
+def summarise(values: list[float]) -> dict:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
-    cfg = config_from_dict(config(pp, split, 1))
-    return predict(cfg, split, part_costs(cfg, images_per_sample=1.0))["stage_time"]
+
+def analyse(pp: int, plan: dict, ranks: list[dict]) -> dict:
+    n_mb = plan["n_mb"]
+    fill = (n_mb + pp - 1) / n_mb
+    res = {}
+    for name in SPLITS:
+        wall = ranks[0]["wall"][name]
+        # per repeat: mean over its steps of fill x the busiest rank's CPU time of that step
+        busy = [statistics.mean(fill * max(r["busy"][name][rep][i] for r in ranks) for i in range(len(ORDER)))
+                for rep in range(len(wall))]
+        # per rank: median over repeats of its mean CPU time on text / multimodal steps
+        rank_busy = {kind: [statistics.median(statistics.mean(x for x, k in zip(rep, ORDER) if k == kind)
+                                              for rep in r["busy"][name]) for r in ranks] for kind in "TM"}
+        res[name] = {"split": plan["splits"][name], "wall": summarise(wall), "busy": summarise(busy),
+                     "rank_busy": rank_busy}
+    for what in ("wall", "busy"):
+        calib = res["uniform"][what]["median"] / plan["pred"]["uniform"]["expected"]
+        for name in SPLITS:
+            p = plan["pred"][name]["expected"] * calib
+            res[name][f"{what}_pred"] = p
+            res[name][f"{what}_err"] = p / res[name][what]["median"] - 1
+    return res
+
+
+def report(pp: int, plan: dict, res: dict) -> dict:
+    print(f"\npp={pp}: {plan['n_mb']} microbatches of 2 x 160 packed tokens, 1F1B, stage 2; steps {ORDER} "
+          f"(T text, M multimodal); images per multimodal microbatch {plan['images_per_mb']}; cost model: "
+          f"multimodal embed = {plan['embed_over_layer']:.2f} layers, head = {plan['head_over_layer']:.2f}")
+    print(f"  {'split':<8}{'layers':<15}{'what':<6}{'mean step s (min-max)':>24}{'predicted':>11}{'error':>8}"
+          f"   CPU s/step per rank: text (wall row), multimodal (busy row)")
+    for name in SPLITS:
+        r = res[name]
+        for what in ("wall", "busy"):
+            s = r[what]
+            head = f"{name:<8}{str(r['split']):<15}" if what == "wall" else " " * 23
+            ranks = " ".join(f"{x:.3f}" for x in r["rank_busy"]["T" if what == "wall" else "M"])
+            print(f"  {head}{what:<6}{s['median']:>9.3f} ({s['min']:.3f}-{s['max']:.3f})"
+                  f"{r[what + '_pred']:>11.3f}{r[what + '_err'] * 100:>+7.1f}%   {ranks}")
+    out: dict = {"splits": {n: res[n]["split"] for n in SPLITS}}
+    for what in ("wall", "busy"):
+        m = {n: res[n][what]["median"] for n in SPLITS}
+        # ratios > 1: the mix-aware split is faster
+        r = {"mix_vs_uniform": round(m["uniform"] / m["mix"], 3), "mix_vs_mm_only": round(m["mm_only"] / m["mix"], 3),
+             "pred_err": round(max(abs(res[n][what + "_err"]) for n in SPLITS), 3)}
+        r["goal_met"] = r["mix_vs_uniform"] >= 1 and r["mix_vs_mm_only"] >= 1 and r["pred_err"] <= 0.15
+        print(f"  {what}: uniform / mix = {r['mix_vs_uniform']:.3f}, mm_only / mix = {r['mix_vs_mm_only']:.3f}, "
+              f"largest prediction error {r['pred_err'] * 100:.1f}%")
+        if what == "wall":  # the real measurement on top, the one-core-per-rank rebuild beside it
+            out.update(r)
+        else:
+            out["busy"] = r
+    return out
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--steps", type=int, default=6)
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--pp", type=int, nargs="+", default=[2, 4])
     args = ap.parse_args()
+    summary = {"bench": "pipeline_balance", "repeats": args.repeats, "cores": os.cpu_count()}
     with tempfile.TemporaryDirectory() as d:
         for pp in args.pp:
-            runs = {mode: launch(pp, mode, args.steps, Path(d)) for mode in ("uniform", "auto")}
-            n_mb = config(pp, "uniform", 1)["train"]["global_batch_size"] // config(pp, "uniform", 1)["train"]["micro_batch_size"]
-            pred = {m: [t * n_mb for t in predicted_rank_times(pp, r[0]["split"])] for m, r in runs.items()}
-            calib = sum(r["busy_s"] for r in runs["uniform"]) / sum(pred["uniform"])
-            print(f"\npp={pp}: {n_mb} microbatches of 2 x 160 tokens, 1F1B, tiny model with a heavy first stage")
-            for mode, ranks in runs.items():
-                print(f"  {mode:<8} split {ranks[0]['split']}: step {ranks[0]['step_s']:.3f} s")
-                for r, p in zip(ranks, pred[mode]):
-                    print(f"    rank {r['pp_rank']}: busy {r['busy_s']:.3f} s/step   predicted {p * calib:.3f} s/step")
-            ratio = runs["auto"][0]["step_s"] / runs["uniform"][0]["step_s"]
-            print(f"  step time auto / uniform = {ratio:.3f}  ({(1 / ratio - 1) * 100:+.1f}% throughput)")
+            plan = plan_splits(pp)
+            ranks = launch(pp, plan["splits"], args.repeats, Path(d))
+            summary[f"pp{pp}"] = report(pp, plan, analyse(pp, plan, ranks))
+    print(json.dumps(summary))
 
 
 if __name__ == "__main__":
