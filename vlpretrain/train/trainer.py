@@ -39,8 +39,9 @@ from vlpretrain.train.preemption import EXIT_PREEMPTED, PREEMPTED_MARKER, PREEMP
 from vlpretrain.train.rundir import RunDirLock
 
 
-def _check_inputs(cfg: Config) -> tuple[TextTokenizer, Path | None, Path | None]:
-    """Everything a user can get wrong, checked before any process group or model exists."""
+def _check_inputs(cfg: Config) -> tuple[TextTokenizer, tuple[Path | None, Path | None], Path | None, Path | None]:
+    """Everything a user can get wrong, checked before any process group or model exists. Returns the
+    tokenizer, the eval files (MCPPL, text), the init_from weights and the checkpoint to resume from."""
     tc = cfg.train
     resolve_layout(cfg, world_size_from_env())
     tokenizer = TextTokenizer(resolve(cfg.data.root, cfg.data.tokenizer))
@@ -61,7 +62,7 @@ def _check_inputs(cfg: Config) -> tuple[TextTokenizer, Path | None, Path | None]
     resume = None
     if cfg.checkpoint.resume:  # checked on every rank alike (a shared file system): the same answer everywhere
         resume = find_resumable(checkpoint_dir(cfg), cfg.checkpoint.resume,
-                                move_damaged=int(os.environ.get("RANK", "0")) == 0)  # one rank moves them aside
+                                move_damaged=_global_rank() == 0)  # one rank moves them aside
     check_checkpoint_room(cfg, checkpoint_dir(cfg), Path(tc.run_dir))  # writable, room: not at the first save
     for key in ("llm", "siglip", "sam"):
         path = getattr(tc.pretrained, key)
