@@ -18,8 +18,10 @@ After a warm-up (one text and one multimodal step each), the splits run interlea
 repeat is the same 10 steps (fixed order, 7 text and 3 multimodal) for every split; we time forward + backward
 of the whole pipeline step (the optimizer step is not part of the cost model and is left out). Reported per
 split: the median and min-max over repeats of the mean step time, the predicted expected step time
-(``balance_mix.expected_step_time`` on the FLOP cost model, calibrated to this CPU with ONE factor: the
-uniform run's measured / predicted), and the prediction error.
+(``balance_mix.expected_step_time`` on the part costs, calibrated with ONE factor: the uniform run's measured /
+predicted), and the prediction error. The part costs are measured on this machine first (``--costs measured``,
+what ``vlpretrain plan --measure`` does; the default) or the FLOP model (``--costs flops``: its flat efficiency
+overprices the large head against small CPU matmuls, so its splits are not the best ones here).
 
 Two measurements, because this machine may have fewer cores than pipeline ranks: ``wall`` is the real step
 time; ``busy`` is the step time of a machine with one core per rank, rebuilt from each rank's measured CPU time
@@ -86,25 +88,37 @@ def step_mix(cfg):
     return [StepType("text", LANGUAGE_SHARE, (), note), StepType("multimodal", 1 - LANGUAGE_SHARE, images, note)]
 
 
-def plan_splits(pp: int) -> dict:
-    """The three splits and each one's predicted expected step time (uncalibrated: FLOP model on the H100
-    peak; only ratios matter here), plus per-type predictions."""
+def plan_splits(pp: int, costs: str = "measured") -> dict:
+    """The three splits and each one's predicted expected step time, plus per-type predictions. ``costs``:
+    "measured" times each part alone on this machine first (what ``vlpretrain plan --measure`` does: the FLOP
+    model's flat efficiency misprices small CPU matmuls against the large head), "flops" uses the FLOP model
+    (H100 peak, uncalibrated: only ratios matter). The multimodal-only and mix-aware splits use the same costs."""
     from vlpretrain.config import config_from_dict
-    from vlpretrain.parallel.balance import part_costs, partition_details, stage_style, uniform_split
+    from vlpretrain.data.synthetic import synthetic_microbatches
+    from vlpretrain.parallel.balance import partition_details, stage_style, uniform_split
     from vlpretrain.parallel.balance_mix import expected_step_time, mix_costs, partition_mix
     from vlpretrain.parallel.mesh import resolve_layout
+    from vlpretrain.parallel.mix import StepType
+    from vlpretrain.parallel.plan import measure_part_times
 
     cfg = config_from_dict(config(pp))
     mix = step_mix(cfg)
     n_mb = resolve_layout(cfg, pp).n_microbatches
-    type_times = [[c.time_s for c in cs] for cs in mix_costs(cfg, mix)]
+    measured, ref_images = None, 1.0
+    if costs == "measured":
+        measured = measure_part_times(cfg, steps=5, images_per_sample=IMAGES_PER_ROW)
+        (mb,), _ = synthetic_microbatches(cfg, 0, IMAGES_PER_ROW, num_samples=cfg.train.micro_batch_size)
+        seen = int((mb.tokens == cfg.model.image_token_id).sum()) // cfg.model.image_tokens
+        ref_images = max(seen, 1) / cfg.train.micro_batch_size  # the images the measured microbatch held
+    type_times = [[c.time_s for c in cs] for cs in mix_costs(cfg, mix, measured, ref_images)]
     shares = [st.share for st in mix]
-    mean_images = sum(mix[1].images) / len(mix[1].images) / cfg.train.micro_batch_size
+    mean_per_mb = round(sum(mix[1].images) / len(mix[1].images))
+    # the previous auto: one multimodal step at the data's mean images (per microbatch here)
+    mm_times = [c.time_s for c in mix_costs(cfg, [StepType("multimodal", 1.0, (mean_per_mb,), "")], measured,
+                                            ref_images)[0]]
     splits = {
         "uniform": uniform_split(cfg.model.n_layers, pp),
-        # the previous auto: one multimodal step at the data's mean images per row
-        "mm_only": partition_details([c.time_s for c in part_costs(cfg, images_per_sample=mean_images)], pp, pp,
-                                     stage_style("1f1b"))["split"],
+        "mm_only": partition_details(mm_times, pp, pp, stage_style("1f1b"))["split"],
         "mix": partition_mix(type_times, shares, pp, pp, "1f1b", n_mb)["split"],
     }
     pred = {name: {"expected": expected_step_time(s, type_times, shares, pp, "1f1b", n_mb),
@@ -232,11 +246,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--pp", type=int, nargs="+", default=[2, 4])
+    ap.add_argument("--costs", choices=["measured", "flops"], default="measured",
+                    help="part costs the splits and predictions use (measured here, or the FLOP model)")
     args = ap.parse_args()
-    summary = {"bench": "pipeline_balance", "repeats": args.repeats, "cores": os.cpu_count()}
+    summary = {"bench": "pipeline_balance", "repeats": args.repeats, "cores": os.cpu_count(), "costs": args.costs}
     with tempfile.TemporaryDirectory() as d:
         for pp in args.pp:
-            plan = plan_splits(pp)
+            plan = plan_splits(pp, args.costs)
             ranks = launch(pp, plan["splits"], args.repeats, Path(d))
             summary[f"pp{pp}"] = report(pp, plan, analyse(pp, plan, ranks))
     print(json.dumps(summary))
