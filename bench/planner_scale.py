@@ -7,7 +7,7 @@ Measured on one simulated rank (dp rank 0, ``load_images=False``: text work only
 pays; image decoding is per first-stage rank and reported separately per image, for provisioning):
 
     python -m data_tools demo --out /tmp/demo      # once
-    flock /tmp/vlp/cpu.lock python bench/planner_scale.py --demo /tmp/demo
+    python bench/planner_scale.py --demo /tmp/demo     # alone on the machine: it times CPU work
 
 Prints a table and, last, one JSON line.
 """
