@@ -1,0 +1,217 @@
+"""Megatron .bin/.idx corpora: our reader/writer (vlpretrain/data/indexed.py) vs megatron-core's
+``IndexedDataset`` / ``IndexedDatasetBuilder``, side by side on the same files.
+
+    python bench/indexed_read.py [--documents 200000] [--mean-tokens 300] [--reads 100000] [--chunk 4096]
+                                 [--repeats 5] [--dir /tmp/vlp_indexed_bench]
+
+Needs megatron-core (``pip install 'megatron-core>=0.16,<0.17'`` on Python 3.10/3.11). Writes a synthetic
+corpus (``--documents`` documents of geometric lengths around ``--mean-tokens``, int32 token ids below
+DeepSeek-LLM's vocab of 102400, 1% empty) once with each writer, checks that both writers produce the same
+bytes, then times, on the files our writer wrote, the access patterns the training and evaluation paths use:
+
+- ``random_chunk``: what ``IndexedSource.tokens`` does for the sampler: a random chunk of at most
+  ``--chunk`` tokens (a whole document when it is shorter), ``ds.get(seq, offset, n)`` -> an int64 copy;
+- ``random_doc``: a random whole document, ``ds[i]`` -> an int64 copy;
+- ``sequential``: every document in order, ``ds[i]`` -> an int64 copy (the eval text path).
+
+The same index lists go to both readers; each repeat runs ours and megatron-core's back to back, alternating
+which goes first; the median over repeats gives documents/s. Also timed: writing (documents/s, our
+``add_document`` and ``add_packed`` vs megatron's ``add_item`` + ``end_document``), opening a dataset, and
+importing each module in a fresh interpreter. The files are hot in the page cache (both readers map the same
+files), so the figures compare per-read overhead, not disk speed. Run it alone (it is timing).
+"""
+from __future__ import annotations
+
+import argparse
+import filecmp
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from vlpretrain.data.indexed import IndexedDataset, IndexedDatasetWriter  # noqa: E402
+
+VOCAB = 102400
+
+
+def _megatron():
+    with warnings.catch_warnings():  # "Transformer Engine and Apex are not installed" from megatron.core's init
+        warnings.simplefilter("ignore")
+        from megatron.core.datasets import indexed_dataset as mi
+    return mi
+
+
+def make_docs(n: int, mean: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    lengths = rng.geometric(1.0 / mean, size=n).astype(np.int64)
+    lengths[rng.random(n) < 0.01] = 0
+    tokens = rng.integers(0, VOCAB, size=int(lengths.sum()), dtype=np.int32)
+    return tokens, lengths
+
+
+def write_ours(prefix: Path, tokens, lengths) -> None:
+    bounds = np.concatenate([[0], np.cumsum(lengths)])
+    with IndexedDatasetWriter(prefix, np.int32) as w:
+        for a, b in zip(bounds[:-1].tolist(), bounds[1:].tolist()):
+            w.add_document(tokens[a:b])
+
+
+def write_ours_packed(prefix: Path, tokens, lengths) -> None:
+    with IndexedDatasetWriter(prefix, np.int32) as w:
+        w.add_packed(tokens, lengths)
+
+
+def write_megatron(prefix: Path, tokens, lengths) -> None:
+    import torch
+
+    mi = _megatron()
+    bounds = np.concatenate([[0], np.cumsum(lengths)])
+    b = mi.IndexedDatasetBuilder(mi.get_bin_path(str(prefix)), dtype=np.int32)
+    for lo, hi in zip(bounds[:-1].tolist(), bounds[1:].tolist()):
+        b.add_item(torch.from_numpy(tokens[lo:hi]))
+        b.end_document()
+    b.finalize(mi.get_idx_path(str(prefix)))
+
+
+def same_files(a: Path, b: Path) -> bool:
+    return all(filecmp.cmp(f"{a}.{ext}", f"{b}.{ext}", shallow=False) for ext in ("bin", "idx"))
+
+
+def read_chunks(ds, seqs: list, offs: list, counts: list) -> int:
+    total = 0
+    for s, o, n in zip(seqs, offs, counts):
+        total += int(np.asarray(ds.get(s, o, n), dtype=np.int64).sum())
+    return total
+
+
+def read_items(ds, order: list) -> int:
+    total = 0
+    for i in order:
+        total += int(np.asarray(ds[i], dtype=np.int64).sum())
+    return total
+
+
+def import_seconds(module: str, repeats: int) -> float:
+    code = (f"import time, warnings; warnings.simplefilter('ignore'); t = time.perf_counter(); import {module}; "
+            "print(time.perf_counter() - t)")
+    root = Path(__file__).resolve().parents[1]
+    out = [float(subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True,
+                                check=True).stdout.split()[-1]) for _ in range(repeats)]
+    return statistics.median(out)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--documents", type=int, default=200_000)
+    ap.add_argument("--mean-tokens", type=int, default=300)
+    ap.add_argument("--reads", type=int, default=100_000, help="random reads per pattern and repeat")
+    ap.add_argument("--chunk", type=int, default=4096, help="sample length for random_chunk (train.seq_len)")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--dir", default="/tmp/vlp_indexed_bench")
+    args = ap.parse_args(argv)
+
+    mi = _megatron()
+    import megatron.core
+
+    root = Path(args.dir)
+    shutil.rmtree(root, ignore_errors=True)
+    root.mkdir(parents=True)
+    tokens, lengths = make_docs(args.documents, args.mean_tokens)
+    print(f"corpus: {args.documents} documents, {tokens.size} tokens ({tokens.nbytes / 2**20:.0f} MiB int32), "
+          f"megatron-core {megatron.core.__version__}, numpy {np.__version__}")
+
+    # ---------------------------------------------------------------- writing: bytes and documents/s
+    writers = {"ours add_document": write_ours, "ours add_packed": write_ours_packed,
+               "megatron add_item+end_document": write_megatron}
+    wtimes: dict[str, list[float]] = {k: [] for k in writers}
+    identical = True
+    for r in range(max(3, args.repeats // 2)):
+        names = list(writers) if r % 2 == 0 else list(reversed(writers))
+        for name in names:
+            prefix = root / name.split()[0] / f"w{list(writers).index(name)}"
+            prefix.parent.mkdir(exist_ok=True)
+            t = time.perf_counter()
+            writers[name](prefix, tokens, lengths)
+            wtimes[name].append(time.perf_counter() - t)
+        identical &= same_files(root / "ours" / "w0", root / "megatron" / "w2")
+        identical &= same_files(root / "ours" / "w1", root / "megatron" / "w2")
+    print(f"writers byte-identical (.bin and .idx, ours add_document and add_packed vs megatron): {identical}")
+    write_rate = {k: args.documents / statistics.median(v) for k, v in wtimes.items()}
+    for k, v in write_rate.items():
+        print(f"  write {k:32s} {v:12,.0f} documents/s")
+
+    # ---------------------------------------------------------------- reading
+    prefix = str(root / "ours" / "w0")
+    opens: dict[str, list[float]] = {"ours": [], "megatron": []}
+    for _ in range(args.repeats):
+        for name, cls in (("ours", IndexedDataset), ("megatron", mi.IndexedDataset)):
+            t = time.perf_counter()
+            cls(prefix)
+            opens[name].append(time.perf_counter() - t)
+    ours, meg = IndexedDataset(prefix), mi.IndexedDataset(prefix)
+
+    rng = np.random.default_rng(1)
+    n_seq = len(ours)
+    seq_lengths = ours.sequence_lengths.astype(np.int64)
+    # IndexedSource's chunking: sequence s of n tokens gives ceil(n / chunk) chunks.
+    per_seq = (seq_lengths + args.chunk - 1) // args.chunk
+    seq_of_chunk = np.repeat(np.arange(n_seq), per_seq)
+    first = np.concatenate([[0], np.cumsum(per_seq)[:-1]])
+    off_of_chunk = (np.arange(seq_of_chunk.size) - np.repeat(first, per_seq)) * args.chunk
+    pick = rng.integers(0, seq_of_chunk.size, args.reads)
+    c_seq = seq_of_chunk[pick]
+    c_off = off_of_chunk[pick]
+    c_len = np.minimum(args.chunk, seq_lengths[c_seq] - c_off)
+    chunk_args = (c_seq.tolist(), c_off.tolist(), c_len.tolist())
+    random_docs = rng.integers(0, n_seq, args.reads).tolist()
+    sequential = list(range(n_seq))
+
+    patterns = {
+        "random_chunk": (lambda ds: read_chunks(ds, *chunk_args), args.reads),
+        "random_doc": (lambda ds: read_items(ds, random_docs), args.reads),
+        "sequential": (lambda ds: read_items(ds, sequential), n_seq),
+    }
+    readers = {"ours": ours, "megatron": meg}
+    rates: dict[str, dict[str, float]] = {}
+    for pname, (fn, count) in patterns.items():
+        times: dict[str, list[float]] = {"ours": [], "megatron": []}
+        sums = set()
+        for r in range(args.repeats):
+            for name in (["ours", "megatron"] if r % 2 == 0 else ["megatron", "ours"]):
+                t = time.perf_counter()
+                sums.add(fn(readers[name]))
+                times[name].append(time.perf_counter() - t)
+        assert len(sums) == 1, f"{pname}: the readers returned different tokens"
+        rates[pname] = {k: count / statistics.median(v) for k, v in times.items()}
+        spread = {k: (max(v) - min(v)) / statistics.median(v) for k, v in times.items()}
+        o, m = rates[pname]["ours"], rates[pname]["megatron"]
+        print(f"  read {pname:13s} ours {o:12,.0f} docs/s   megatron-core {m:12,.0f} docs/s   "
+              f"megatron/ours {m / o:.3f}   (spread ours {spread['ours']:.0%}, megatron {spread['megatron']:.0%})")
+
+    imports = {"ours": import_seconds("vlpretrain.data.indexed", 3),
+               "megatron": import_seconds("megatron.core.datasets.indexed_dataset", 3)}
+    open_s = {k: statistics.median(v) for k, v in opens.items()}
+    print(f"  open   ours {open_s['ours'] * 1e3:.2f} ms   megatron-core {open_s['megatron'] * 1e3:.2f} ms")
+    print(f"  import ours {imports['ours']:.2f} s   megatron-core {imports['megatron']:.2f} s (fresh interpreter)")
+    slowest = min(rates[p]["megatron"] / rates[p]["ours"] for p in ("random_chunk", "random_doc"))
+    print(json.dumps({"bench": "indexed_read", "documents": args.documents, "tokens": int(tokens.size),
+                      "repeats": args.repeats, "byte_identical": identical,
+                      "write_docs_per_s": {k: round(v) for k, v in write_rate.items()},
+                      "read_docs_per_s": {p: {k: round(v) for k, v in d.items()} for p, d in rates.items()},
+                      "open_ms": {k: round(v * 1e3, 3) for k, v in open_s.items()},
+                      "import_s": {k: round(v, 3) for k, v in imports.items()},
+                      "megatron_over_ours_random_worst": round(slowest, 3)}))
+    shutil.rmtree(root, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
