@@ -196,10 +196,14 @@ class LanguageRatioConfig:
 class SourceConfig:
     name: str = ""
     path: str = _f("", nonempty=True)  # shards (dir / glob / brace pattern), corpus prefix (.bin/.idx) or .jsonl; relative to root
-    type: Literal["auto", "shards", "indexed", "jsonl"] = "auto"
+    # auto: from the files (data/formats.py); webdataset / llava / parquet: read as users have them (README)
+    type: Literal["auto", "shards", "indexed", "jsonl", "webdataset", "llava", "parquet"] = "auto"
     modality: Literal["text", "multimodal"] = "multimodal"
     category: str = ""
     weight: float = _f(1.0, gt=0)
+    image_root: str = ""  # llava / parquet: folder image paths are relative to (default: the data file's folder)
+    image_column: str = ""  # parquet: default the first of image, images, jpg, png, img
+    text_column: str = ""  # parquet: default the first of conversations, conversation, text, caption, txt
 
 
 @dataclass

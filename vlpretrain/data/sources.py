@@ -1,6 +1,7 @@
 """Data sources behind one interface, and the data manifest that names them.
 
-Three kinds, all random access (the sampler decides the order):
+Our own formats, all random access (the sampler decides the order); ``formats.py`` adds the formats users
+already have (``webdataset`` tars from img2dataset / webdataset's writers, ``llava`` JSON, ``parquet``):
 
 * ``shards``: webdataset tar shards with an index (multimodal samples, SFT conversations); the JSON member is
   read for planning, the image members only by the rank that feeds the vision encoder.
@@ -117,9 +118,12 @@ class JsonlSource(Source):
 
 
 class ShardSource(Source):
-    def __init__(self, cfg: SourceConfig, paths: list[Path]):
+    def __init__(self, cfg: SourceConfig, paths: list[Path], reader: ShardReader | None = None):
         super().__init__(cfg)
-        self.reader = ShardReader(paths)
+        self.reader = reader or ShardReader(paths)
+
+    def _sizes_key(self, tokenizer, system_prompt: str) -> str:
+        return sizes_key(tokenizer, system_prompt)
 
     def __len__(self) -> int:
         return len(self.reader)
@@ -148,7 +152,8 @@ class ShardSource(Source):
     def size_table(self, tokenizer, system_prompt: str, vocab_size: int) -> SizeTable:
         """Sizes kept in each shard's index (``"sizes"``); shards without them for this tokenizer are sized
         now and their index rewritten with them."""
-        key, encoder, entries, computed, t0 = sizes_key(tokenizer, system_prompt), None, [], 0, time.perf_counter()
+        key, encoder, entries, computed = self._sizes_key(tokenizer, system_prompt), None, [], 0
+        t0 = time.perf_counter()
         reader = self.reader
         for s, index in enumerate(reader.indexes):
             stored = index.pop("sizes", None)  # kept here, not in the reader's memory
@@ -244,17 +249,47 @@ def open_source(cfg: SourceConfig, base: Path, seq_len: int) -> Source:
         raise type(e)(f"data source '{name}': {e}") from None
 
 
+def _detect(path: Path) -> str:
+    """``type: auto``: the format from the path (a .bin/.idx prefix, .jsonl, .json, .parquet or a folder of
+    them); tar shards are told apart later, from their first sample (``_native``)."""
+    if Path(idx_path(path)).is_file():
+        return "indexed"
+    if path.suffix == ".jsonl":
+        try:
+            with open(path, "rb") as f:
+                first = next((line for line in f if line.strip()), b"")
+            return "llava" if "conversations" in (json.loads(first) or {}) else "jsonl"
+        except (OSError, ValueError, TypeError):
+            return "jsonl"  # its own reader names the problem
+    if path.suffix == ".json":
+        return "llava"
+    text = str(path)
+    if text.endswith(".parquet") or (path.is_dir() and not any(path.glob("*.tar"))
+                                     and next(path.rglob("*.parquet"), None) is not None):
+        return "parquet"
+    return "tar"
+
+
+def _native(reader: ShardReader) -> bool:
+    """Our shards (``ShardWriter``: a JSON member with text or conversation and its "images" list), or tars from
+    other tools (img2dataset, webdataset's writers), read through ``formats.WebDatasetSource``."""
+    if len(reader) == 0:
+        return True
+    try:
+        rec = json.loads(reader.read_member(0, "json").decode("utf-8"))
+    except (ValueError, UnicodeDecodeError):
+        return False
+    return isinstance(rec, dict) and isinstance(rec.get("images"), list) and \
+        ("text" in rec or "conversation" in rec)
+
+
 def _open_source(cfg: SourceConfig, base: Path, seq_len: int) -> Source:
+    from vlpretrain.data import formats  # builds on this module's classes
+
     path = _resolve(base, cfg.path)
-    kind = cfg.type
-    if kind == "auto":
-        if Path(idx_path(path)).is_file():
-            kind = "indexed"
-        elif path.suffix == ".jsonl":
-            kind = "jsonl"
-        else:
-            kind = "shards"
+    kind = cfg.type if cfg.type != "auto" else _detect(path)
     name = cfg.name or cfg.path
+    image_root = _resolve(base, cfg.image_root) if cfg.image_root else None
     if kind == "jsonl":
         if not path.is_file():
             raise FileNotFoundError(f"data source '{name}': file not found: {path}")
@@ -263,11 +298,20 @@ def _open_source(cfg: SourceConfig, base: Path, seq_len: int) -> Source:
         if not Path(idx_path(path)).is_file():
             raise FileNotFoundError(f"data source '{name}': no Megatron index {idx_path(path)}")
         return IndexedSource(cfg, str(path), chunk=seq_len)  # + BOS = seq_len + 1 ids = seq_len targets
+    if kind == "llava":
+        if not path.is_file():
+            raise FileNotFoundError(f"data source '{name}': file not found: {path}")
+        return formats.LlavaSource(cfg, path, image_root or path.parent)
+    if kind == "parquet":
+        return formats.ParquetSource(cfg, formats.parquet_files(path), image_root)
     try:
         paths = expand_shards(str(path))
     except FileNotFoundError as e:
         raise FileNotFoundError(f"data source '{name}': {e}") from None
-    return ShardSource(cfg, paths)
+    reader = ShardReader(paths)
+    if kind == "tar":
+        kind = "shards" if _native(reader) else "webdataset"
+    return (formats.WebDatasetSource if kind == "webdataset" else ShardSource)(cfg, paths, reader)
 
 
 @dataclass
