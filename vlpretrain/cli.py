@@ -195,6 +195,24 @@ def cmd_ckpt_verify(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export_tokenizer(args: argparse.Namespace, cfg: Config):
+    """--tokenizer, else the config's data.tokenizer when that file exists (a DeepSeek-VL export then carries
+    the processor's tokenizer files; without one, a warning)."""
+    from pathlib import Path
+
+    from vlpretrain.data.loader import resolve
+
+    if args.tokenizer:
+        if not Path(args.tokenizer).is_file():
+            raise UserError(f"--tokenizer {args.tokenizer}: no such file")
+        return Path(args.tokenizer)
+    tok = resolve(cfg.data.root, cfg.data.tokenizer)
+    if tok.is_file():
+        return tok
+    print(f"warning: {tok} not found: the export has no tokenizer files (give --tokenizer)", file=sys.stderr)
+    return None
+
+
 def cmd_ckpt_export(args: argparse.Namespace, cfg: Config) -> int:
     from vlpretrain.models.interop import export_deepseek_vl, export_hf_llama
     from vlpretrain.models.vlm import build_model
@@ -203,8 +221,10 @@ def cmd_ckpt_export(args: argparse.Namespace, cfg: Config) -> int:
     model = build_model(cfg.model, "cpu")
     load_weights(model, args.path)
     export = export_hf_llama if args.format == "hf" else export_deepseek_vl
-    export(model, cfg.model, args.out)
-    print(json.dumps({"exported": args.path, "format": args.format, "out": args.out}))
+    tok = _export_tokenizer(args, cfg) if args.format == "deepseek-vl" else None
+    export(model, cfg.model, args.out, **({"tokenizer": tok} if tok else {}))
+    print(json.dumps({"exported": args.path, "format": args.format, "out": args.out,
+                      **({"tokenizer": str(tok)} if tok else {})}))
     return 0
 
 
@@ -218,7 +238,7 @@ def cmd_ckpt_import(args: argparse.Namespace) -> int:
     from vlpretrain.models.vlm import build_model
     from vlpretrain.train.checkpoint import save_checkpoint
 
-    model_section, state = import_deepseek_vl(args.path)
+    model_section, state = import_deepseek_vl(args.path, tokenizer_out=Path(args.out) / "tokenizer.json")
     cfg = config_from_dict({"model": model_section, "train": {"seq_len": model_section.get("max_seq_len", 4096)}})
     model = build_model(cfg.model, "meta")
     model.load_state_dict(state, assign=True)
@@ -282,6 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path", help="our checkpoint (step dir, checkpoints dir or run dir) or a .safetensors file")
     p.add_argument("--format", choices=["hf", "deepseek-vl"], required=True)
     p.add_argument("--out", required=True)
+    p.add_argument("--tokenizer", default="", help="deepseek-vl: tokenizer.json to ship (default: data.tokenizer)")
     p.set_defaults(func=cmd_ckpt_export)
     p = csub.add_parser("import", help="DeepSeek-VL's released layout -> our weights checkpoint (for init_from)")
     p.add_argument("path", help="a DeepSeek-VL checkpoint directory (config.json + safetensors)")

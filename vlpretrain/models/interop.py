@@ -5,6 +5,8 @@
     deepseek_vl_config(cfg)                            that layout's config.json (no weights needed)
     import_deepseek_vl(path) -> (model_dict, state)    a DeepSeek-VL directory -> our ``model`` section + our names
     load_deepseek_vl(model, path)                      the same, streamed into a built model (checked first)
+    deepseek_vl_processor_files(cfg, tokenizer)        preprocessor / processor / tokenizer files of an export
+    import_deepseek_vl_tokenizer(path, out_file)       a DeepSeek-VL directory's tokenizer -> our tokenizer file
 
 Key names come from the IMPORT maps of ``pretrained.py`` (``hf_llama_key_map``, ``sam_key_to_ours``): the export
 direction is their inverse (checked key by key), so there is one map per naming scheme.
@@ -40,6 +42,15 @@ DeepSeek-VL layout (``../shared/DEEPSEEK_VL_FORMAT.md``, DeepSeek-VL's ``modelin
 * Their MlpProjector has one ``input_dim`` for both towers: a hybrid model whose SAM output width differs from the
   SigLIP width cannot be expressed and raises.
 
+Beside config.json an export carries what their ``VLChatProcessor.from_pretrained(DIR)`` reads:
+``preprocessor_config.json`` (their ``VLMImageProcessor``: the model's input size, padding with the first tower's
+mean colour, normalising only where the vision config's towers do not), ``processor_config.json``
+(``<image_placeholder>`` -> ``image_tokens`` ids, the "deepseek" chat format) and, given our tokenizer.json, the
+tokenizer as a ``LlamaTokenizerFast`` directory (tokenizer.json with a BOS post-processor as DeepSeek-LLM's,
+tokenizer_config.json, special_tokens_map.json). Import checks the processor files against the model and turns
+the tokenizer back into ours (adding ``<image_placeholder>`` / ``<pad>`` when absent, as their processor adds the
+image tag).
+
 Every export is written to a temporary directory beside ``out_dir``, read back (keys and shapes) and then renamed
 into place (an existing ``out_dir`` is replaced only after the new one is complete). The source is a model, a
 state dict in our names, or our weights file / checkpoint dir (``train/checkpoint.py``, read lazily); tensors are
@@ -63,6 +74,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from vlpretrain.config import ModelConfig, config_from_dict
+from vlpretrain.errors import UserError
 from vlpretrain.paths import find_weights
 from vlpretrain.models.pretrained import (
     TensorSource,
@@ -318,9 +330,10 @@ def _shard_plan(items: list[tuple[str, int]], shard_bytes: int) -> list[list[str
 
 
 def _write_dir(out_dir: str | Path, config: dict, entries: Mapping[str, _Entry], shard_bytes: int,
-               dtype: torch.dtype | None) -> Path:
-    """Write config.json and the tensors (single file or shards + index) into a temp dir beside ``out_dir``,
-    read the files back (names, shapes), then rename the temp dir to ``out_dir``."""
+               dtype: torch.dtype | None, extra_files: Mapping[str, bytes] | None = None) -> Path:
+    """Write config.json, ``extra_files`` (name -> bytes: processor / tokenizer files) and the tensors (single
+    file or shards + index) into a temp dir beside ``out_dir``, read the files back (names, shapes), then rename
+    the temp dir to ``out_dir``."""
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"{out} exists and is not a directory")
@@ -331,6 +344,8 @@ def _write_dir(out_dir: str | Path, config: dict, entries: Mapping[str, _Entry],
     tmp.mkdir()
     try:
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        for name, data in (extra_files or {}).items():
+            (tmp / name).write_bytes(data)
 
         def nbytes(e: _Entry) -> int:
             dt = dtype if (dtype is not None and e.dtype.is_floating_point) else e.dtype
@@ -422,13 +437,177 @@ def to_deepseek_vl_state(model_or_state: Source, cfg: ModelConfig) -> dict[str, 
 
 
 def export_deepseek_vl(model_or_state: Source, cfg: ModelConfig, out_dir: str | Path, shard_bytes: int = 5 << 30,
-                       dtype: torch.dtype | None = None) -> Path:
-    """Write the whole model in DeepSeek-VL's released layout: config.json (``deepseek_vl_config``) and
-    safetensors (sharded with an index above ``shard_bytes``). ``model_or_state``: a model, a state dict (our
-    names) or our weights file / checkpoint dir. Returns the directory."""
+                       dtype: torch.dtype | None = None, tokenizer: str | Path | None = None) -> Path:
+    """Write the whole model in DeepSeek-VL's released layout: config.json (``deepseek_vl_config``), the
+    processor's ``preprocessor_config.json`` / ``processor_config.json`` (``deepseek_vl_processor_files``), the
+    tokenizer files when ``tokenizer`` (our tokenizer.json) is given, and safetensors (sharded with an index above
+    ``shard_bytes``). ``model_or_state``: a model, a state dict (our names) or our weights file / checkpoint dir.
+    Returns the directory."""
+    extra = deepseek_vl_processor_files(cfg, tokenizer)  # checks the tokenizer before any tensor is read
     entries = _deepseek_vl_entries(model_or_state, cfg)
     config = deepseek_vl_config(cfg, dtype or entries[DS_LLM + "model.embed_tokens.weight"].dtype)
-    return _write_dir(out_dir, config, entries, shard_bytes, dtype)
+    return _write_dir(out_dir, config, entries, shard_bytes, dtype, extra)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Processor and tokenizer files (what DeepSeek-VL's ``VLChatProcessor.from_pretrained(DIR)`` reads)
+#
+# Their processor (``processing_vlm.py``) is a transformers ``ProcessorMixin`` of an ``AutoImageProcessor`` (their
+# ``VLMImageProcessor``, registered under ``image_processor_type``) and a ``LlamaTokenizerFast``; its own settings
+# come from ``processor_config.json``. The image processor resizes the longer side to ``image_size``, pads with
+# ``int(255 * image_mean)``, scales by ``rescale_factor`` and, when ``do_normalize``, normalises with
+# ``image_mean`` / ``image_std``; the processor expands each ``image_tag`` into ``num_image_tokens`` ids.
+
+PREPROCESSOR_CONFIG = "preprocessor_config.json"
+PROCESSOR_CONFIG = "processor_config.json"
+TOKENIZER_FILE = "tokenizer.json"
+TOKENIZER_CONFIG = "tokenizer_config.json"
+SPECIAL_TOKENS_MAP = "special_tokens_map.json"
+IMAGE_TAG = "<image_placeholder>"
+
+
+def _tower_normalises(cfg: ModelConfig) -> bool:
+    """Whether the exported vision config makes their towers normalise (``pixel_mean`` / ``pixel_std`` in the
+    tower params): then the processor must not, or images would be normalised twice."""
+    return _config_tower_normalises(deepseek_vl_config(cfg))
+
+
+def deepseek_vl_processor_configs(cfg: ModelConfig) -> tuple[dict, dict]:
+    """(preprocessor_config.json, processor_config.json) for ``cfg``, as in the released repos: the image processor
+    at the model's input size (SAM's for the hybrid tower, SigLIP's alone), padding with the first tower's mean
+    colour (what our data path does, ``data/preprocess.py``), normalising only where the towers do not."""
+    mean, std = (cfg.sam.mean, cfg.sam.std) if cfg.sam.enabled else (cfg.siglip.mean, cfg.siglip.std)
+    image = {"image_processor_type": "VLMImageProcessor", "processor_class": "VLChatProcessor",
+             "image_size": cfg.image_size, "min_size": 14, "image_mean": list(mean), "image_std": list(std),
+             "rescale_factor": 1.0 / 255.0, "do_normalize": not _tower_normalises(cfg),
+             "background_color": [int(x * 255) for x in mean]}
+    processor = {"processor_class": "VLChatProcessor", "image_tag": IMAGE_TAG,
+                 "num_image_tokens": cfg.image_tokens, "add_special_token": False, "sft_format": "deepseek",
+                 "mask_prompt": True, "ignore_id": -100}
+    return image, processor
+
+
+def _tokenizer_files(cfg: ModelConfig, path: str | Path) -> dict[str, bytes]:
+    """tokenizer.json (ours, plus the post-processor that puts BOS first, as DeepSeek-LLM's file has: their
+    processor encodes with ``tokenizer.encode``), tokenizer_config.json and special_tokens_map.json."""
+    from tokenizers import processors
+
+    from vlpretrain.data.tokenizer import BOS, EOS, IMAGE, PAD, TextTokenizer
+
+    tok = TextTokenizer(path)  # UserError for a missing special token or a damaged file
+    if tok.image_id != cfg.image_token_id:
+        raise UserError(f"tokenizer {path}: {IMAGE} has id {tok.image_id}, model.image_token_id is "
+                        f"{cfg.image_token_id}")
+    if tok.vocab_size > cfg.vocab_size:
+        raise UserError(f"tokenizer {path}: {tok.vocab_size} tokens, more than model.vocab_size={cfg.vocab_size}")
+    t = tok.tok
+    t.post_processor = processors.TemplateProcessing(single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B",
+                                                     special_tokens=[(BOS, tok.bos_id)])
+    tok_config = {"tokenizer_class": "LlamaTokenizerFast", "processor_class": "VLChatProcessor",
+                  "bos_token": BOS, "eos_token": EOS, "pad_token": PAD, "unk_token": None,
+                  "add_bos_token": True, "add_eos_token": False, "clean_up_tokenization_spaces": False,
+                  "legacy": True, "model_max_length": cfg.max_seq_len}
+    special = {"bos_token": BOS, "eos_token": EOS, "pad_token": PAD, "additional_special_tokens": [IMAGE]}
+
+    def js(d: dict) -> bytes:
+        return (json.dumps(d, indent=2, ensure_ascii=False) + "\n").encode()
+
+    return {TOKENIZER_FILE: _legacy_merges(t.to_str()), TOKENIZER_CONFIG: js(tok_config),
+            SPECIAL_TOKENS_MAP: js(special)}
+
+
+def _legacy_merges(tokenizer_json: str) -> bytes:
+    """BPE merges as "a b" strings (the form of DeepSeek-LLM's file), not the [a, b] pairs tokenizers >= 0.20
+    writes: the tokenizers their transformers 4.x needs (< 0.19) cannot read the pairs. Kept as pairs only if a
+    token holds a space (which "a b" cannot express; byte-level BPE never has one)."""
+    d = json.loads(tokenizer_json)
+    merges = (d.get("model") or {}).get("merges")
+    if merges and isinstance(merges[0], list) and not any(" " in x for m in merges for x in m):
+        d["model"]["merges"] = [" ".join(m) for m in merges]
+    return (json.dumps(d, indent=2, ensure_ascii=False) + "\n").encode()
+
+
+def deepseek_vl_processor_files(cfg: ModelConfig, tokenizer: str | Path | None = None) -> dict[str, bytes]:
+    """The files beside config.json that their ``VLChatProcessor.from_pretrained`` reads (name -> bytes):
+    preprocessor_config.json, processor_config.json and, with ``tokenizer`` (our tokenizer.json), the tokenizer
+    files. A tokenizer that does not fit the model raises UserError (one line)."""
+    image, processor = deepseek_vl_processor_configs(cfg)
+    out = {PREPROCESSOR_CONFIG: (json.dumps(image, indent=2) + "\n").encode(),
+           PROCESSOR_CONFIG: (json.dumps(processor, indent=2) + "\n").encode()}
+    if tokenizer is not None:
+        out.update(_tokenizer_files(cfg, tokenizer))
+    return out
+
+
+def _token_content(v: Any) -> str | None:
+    return v.get("content") if isinstance(v, dict) else v
+
+
+def import_deepseek_vl_tokenizer(path: str | Path, out_file: str | Path) -> dict:
+    """The tokenizer of a DeepSeek-VL directory (tokenizer.json; BOS / EOS named in tokenizer_config.json or
+    special_tokens_map.json) -> our tokenizer file ``out_file``, written atomically. Like their processor, a
+    tokenizer without ``<image_placeholder>`` gets it added as a special token; ``<pad>`` (which our data path
+    needs) likewise. Returns {"tokenizer", "image_token_id", "added"}. UserError (one line) when the directory has
+    no tokenizer.json or its BOS / EOS are not DeepSeek-LLM's."""
+    from tokenizers import AddedToken, Tokenizer
+
+    from vlpretrain.data.tokenizer import BOS, EOS, IMAGE, PAD, TextTokenizer
+
+    d = Path(path)
+    f = d / TOKENIZER_FILE
+    if not f.is_file():
+        raise UserError(f"{d}: no {TOKENIZER_FILE} (a DeepSeek-VL directory carries its tokenizer)")
+    try:
+        tok = Tokenizer.from_file(str(f))
+    except Exception as e:  # tokenizers raises a bare Exception with serde's message
+        raise UserError(f"{f}: not a tokenizers JSON file ({(str(e).splitlines() or ['?'])[0]})") from None
+    named: dict[str, Any] = {}
+    for name in (SPECIAL_TOKENS_MAP, TOKENIZER_CONFIG):  # tokenizer_config.json wins
+        if (d / name).is_file():
+            named.update({k: v for k, v in json.loads((d / name).read_text()).items() if v is not None})
+    for key, want in (("bos_token", BOS), ("eos_token", EOS)):
+        got = _token_content(named.get(key, want))
+        if got != want or tok.token_to_id(want) is None:
+            raise UserError(f"{d}: {key} is {got!r} (id {tok.token_to_id(str(got))}), expected DeepSeek-LLM's "
+                            f"{want!r} in {TOKENIZER_FILE}")
+    added = [t for t in (IMAGE, PAD) if tok.token_to_id(t) is None]
+    if added:
+        tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in added])
+    out = Path(out_file)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    tok.save(str(tmp))
+    os.replace(tmp, out)
+    ours = TextTokenizer(out)
+    return {"tokenizer": str(out), "image_token_id": ours.image_id, "added": added}
+
+
+def _config_tower_normalises(config: dict) -> bool:
+    params = (config.get("vision_config") or {}).get("params") or {}
+    tower = params.get("low_res_cfg", params)
+    return tower.get("pixel_mean") is not None and tower.get("pixel_std") is not None
+
+
+def check_processor_files(path: str | Path, cfg: ModelConfig, config: dict | None = None) -> dict:
+    """Read a directory's preprocessor_config.json / processor_config.json (absent: {}) and check them against
+    ``cfg``: input size, image tokens per ``<image_placeholder>``, image tag, and that images are not normalised
+    twice (by the processor and by the towers of ``config``, the directory's config.json). Returns the image
+    processor settings; ValueError naming the file and field on a mismatch."""
+    d = Path(path)
+    config = _read_config(d) if config is None else config
+    image = json.loads((d / PREPROCESSOR_CONFIG).read_text()) if (d / PREPROCESSOR_CONFIG).is_file() else {}
+    proc = json.loads((d / PROCESSOR_CONFIG).read_text()) if (d / PROCESSOR_CONFIG).is_file() else {}
+    checks = [(PREPROCESSOR_CONFIG, "image_size", image.get("image_size", cfg.image_size), cfg.image_size),
+              (PROCESSOR_CONFIG, "num_image_tokens", proc.get("num_image_tokens", cfg.image_tokens),
+               cfg.image_tokens),
+              (PROCESSOR_CONFIG, "image_tag", proc.get("image_tag", IMAGE_TAG), IMAGE_TAG)]
+    for file, field, got, want in checks:
+        if got != want:
+            raise ValueError(f"{d / file}: {field} = {got!r}, the model needs {want!r}")
+    if image.get("do_normalize", False) and _config_tower_normalises(config):
+        raise ValueError(f"{d / PREPROCESSOR_CONFIG}: do_normalize is true and the vision config's towers normalise "
+                         f"too (pixel_mean / pixel_std): images would be normalised twice")
+    return image
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -625,20 +804,31 @@ def _plan(src: TensorSource, cfg: ModelConfig, accept_hd_stub: bool) -> tuple[di
     return {k: theirs_to_ours[k] for k in src.keys() if k in theirs_to_ours}, ignored
 
 
-def import_deepseek_vl(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
+def import_deepseek_vl(path: str | Path, tokenizer_out: str | Path | None = None
+                       ) -> tuple[dict, dict[str, torch.Tensor]]:
     """A DeepSeek-VL directory (config.json + weights) -> (our ``model`` config section, state dict in our
-    names). Tensors keep their stored dtype; unused tensors (attn_pool, high/low_layer_norm) are dropped."""
+    names). Tensors keep their stored dtype; unused tensors (attn_pool, high/low_layer_norm) are dropped. The
+    processor files, when present, are checked against the model (``check_processor_files``). With
+    ``tokenizer_out``, the directory's tokenizer (if it has one) is written there as our tokenizer file
+    (``import_deepseek_vl_tokenizer``, after every other check) and ``image_token_id`` is taken from it."""
     d = Path(path)
     config = _read_config(d)
     src = _open_weights(d)
     shapes = {k: src.shape(k) for k in src.keys()}
     model = deepseek_vl_model_dict(config, shapes, str(d))
     cfg = model_config_from_dict(model)
+    check_processor_files(d, cfg, config)
     plan, _ = _plan(src, cfg, accept_hd_stub=False)
     want = _expected_shapes(cfg)
     for ck, ours in plan.items():
         if tuple(src.shape(ck)) != want[ours]:
             raise ValueError(f"{src.origin}: {ck} has shape {tuple(src.shape(ck))}, {ours} needs {want[ours]}")
+    if tokenizer_out is not None and (d / TOKENIZER_FILE).is_file():
+        image_id = import_deepseek_vl_tokenizer(d, tokenizer_out)["image_token_id"]
+        if image_id >= model["vocab_size"]:
+            raise UserError(f"{d}: the tokenizer's {IMAGE_TAG} id {image_id} is outside the vocabulary "
+                            f"({model['vocab_size']})")
+        model["image_token_id"] = image_id
     return model, {ours: src.get(ck) for ck, ours in plan.items()}
 
 
@@ -695,6 +885,7 @@ def load_deepseek_vl(model: nn.Module, path: str | Path) -> dict:
         accept_stub = True  # alpha == 0: the hd path is a no-op, dropping it keeps the outputs
         derived = {**derived, "sam": {**derived["sam"], "hd_path": False}}
     check_model_fits(derived, cfg, str(d))
+    check_processor_files(d, cfg, config)
     plan, ignored = _plan(src, cfg, accept_stub)
     own = model_tensors(model)
     owned = {ck: ours for ck, ours in plan.items() if ours in own}
