@@ -72,6 +72,78 @@ def test_writer_is_byte_identical_to_megatron(tmp_path, name):
         assert (tmp_path / f"packed.{ext}").read_bytes() == (FIXTURES / f"{name}.{ext}").read_bytes(), ext
 
 
+# ---------------------------------------------------------------------------- megatron-core itself
+def _megatron_core():
+    return pytest.importorskip(
+        "megatron.core.datasets.indexed_dataset",
+        reason="megatron-core not installed (pip install 'megatron-core>=0.16,<0.17' on Python 3.10/3.11, "
+               "later versions need 3.12): the comparison with its IndexedDataset / IndexedDatasetBuilder is skipped",
+    )
+
+
+@pytest.mark.parametrize("dtype", [np.uint16, np.int32])
+@pytest.mark.parametrize("multimodal", [False, True])
+def test_same_as_megatron_core(tmp_path, dtype, multimodal):
+    """Our writer and megatron-core's IndexedDatasetBuilder write the same bytes for the same calls (one-sequence
+    documents, empty ones, multi-sequence documents, a document with no sequence, add_item + end_document,
+    modes); each reader reads the other's files to the same tokens, sequence by sequence and part by part."""
+    mi = _megatron_core()
+    import torch
+
+    rng = np.random.default_rng(7)
+    hi = 65535 if dtype == np.uint16 else 102400
+    docs = [rng.integers(0, hi, size=int(rng.integers(0, 300))).astype(dtype) for _ in range(200)]
+    docs[5] = docs[5][:0]
+    multi = [[docs[1], docs[2]], [], [docs[3]], [docs[5], docs[7]]]
+    modes = rng.integers(0, 3, size=len(docs) + 7).tolist() if multimodal else None
+    mode = iter(modes or [0] * (len(docs) + 7))
+
+    b = mi.IndexedDatasetBuilder(mi.get_bin_path(str(tmp_path / "mc")), dtype=dtype, multimodal=multimodal)
+    for d in docs:
+        b.add_item(torch.from_numpy(d.copy()), next(mode))
+        b.end_document()
+    for seqs in multi:
+        b.add_document(np.concatenate(seqs) if seqs else np.empty(0, dtype), [len(s) for s in seqs],
+                       [next(mode) for _ in seqs] if multimodal else None)
+    b.add_item(torch.from_numpy(docs[4].copy()), next(mode))
+    b.add_item(torch.from_numpy(docs[6].copy()), next(mode))
+    b.end_document()
+    b.finalize(mi.get_idx_path(str(tmp_path / "mc")))
+
+    mode = iter(modes or [0] * (len(docs) + 7))
+    with IndexedDatasetWriter(tmp_path / "ours", dtype, multimodal=multimodal) as w:
+        for d in docs:
+            w.add_document(d, mode=next(mode))
+        for seqs in multi:
+            w.add_sequences(seqs, modes=[next(mode) for _ in seqs] if multimodal else None)
+        w.add_sequence(docs[4], mode=next(mode))
+        w.add_sequence(docs[6], mode=next(mode))
+        w.end_document()
+    for ext in ("bin", "idx"):
+        assert (tmp_path / f"ours.{ext}").read_bytes() == (tmp_path / f"mc.{ext}").read_bytes(), ext
+
+    ours = IndexedDataset(tmp_path / "mc")  # megatron-core's files, our reader
+    theirs = mi.IndexedDataset(str(tmp_path / "ours"), multimodal=multimodal)  # ours, megatron-core's reader
+    np.testing.assert_array_equal(ours.sequence_lengths, theirs.sequence_lengths)
+    np.testing.assert_array_equal(ours.sequence_pointers, theirs.index.sequence_pointers)
+    np.testing.assert_array_equal(ours.document_indices, theirs.document_indices)
+    if multimodal:
+        np.testing.assert_array_equal(ours.sequence_modes, theirs.index.sequence_modes)
+        assert ours.sequence_modes.tolist() == modes
+    assert len(ours) == len(theirs) == len(docs) + 7 and ours.num_documents == len(docs) + len(multi) + 1
+    unpack = (lambda x: x[0]) if multimodal else (lambda x: x)
+    for i in range(len(ours)):
+        np.testing.assert_array_equal(ours[i], unpack(theirs[i]))
+        n = int(ours.sequence_lengths[i])
+        if n > 2:
+            np.testing.assert_array_equal(ours.get(i, 1, n - 2), unpack(theirs.get(i, 1, n - 2)))
+    for j in range(ours.num_documents):
+        seqs = ours.document_sequences(j)
+        want = [unpack(theirs[k]) for k in seqs]
+        np.testing.assert_array_equal(ours.document(j), np.concatenate(want) if want else np.empty(0, dtype))
+    del theirs  # megatron-core unmaps on delete: nothing of it may be used after this line
+
+
 # ---------------------------------------------------------------------------- round trips
 @pytest.mark.parametrize("dtype", ["uint8", "int8", "int16", "uint16", "int32", "int64", "float32", "float64"])
 def test_round_trip_random(tmp_path, dtype):
