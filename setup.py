@@ -24,6 +24,7 @@ setup(
         "dev": ["pytest>=8", "transformers>=4.40", "webdataset", "tensorboard", "wandb", "ruff"],
         "logging": ["wandb", "tensorboard"],
         # GPU-only accelerations, imported behind guards; build from source on the GPU image
+        "megatron": ["megatron-core>=0.16"],  # cross-checks our .bin/.idx reader/writer (tests/test_indexed.py)
         "gpu": ["transformer-engine[pytorch]"],
     },
     entry_points={"console_scripts": ["vlpretrain=vlpretrain.cli:main"]},
