@@ -18,9 +18,10 @@ Three readers: ``ours`` (vlpretrain's ``IndexedDataset``), ``megatron`` (megatro
 called directly) and ``ours+mcore`` (``OursOverMegatron`` below: our checks, megatron-core's reads: what the
 training path would run if it read through megatron-core).
 
-The same index lists go to every reader; each repeat runs them back to back, each going first in turn; the median over repeats gives documents/s. Also timed: writing (documents/s, our
-``add_document`` and ``add_packed`` vs megatron's ``add_item`` + ``end_document``), opening a dataset, and
-importing each module in a fresh interpreter. The files are hot in the page cache (both readers map the same
+The same index lists go to every reader; each repeat runs them back to back, each going first in turn; the
+median over repeats gives documents/s. Also timed: writing (documents/s, our ``add_document`` and
+``add_packed`` vs megatron's ``add_item`` + ``end_document``), opening a dataset, and importing each module in
+a fresh interpreter. The files are hot in the page cache (both readers map the same
 files), so the figures compare per-read overhead, not disk speed. Run it alone (it is timing).
 """
 from __future__ import annotations
