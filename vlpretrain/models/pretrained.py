@@ -28,6 +28,7 @@ from safetensors import safe_open
 from torch import nn
 
 from vlpretrain.config import ModelConfig
+from vlpretrain.parallel.weights_io import load_local_
 
 SIGLIP_PREFIX = "embed.vision.siglip.vit."
 SAM_PREFIX = "embed.vision.sam."
@@ -54,9 +55,10 @@ class TensorSource:
     torch files are loaded with ``weights_only=True`` (memory-mapped when the format allows).
     """
 
-    def __init__(self, shapes: dict[str, tuple[int, ...]], getter: Callable[[str], torch.Tensor], origin: str):
+    def __init__(self, shapes: dict[str, tuple[int, ...]],
+                 reader: Callable[[str, tuple[slice, ...] | None], torch.Tensor], origin: str):
         self._shapes = shapes
-        self._get = getter
+        self._read = reader
         self.origin = origin
 
     def keys(self) -> list[str]:
@@ -69,28 +71,39 @@ class TensorSource:
         return self._shapes[key]
 
     def get(self, key: str) -> torch.Tensor:
-        return self._get(key)
+        return self._read(key, None)
+
+    def read(self, key: str, region: tuple[slice, ...] | None) -> torch.Tensor:
+        """Tensor ``key`` sliced by ``region`` (one slice per dim; None = whole): from safetensors only those
+        bytes are read."""
+        return self._read(key, region)
 
     # -- constructors --------------------------------------------------------------------------------------------
 
     @classmethod
     def from_safetensors(cls, files: list[Path], origin: str,
                          weight_map: dict[str, str] | None = None) -> "TensorSource":
-        handles = {f.name: safe_open(str(f), framework="pt", device="cpu") for f in files}
         shapes: dict[str, tuple[int, ...]] = {}
-        where: dict[str, str] = {}
-        for name, h in handles.items():
-            for k in h.keys():
-                if k in where:
-                    raise ValueError(f"{origin}: tensor {k} appears in both {where[k]} and {name}")
-                shapes[k] = tuple(h.get_slice(k).get_shape())
-                where[k] = name
+        where: dict[str, Path] = {}
+        for f in files:
+            with safe_open(str(f), framework="pt", device="cpu") as h:
+                for k in h.keys():
+                    if k in where:
+                        raise ValueError(f"{origin}: tensor {k} appears in both {where[k].name} and {f.name}")
+                    shapes[k] = tuple(h.get_slice(k).get_shape())
+                    where[k] = f
         if weight_map is not None:
             missing = sorted(set(weight_map) - set(where))
             if missing:
                 raise ValueError(f"{origin}: index names {len(missing)} tensors not found in the shards, "
                                  f"e.g. {missing[:3]}")
-        return cls(shapes, lambda k: handles[where[k]].get_tensor(k), origin)
+
+        def read(k: str, region: tuple[slice, ...] | None) -> torch.Tensor:
+            # opened per tensor: the file's pages a read touched are unmapped right after, so resident memory
+            # stays at what was copied out (a handle kept open would keep every page read so far mapped)
+            with safe_open(str(where[k]), framework="pt", device="cpu") as h:
+                return h.get_tensor(k) if region is None else h.get_slice(k)[region]
+        return cls(shapes, read, origin)
 
     @classmethod
     def from_state_dict(cls, state: dict[str, torch.Tensor], origin: str) -> "TensorSource":
@@ -98,7 +111,8 @@ class TensorSource:
         if bad:
             kind = type(state[bad[0]]).__name__
             raise ValueError(f"{origin}: not a state dict of tensors (e.g. {bad[0]!r} is a {kind})")
-        return cls({k: tuple(v.shape) for k, v in state.items()}, state.__getitem__, origin)
+        return cls({k: tuple(v.shape) for k, v in state.items()},
+                   lambda k, region: state[k] if region is None else state[k][region], origin)
 
     @classmethod
     def open(cls, path: str | Path) -> "TensorSource":
@@ -180,9 +194,10 @@ def check_shapes(src: TensorSource, plan: dict[str, str], own: dict[str, torch.T
 
 @torch.no_grad()
 def copy_checked(src: TensorSource, plan: dict[str, str], own: dict[str, torch.Tensor]) -> int:
-    """Copy checkpoint tensor ``ck`` into parameter ``own[plan[ck]]``, one tensor at a time."""
+    """Copy checkpoint tensor ``ck`` into parameter ``own[plan[ck]]``, one tensor at a time; a sharded
+    parameter (TP / FSDP DTensor) reads only the slice of the tensor this rank holds."""
     for ck, ours in plan.items():
-        own[ours].copy_(src.get(ck))  # copy_ casts dtype and moves device
+        load_local_(own[ours], lambda region, ck=ck: src.read(ck, region))  # copy_ casts dtype, moves device
     return len(plan)
 
 

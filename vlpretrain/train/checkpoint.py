@@ -1,7 +1,7 @@
 """Weight checkpoints in safetensors, written atomically (temp dir -> verify -> rename -> ``latest`` last).
 
-Used for ``init_from`` between stages and for the weights a run leaves behind (multi-process runs gather the
-full tensors to rank 0 first); ``meta.json`` carries the data state beside them.
+Used for ``init_from`` between stages and for the weights a run leaves behind (multi-process runs stream them
+tensor by tensor: ``parallel/weights_io.py``); ``meta.json`` carries the data state beside them.
 """
 from __future__ import annotations
 
@@ -111,24 +111,21 @@ def load_weights(model: nn.Module, path: str | Path) -> list[str]:
     """Load every parameter ``model`` holds (a whole model or one pipeline stage, plain or sharded) from the
     weights at ``path``; returns the checkpoint keys the model does not hold. From DCP shards the load is a
     collective over all ranks (each rank reads what its shards need: any layout)."""
-    from vlpretrain.parallel.engine import copy_full_
+    from vlpretrain.models.pretrained import TensorSource, copy_checked
 
     file = verified(find_weights(path))
     own = model.state_dict()
     if file.is_dir():
         return _load_dcp_weights(model, file)
-    with safe_open(str(file), framework="pt") as f:
-        keys = set(f.keys())
-        missing = sorted(set(own) - keys)
-        if missing:
-            raise CheckpointError(f"{file}: missing {len(missing)} model keys, e.g. {missing[:3]}")
-        for k, v in own.items():
-            shape = tuple(f.get_slice(k).get_shape())
-            if shape != tuple(v.shape):
-                raise CheckpointError(f"{file}: shape mismatch for {k}: {shape} in the file, {tuple(v.shape)} here")
-        with torch.no_grad():
-            for k, v in own.items():
-                copy_full_(v, f.get_tensor(k).to(v.dtype))
+    src = TensorSource.from_safetensors([file], str(file))
+    keys = set(src.keys())
+    missing = sorted(set(own) - keys)
+    if missing:
+        raise CheckpointError(f"{file}: missing {len(missing)} model keys, e.g. {missing[:3]}")
+    for k, v in own.items():
+        if src.shape(k) != tuple(v.shape):
+            raise CheckpointError(f"{file}: shape mismatch for {k}: {src.shape(k)} in the file, {tuple(v.shape)} here")
+    copy_checked(src, {k: k for k in own}, own)  # each rank reads only the slices it holds
     return sorted(keys - set(own))
 
 

@@ -17,6 +17,7 @@ import os
 import re
 import shutil
 from pathlib import Path
+from typing import Callable
 
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
@@ -27,7 +28,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_optimizer_state_dict)
 
 from vlpretrain.errors import CheckpointError
-from vlpretrain.train.checkpoint import WEIGHTS, save_weights
+from vlpretrain.train.checkpoint import WEIGHTS
 from vlpretrain.train.integrity import (MANIFEST, METADATA, SafeReader, check_manifest, describe_write_error,
                                         hash_files, rank_files, read_manifest, write_manifest)
 
@@ -162,8 +163,9 @@ class Checkpointer:
                 optim.update(get_optimizer_state_dict(m, opt, options=FLAT))
         return {"model": model, "optim": optim}
 
-    def save(self, step: int, train_state: dict, weights: dict | None = None) -> Path:
-        """Collective. ``weights``: full tensors (on rank 0) to store beside the shards as model.safetensors.
+    def save(self, step: int, train_state: dict, weights: Callable[[Path], OSError | None] | None = None) -> Path:
+        """Collective. ``weights(path)``: a collective that writes the full weights beside the shards as
+        model.safetensors (``weights_io.write_full_weights``) and returns this rank's write error or None.
         With ``async_save`` the shards are staged in memory and written in the background while training goes
         on; the checkpoint is verified and published (renamed, ``latest``) by the next save or ``wait()``.
         A write failure (disk full, not writable) raises CheckpointError on every rank after the partial
@@ -187,9 +189,13 @@ class Checkpointer:
             return final
         try:
             dcp.save(self._state(), storage_writer=_writer(tmp), no_dist=no_dist)
-            local = (None, hash_files(rank_files(tmp, self.rank)))
+            problem = None
         except (Exception, CheckpointException) as e:  # noqa: BLE001 - one line, after cleaning up, below
-            local = (describe_write_error(e, tmp), {})
+            problem = describe_write_error(e, tmp)
+        if weights is not None:  # collective on every rank, even after a failure, so that none waits forever
+            error = weights(tmp / WEIGHTS)
+            problem = problem or (describe_write_error(error, tmp) if error else None)
+        local = (problem, {} if problem else hash_files(rank_files(tmp, self.rank)))
         self._publish(step, train_state, tmp, final, weights, local)
         return final
 
@@ -223,15 +229,13 @@ class Checkpointer:
                 shutil.rmtree(tmp, ignore_errors=True)
             raise CheckpointError(problem)
 
-    def _publish(self, step: int, train_state: dict, tmp: Path, final: Path, weights: dict | None,
+    def _publish(self, step: int, train_state: dict, tmp: Path, final: Path, weights: Callable | None,
                  local: tuple) -> None:
         gathered = self._gather(local)  # every rank's (problem, {shard: size + checksum})
         problem = next((p for p, _ in gathered if p), None)
         if self.is_main and problem is None:
             try:
                 files = {name: entry for _, part in gathered for name, entry in part.items()}
-                if weights:
-                    save_weights(weights, tmp / WEIGHTS, {"step": step})
                 _write_atomic(tmp / TRAIN_STATE, json.dumps({"step": step, **train_state}, indent=1))
                 files.update(hash_files([tmp / METADATA, tmp / TRAIN_STATE] + ([tmp / WEIGHTS] if weights else [])))
                 write_manifest(tmp, files)

@@ -27,7 +27,7 @@ from vlpretrain.models.flops import step_flops
 from vlpretrain.models.pretrained import load_pretrained_parts
 from vlpretrain.parallel.engine import ParallelModel
 from vlpretrain.parallel.mesh import init_parallel, local_device, resolve_layout, world_size_from_env
-from vlpretrain.parallel.gather import gather_full_state_dict
+from vlpretrain.parallel.weights_io import write_full_weights
 from vlpretrain.train.checkpoint import find_weights, load_weights, verified
 from vlpretrain.train.checkpointer import TRAIN_STATE, Checkpointer, find_resumable
 from vlpretrain.train.integrity import check_checkpoint_room
@@ -68,9 +68,6 @@ def _check_inputs(cfg: Config) -> tuple[TextTokenizer, tuple[Path | None, Path |
         path = getattr(tc.pretrained, key)
         if path and not Path(path).exists():
             raise FileNotFoundError(f"train.pretrained.{key} not found: {path}")
-        if path and world_size_from_env() > 1:
-            raise ConfigError("config error: train.pretrained loads on a single process for now: run stage 1 "
-                              "for one step on one process and pass its run dir as train.init_from")
     return tokenizer, (eval_path, text_path), init_file, resume
 
 
@@ -121,13 +118,14 @@ def _train(cfg: Config, tokenizer, eval_paths, init_file, resume, lock: RunDirLo
     batches = data.steps(pin_memory=device.type == "cuda")
 
     # ---- weights, optimizer
+    # each rank reads only the tensors of its stages, and of those only the TP / FSDP slices it holds
     if init_file is not None:
         for m in model.modules:
             load_weights(m, init_file)
     pre = tc.pretrained
     if pre.llm or pre.siglip or pre.sam:
-        load_pretrained_parts(model.modules[0], llm=pre.llm or None, siglip=pre.siglip or None,
-                              sam=pre.sam or None)
+        for m in model.modules:
+            load_pretrained_parts(m, llm=pre.llm or None, siglip=pre.siglip or None, sam=pre.sam or None)
     # one optimizer per model part (pipeline stages of this rank), so that checkpoints key every state by
     # parameter name and load into any layout; a part without trainable parameters has none
     optimizers = [build_optimizer([p for p in m.parameters() if p.requires_grad], tc)[0]
@@ -232,7 +230,8 @@ def _train(cfg: Config, tokenizer, eval_paths, init_file, resume, lock: RunDirLo
             logger.log_eval(step, evaluator.run(model))
 
     if start < tc.steps:  # the final checkpoint also carries the full weights (init_from, eval, export)
-        ckpt.save(tc.steps, train_state(), weights=gather_full_state_dict(model, ctx))
+        ckpt.save(tc.steps, train_state(),  # streamed: no rank holds more than its share + one tensor
+                  weights=lambda path: write_full_weights(model.modules, ctx, path, {"step": str(tc.steps)}))
     summary = {"steps": tc.steps, "first_loss": first_loss, "final_loss": loss,
                "wall_time_s": round(time.perf_counter() - t_start, 2), "skipped_samples": data_state["bad_total"],
                "checkpoint": str(checkpoint_dir(cfg))}

@@ -1,0 +1,105 @@
+"""Full weights in and out of any layout without a full model copy on any rank.
+
+In: ``load_local_`` copies into a parameter only the region of the full tensor this rank holds (its TP / FSDP
+shard), read through a callback that slices the file (safetensors ``get_slice``), so a rank reads its share.
+Out: ``write_full_weights`` gathers one tensor at a time (``DTensor.full_tensor``, a collective of the
+stage's ranks) and the (dp 0, tp 0) rank of each pipeline rank writes it into one shared safetensors file at
+its offset: peak memory per rank is its share plus the largest tensor, and the file equals ``save_file``'s.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import get_model_state_dict
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+from vlpretrain.parallel.mesh import ParallelContext
+from vlpretrain.train.safetensors_stream import StreamingSafetensors
+
+Region = tuple[slice, ...]
+
+
+def local_region(t: torch.Tensor) -> Region | None:
+    """The slices of the full tensor that this rank's shard of ``t`` holds; None for a plain (whole) tensor
+    or a sharding that is not one box of the full tensor."""
+    if not isinstance(t, DTensor):
+        return None
+    shape, offset = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
+    if tuple(shape) != tuple(t.to_local().shape):
+        return None
+    return tuple(slice(o, o + s) for o, s in zip(offset, shape))
+
+
+@torch.no_grad()
+def load_local_(param: torch.Tensor, read: Callable[[Region | None], torch.Tensor]) -> None:
+    """``param[...] = full value``, reading only this rank's region: ``read(region)`` returns the full tensor
+    sliced by ``region`` (or whole for None). ``copy_`` casts to the parameter's dtype."""
+    region = local_region(param)
+    if region is not None:
+        param.to_local().copy_(read(region))
+    elif isinstance(param, DTensor):  # not a box (never with our layouts): whole tensor, sliced locally
+        from vlpretrain.parallel.engine import copy_full_
+        copy_full_(param, read(None))
+    else:
+        param.copy_(read(None))
+
+
+def _specs(state: dict[str, torch.Tensor]) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    return {k: (tuple(v.shape), v.dtype) for k, v in state.items()}
+
+
+def write_full_weights(modules: list, ctx: ParallelContext, path: Path,
+                       metadata: dict[str, str] | None = None) -> OSError | None:
+    """Collective over all ranks: the full weights of every stage into one safetensors file ``path``.
+    Returns this rank's write error (or one every rank shares: the header) or None; the collectives run to
+    the end on every rank either way, so a failing disk never hangs the job."""
+    states = [get_model_state_dict(m) for m in modules]  # clean names; DTensor shards, not gathered
+    writer = ctx.dp_rank == 0 and ctx.tp_rank == 0  # one writer per pipeline rank, for its own stages
+    local = {k: v for s in states for k, v in _specs(s).items()} if writer else {}
+    parts = [local]
+    if dist.is_initialized():
+        parts = [None] * dist.get_world_size()
+        dist.all_gather_object(parts, local)
+    specs: dict = {}
+    for p in parts:
+        specs.update(p)
+    out = StreamingSafetensors(path, specs, metadata)
+    problem = None
+    if ctx.is_main:
+        try:
+            out.create()
+        except OSError as e:
+            problem = e
+    problems = [problem]
+    if dist.is_initialized():  # everyone waits for the header (and learns whether it could be written)
+        problems = [None] * dist.get_world_size()
+        dist.all_gather_object(problems, None if problem is None else (problem.errno, problem.strerror))
+    if problem is None and any(problems):
+        problem = OSError(*next(p for p in problems if p), str(path))
+    fd = None
+    if writer and problem is None:
+        try:
+            fd = out.open()
+        except OSError as e:
+            problem = e
+    for state in states:
+        for name, value in state.items():
+            full = value.full_tensor() if isinstance(value, DTensor) else value  # one tensor at a time
+            if fd is not None and problem is None:
+                try:
+                    out.write(name, full.detach().cpu(), fd)
+                except OSError as e:
+                    problem = e
+            del full
+    if fd is not None:
+        try:
+            os.fsync(fd)
+        except OSError as e:
+            problem = problem or e
+        os.close(fd)
+    return problem
