@@ -18,13 +18,14 @@ setup(
         "numpy",
         "pillow",
         "matplotlib",  # vlpretrain report, pipeline timelines
+        "pyarrow>=14",  # data sources of type parquet (read one row group at a time)
     ],
     extras_require={
         "test": ["pytest>=8", "transformers>=4.40", "webdataset", "tensorboard", "wandb"],
         "dev": ["pytest>=8", "transformers>=4.40", "webdataset", "tensorboard", "wandb", "ruff"],
         "logging": ["wandb", "tensorboard"],
-        # GPU-only accelerations, imported behind guards; build from source on the GPU image
         "megatron": ["megatron-core>=0.16"],  # cross-checks our .bin/.idx reader/writer (tests/test_indexed.py)
+        # GPU-only accelerations, imported behind guards; build from source on the GPU image
         "gpu": ["transformer-engine[pytorch]"],
     },
     entry_points={"console_scripts": ["vlpretrain=vlpretrain.cli:main"]},

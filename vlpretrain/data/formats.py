@@ -369,20 +369,23 @@ def parquet_files(path: Path) -> list[Path]:
 
 
 class RowGroupCache:
-    """The last few row groups' columns read in this process (a shuffled order still hits a row group once per
-    sample it holds; size it to the data: images are read only by the ranks that decode them)."""
+    """The row groups' columns last read in this process, up to ``max_items`` and ``max_bytes`` (the newest one
+    is always kept). In a shuffled order a row group is read once per sample it holds unless it stays here."""
 
-    def __init__(self, size: int):
-        self.size, self.items = size, OrderedDict()
+    def __init__(self, max_items: int, max_bytes: int | None = None):
+        self.max_items, self.max_bytes, self.items, self.bytes = max_items, max_bytes, OrderedDict(), 0
 
     def get(self, key, load):
         if key in self.items:
             self.items.move_to_end(key)
-            return self.items[key]
+            return self.items[key][0]
         value = load()
-        self.items[key] = value
-        if len(self.items) > self.size:
-            self.items.popitem(last=False)
+        size = int(getattr(value, "nbytes", 0))
+        self.items[key] = (value, size)
+        self.bytes += size
+        while len(self.items) > 1 and (len(self.items) > self.max_items
+                                       or (self.max_bytes is not None and self.bytes > self.max_bytes)):
+            self.bytes -= self.items.popitem(last=False)[1][1]
         return value
 
 
@@ -445,6 +448,8 @@ class ParquetSource(Source):
     """Rows of local Parquet files (in file order, then row order); each read touches one row group's column."""
 
     SIZES_TAG = "parquet-1"
+    # per process: image columns of recent row groups (a big row group of big images is always kept alone)
+    IMAGE_CACHE_BYTES = 256 << 20
 
     def __init__(self, cfg: SourceConfig, files: list[Path], image_root: Path | None):
         import pyarrow as pa
@@ -505,7 +510,7 @@ class ParquetSource(Source):
     def _init_caches(self) -> None:
         self._pf: dict[int, object] = {}
         self._pid = os.getpid()
-        self._texts, self._images = RowGroupCache(4), RowGroupCache(2)
+        self._texts, self._images = RowGroupCache(16), RowGroupCache(1 << 16, self.IMAGE_CACHE_BYTES)
         self._counts: dict[int, list[int] | None] = {}
 
     def __getstate__(self) -> dict:
