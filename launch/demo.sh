@@ -31,8 +31,13 @@ python3 - "$RUNS/eval_before.json" "$RUNS/eval_after.json" "$t0" <<'PY'
 import json, sys, time
 before = json.loads(open(sys.argv[1]).read().strip().splitlines()[-1])
 after = json.loads(open(sys.argv[2]).read().strip().splitlines()[-1])
-print(f"demo wall time {time.time() - int(sys.argv[3]):.0f}s; accuracy by question type after training: "
-      f"{after['by_type']}", file=sys.stderr)
+# per question type, before and after training (4 options per question: chance is 0.25)
+print(f"{'MCPPL accuracy':<16}{'before':>8}{'after':>8}", file=sys.stderr)
+for t in sorted(after["by_type"]):
+    print(f"  {t:<14}{before['by_type'].get(t, float('nan')):>8.2f}{after['by_type'][t]:>8.2f}", file=sys.stderr)
+print(f"  {'overall':<14}{before['accuracy']:>8.2f}{after['accuracy']:>8.2f}", file=sys.stderr)
+print(f"demo wall time {time.time() - int(sys.argv[3]):.0f}s", file=sys.stderr)
 print(json.dumps({"demo": "ok", "mcppl_accuracy_before": before["accuracy"],
-                  "mcppl_accuracy_after": after["accuracy"]}))
+                  "mcppl_accuracy_after": after["accuracy"], "by_type_before": before["by_type"],
+                  "by_type_after": after["by_type"]}))
 PY
