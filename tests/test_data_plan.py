@@ -4,21 +4,28 @@
 * first fit has one implementation (``packing.FirstFit``), equal to a plain scan;
 * sizes are stored in the shard index / side indexes, keyed by the tokenizer, and rebuilt when it changes;
 * planning reads no text: a rank reads only its own rows' samples; DataLoader workers receive only their steps;
-* a sample that no longer reads as it was sized is masked in place, deterministically.
+* a sample that no longer reads as it was sized is masked in place, deterministically;
+* the vectorised planner (block choices, look-ahead draws, table-driven Feistel rounds, record-based first fit)
+  gives exactly the plans of a plain one-sample-at-a-time reference, on random sizes and bad samples.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from vlpretrain.config import load_config
 from vlpretrain.data.loader import DataPipeline, image_share
 from vlpretrain.data.packing import FirstFit
+from vlpretrain.data.planner import MAX_CONSECUTIVE_BAD, StepPlanner
+from vlpretrain.data.sampler import FeistelPermutation, SamplePlanner, WeightedChooser
+from vlpretrain.data.sizes import SizeTable
 from vlpretrain.data.shards import index_path
 from vlpretrain.data.sources import JsonlSource, ShardSource
 from vlpretrain.data.tokenizer import TextTokenizer
@@ -108,6 +115,203 @@ def test_first_fit_equals_a_scan():
             if want is None:
                 break
         assert fit.rows == bins and fit.free == free
+
+
+def _scan_fit(sizes: list[int], cap: int, rows: int) -> tuple[list[int], list[list[int]], list[int]]:
+    """First fit written out: the first open row with room, else a new one; stop at the first that fits none."""
+    free, bins, out = [], [], []
+    for k, n in enumerate(sizes):
+        for r, room in enumerate(free):
+            if n <= room:
+                free[r] -= n
+                bins[r].append(k)
+                out.append(r)
+                break
+        else:
+            if len(free) == rows:
+                break
+            free.append(cap - n)
+            bins.append([k])
+            out.append(len(free) - 1)
+    return out, bins, free
+
+
+@pytest.mark.parametrize("shape", ["random", "ties", "long-gaps"])
+def test_first_fit_many_equals_a_scan(shape):
+    """``place_many`` (records, binary search, long stretches vectorised) against the scan, with many equal
+    rooms and long runs of nearly full rows before a roomy one."""
+    rng = random.Random(shape)
+    for trial in range(60):
+        cap, rows = rng.randint(1, 400), rng.randint(1, 300)
+        if shape == "random":
+            sizes = [rng.randint(0, cap) for _ in range(rng.randint(0, 3000))]
+        elif shape == "ties":
+            sizes = [rng.choice([cap // 2 + 1, max(cap // 7, 1), rng.randint(1, max(cap // 3, 1))])
+                     for _ in range(2000)]
+        else:
+            sizes = [max(cap - 50, 1) if k < rows - 1 else rng.randint(1, cap) for k in range(rows)]
+            sizes += [rng.randint(1, 80) for _ in range(2000)]
+        sizes = [min(n, cap) for n in sizes]
+        want = _scan_fit(sizes, cap, rows)
+        fit = FirstFit(cap, rows)
+        got = fit.place_many(sizes)
+        assert (got, fit.rows, fit.free) == want, trial
+        one = FirstFit(cap, rows)
+        assert [one.place(n, k) for k, n in enumerate(sizes[:len(got) + 1])] == got + [None] * (len(got) < len(sizes))
+
+
+@pytest.mark.parametrize("n", [1, 2, 5, 588, 1024, 1025, 70_000])
+def test_feistel_many_equals_one_at_a_time(n):
+    perm = FeistelPermutation(n, 7, 3, 2)
+    idx = np.arange(n) if n <= 5000 else np.random.default_rng(0).integers(0, n, 5000)
+    assert perm.many(idx).tolist() == [perm(int(i)) for i in idx]
+    big = FeistelPermutation(2 ** 33 + 5, 1, 2, 3)  # halves beyond the tables: hashed per element
+    idx = np.array([0, 1, 2 ** 32, 2 ** 33 + 4])
+    assert big.many(idx).tolist() == [big(int(i)) for i in idx]
+    with pytest.raises(IndexError):
+        perm.many(np.array([n]))
+
+
+@pytest.mark.parametrize("weights", [[1.0], [15.2, 11.1, 3.0, 4.0], [0.001, 1.0, 5.0], [1.0, 10.0, 100.0, 100.0]])
+def test_chooser_take_equals_next(weights):
+    a, b = WeightedChooser(weights), WeightedChooser(weights)
+    want = [a.next() for _ in range(3000)]
+    got = b.take(1000)
+    tail = b.take(700)
+    b.give_back(tail)  # undone exactly: the counts are the whole state
+    assert got + b.take(2000) == want and a.counts == b.counts
+
+
+def _feistel(n: int, key: tuple, i: int) -> int:
+    """The keyed Feistel permutation written out (4 blake2b rounds, cycle walking)."""
+    bits = max(2, max(n - 1, 1).bit_length())
+    bits += bits % 2
+    half = bits // 2
+    mask = (1 << half) - 1
+    digest = hashlib.sha256(repr((n,) + key).encode()).digest()
+    keys = [int.from_bytes(digest[8 * r:8 * r + 8], "little") for r in range(4)]
+    x = i
+    while True:
+        left, right = x >> half, x & mask
+        for k in keys:
+            h = hashlib.blake2b((right ^ k).to_bytes(16, "little"), digest_size=8).digest()
+            left, right = right, left ^ (int.from_bytes(h, "little") & mask)
+        x = (left << half) | right
+        if x < n:
+            return x
+
+
+class _ReferencePlanner:
+    """The planning policy one sample at a time (what ``StepPlanner`` did before it was vectorised): each slot
+    draws a source (``WeightedChooser.next``), then that source's draws in its per-epoch shuffled order until
+    one is usable; packed, first fit by a scan until a sample fits no row (it waits for the modality's next
+    step)."""
+
+    def __init__(self, p: StepPlanner):
+        self.p, self.n = p, [len(s) for s in p.sources]
+        self.sp = SamplePlanner(self.n, [s.modality for s in p.sources], [s.cfg.weight for s in p.sources],
+                                p.cfg.train.seed, p.schedule, p.cfg.data.group_by_modality)
+        self.carry: dict = {}
+        self.bad_total = {s.name: 0 for s in p.sources}
+
+    def _fill(self, source: int, bad: dict) -> tuple:
+        name = self.p.sources[source].name
+        for _ in range(MAX_CONSECUTIVE_BAD):
+            c = self.sp.counters[source]
+            self.sp.counters[source] += 1
+            index = _feistel(self.n[source], (self.sp.seed, source, c // self.n[source]), c % self.n[source])
+            t = self.p.tables[source]
+            tokens = int(t.text[index]) + int(t.images[index]) * self.p.image_tokens
+            if index not in t.reasons and tokens <= self.p.seq_len:
+                return source, index, tokens, int(t.labels[index]), int(t.images[index])
+            bad[name] = bad.get(name, 0) + 1
+            self.bad_total[name] += 1
+        raise RuntimeError("stuck")
+
+    def plan(self):
+        step, modality = self.sp.next_step()
+        bad: dict = {}
+        rows = self.p.cfg.train.global_batch_size
+        if not self.p.cfg.data.packing:
+            slots = [self._fill(self.sp.next_source(modality), bad) for _ in range(rows)]
+            return step, modality, slots, [[k] for k in range(rows)], bad
+        slots, free, bins = [], [], []
+        while True:
+            s = self.carry.pop(modality, None) or self._fill(self.sp.next_source(modality), bad)
+            r = next((r for r, room in enumerate(free) if s[2] <= room), None)
+            if r is None and len(free) < rows:
+                r = len(free)
+                free.append(self.p.seq_len)
+                bins.append([])
+            if r is None:
+                self.carry[modality] = s
+                return step, modality, slots, bins, bad
+            free[r] -= s[2]
+            bins[r].append(len(slots))
+            slots.append(s)
+
+
+def _random_tables(p: StepPlanner, rng: np.random.Generator, bad_share: float) -> None:
+    for i, src in enumerate(p.sources):
+        n = len(src)
+        short = rng.random(n) < 0.8  # mostly short samples, some long ones, a few longer than seq_len
+        text = np.where(short, rng.integers(1, p.seq_len // 8 + 2, n), rng.integers(1, p.seq_len + 40, n))
+        images = rng.integers(0, 3, n) if src.modality != "text" else np.zeros(n, np.int64)
+        labels = rng.integers(0, text + 1)
+        share = bad_share if i % 2 else bad_share / 4
+        reasons = {int(j): "bad" for j in np.flatnonzero(rng.random(n) < share)}
+        p.tables[i] = SizeTable(text.astype(np.int32), labels.astype(np.int32), images.astype(np.int32), reasons)
+
+
+@pytest.mark.parametrize("packing,group,rows,seq,bad_share", [
+    (True, True, 8, 256, 0.1), (True, True, 48, 512, 0.3), (True, False, 16, 384, 0.05),
+    (False, True, 16, 256, 0.2), (False, False, 8, 300, 0.6)])
+def test_planner_equals_a_plain_reference(demo_dir, tokenizer, packing, group, rows, seq, bad_share):
+    """Random sizes and bad samples: every step's slots, rows, skips and state equal the reference's."""
+    cfg = _cfg(demo_dir, f"data.packing={str(packing).lower()}", f"data.group_by_modality={str(group).lower()}",
+               f"train.global_batch_size={rows}", "train.micro_batch_size=1", f"train.seq_len={seq}",
+               "data.language_ratio={start: 0.9, end: 0.4, warmup_steps: 10, shape: linear}")
+    planner = StepPlanner(cfg, tokenizer)
+    _random_tables(planner, np.random.default_rng(rows * seq), bad_share)
+    ref = _ReferencePlanner(planner)
+    for _ in range(25):
+        step, modality, slots, bins, bad = ref.plan()
+        got = planner.plan()
+        assert (got.step, got.modality) == (step, modality)
+        assert [tuple(s) for s in got.table.tolist()] == slots, step
+        assert got.rows == bins, step
+        assert list(got.totals["bad_samples"].items()) == list(bad.items())
+        assert got.totals["num_label_tokens"] == sum(s[3] for s in slots)
+        keys = "\n".join(planner.sources[s[0]].key(s[1]) for s in slots)
+        assert got.totals["samples_digest"] == hashlib.sha1(keys.encode()).hexdigest()[:16]
+        assert planner.planner.state_dict() == ref.sp.state_dict()
+        assert planner.bad_total == ref.bad_total
+        assert {m: (s.source, s.index) for m, s in planner.carry.items()} == \
+            {m: s[:2] for m, s in ref.carry.items()}
+    assert sum(ref.bad_total.values()) > 0 and max(ref.sp.epochs()) >= 1  # skips and epoch ends were met
+
+
+def test_planner_stops_where_the_reference_meets_a_dead_source(demo_dir, tokenizer):
+    """A source whose samples turn all bad: both fail at the same step, after the same plans."""
+    cfg = _cfg(demo_dir, "data.packing=true", "train.global_batch_size=16", "train.micro_batch_size=1",
+               "data.language_ratio={start: 0.5, end: 0.5, warmup_steps: 0, shape: linear}")
+    planner = StepPlanner(cfg, tokenizer)
+    _random_tables(planner, np.random.default_rng(1), 0.05)
+    ref = _ReferencePlanner(planner)
+    for _ in range(3):
+        assert [tuple(s) for s in planner.plan().table.tolist()] == ref.plan()[2]
+    t = planner.tables[1]  # captions: all bad from now on (both read the planner's tables)
+    planner.tables[1] = SizeTable(t.text, t.labels, t.images, {j: "gone" for j in range(len(t))})
+    for _ in range(4):
+        try:
+            want = ref.plan()[2]
+        except RuntimeError:
+            with pytest.raises(RuntimeError, match="consecutive bad samples in source 'captions'"):
+                planner.plan()
+            assert planner.planner.step == ref.sp.step
+            return
+        assert [tuple(s) for s in planner.plan().table.tolist()] == want
+    raise AssertionError("the reference never met the dead source")
 
 
 def _copy_demo(demo_dir: Path, dst: Path) -> Path:

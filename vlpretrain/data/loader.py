@@ -1,12 +1,13 @@
 """From sources to fixed-shape global steps: one modality per step, layout-independent, resumable.
 
-Every rank plans the whole global step with the same deterministic ``StepPlanner``, from per-sample SIZES only
-(``sizes.py``: tokens, supervised labels, images, or why the sample is bad): which samples, in which order, in
-which packed row, which draws are skipped. So the global sample sequence, the loss denominator and the sample
-digest are the same for any dp size and worker count, and planning never reads text. Each rank then reads,
-tokenises and collates only its own dp slice of the rows, and decodes images only if it runs the vision
-encoder, and then only its TP rank's share of each microbatch's images (``image_split``). The cost per rank is
-O(global samples) of cheap arithmetic for the plan plus O(global step / dp) of real data work.
+Every rank plans the whole global step with the same deterministic ``StepPlanner`` (``planner.py``), from
+per-sample SIZES only (``sizes.py``: tokens, supervised labels, images, or why the sample is bad): which
+samples, in which order, in which packed row, which draws are skipped. So the global sample sequence, the loss
+denominator and the sample digest are the same for any dp size and worker count, and planning never reads
+text. Each rank then reads, tokenises and collates only its own dp slice of the rows, and decodes images only
+if it runs the vision encoder, and then only its TP rank's share of each microbatch's images
+(``image_split``). The cost per rank is O(global samples) of cheap, mostly vectorised arithmetic for the plan
+plus O(global step / dp) of real data work.
 
 Bad samples, without breaking that determinism:
 
@@ -24,25 +25,21 @@ A source with no usable sample among its first draws fails at start-up.
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from vlpretrain.config import Config, ConfigError
-from vlpretrain.data.packing import FirstFit
+from vlpretrain.config import Config
+from vlpretrain.data.planner import MAX_CONSECUTIVE_BAD, Slot, StepPlan, StepPlanner  # noqa: F401 (re-exported)
 from vlpretrain.data.preprocess import resize_and_pad
-from vlpretrain.data.sampler import ModalitySchedule, SamplePlanner
 from vlpretrain.data.samples import IGNORE, EncodedSample, SampleEncoder
 from vlpretrain.data.shards import BadSample
-from vlpretrain.data.sizes import SizeTable
-from vlpretrain.data.sources import IndexedSource, Source, load_manifest, open_source
+from vlpretrain.data.sources import Source
 from vlpretrain.data.tokenizer import TextTokenizer
 
 log = logging.getLogger(__name__)
-MAX_CONSECUTIVE_BAD = 1000
 _READ_ERRORS = (ValueError, KeyError, TypeError, OSError)
 
 
@@ -70,26 +67,6 @@ class Microbatch:
     images: torch.Tensor | None
     positions: torch.Tensor | None = None  # (B, S) long, packed rows only (restart at each document)
     doc_ids: torch.Tensor | None = None  # (B, S) long, packed rows only (document-causal attention)
-
-
-@dataclass(frozen=True)
-class Slot:
-    """One sample of a global step, as planned from its size."""
-    source: int
-    index: int
-    tokens: int  # input tokens, image placeholders included
-    labels: int  # supervised tokens
-    images: int
-
-
-@dataclass
-class StepPlan:
-    """One global step, the same on every rank."""
-    step: int
-    modality: str  # "text" | "multimodal" | "mixed"
-    slots: list[Slot]  # the samples in draw order
-    rows: list[list[int]]  # the slots of every sequence (packed: first fit; else one slot per sequence)
-    totals: dict  # the GlobalBatch fields that describe the whole step (equal on every rank)
 
 
 @dataclass
@@ -129,132 +106,6 @@ class GlobalBatch:
         return self
 
 
-class StepPlanner:
-    """Plans global steps from sample sizes. Identical on every rank; reads no sample text."""
-
-    def __init__(self, cfg: Config, tokenizer: TextTokenizer):
-        self.cfg = cfg
-        manifest = load_manifest(cfg.data)
-        self.sources: list[Source] = [open_source(s, manifest.base, cfg.train.seq_len) for s in manifest.sources]
-        if not self.sources:
-            raise ConfigError("config error: data has no sources (data.sources or data.manifest)")
-        for src in self.sources:
-            if len(src) == 0:
-                raise ConfigError(f"data error: source '{src.name}' has no samples")
-        self.tables: list[SizeTable] = [src.size_table(tokenizer, cfg.data.system_prompt, cfg.model.vocab_size)
-                                        for src in self.sources]
-        self.image_tokens, self.seq_len = cfg.model.image_tokens, cfg.train.seq_len
-        self.schedule = ModalitySchedule(cfg.data.language_ratio)
-        self.planner = SamplePlanner([len(s) for s in self.sources], [s.modality for s in self.sources],
-                                     [s.cfg.weight for s in self.sources], cfg.train.seed, self.schedule,
-                                     cfg.data.group_by_modality)
-        self.bad_total = {s.name: 0 for s in self.sources}
-        self.carry: dict[str, Slot] = {}  # packing: a drawn sample waiting for its modality's next step
-        self._warned: set[str] = set()
-        for i in range(len(self.sources)):
-            self._probe(i)
-
-    def slot(self, source: int, index: int) -> Slot | str:
-        """The sample's planned size, or why it cannot be used."""
-        t = self.tables[source]
-        reason = t.reasons.get(index)
-        if reason is not None:
-            return reason
-        images = int(t.images[index])
-        n = int(t.text[index]) + images * self.image_tokens
-        if n > self.seq_len:
-            return f"sample of {n} tokens is longer than seq_len={self.seq_len}"
-        return Slot(source, index, n, int(t.labels[index]), images)
-
-    def _probe(self, i: int) -> None:
-        """Fail fast on a source none of whose first samples can be used (a wrong path, format or tokenizer), or
-        a corpus most of whose first chunks hold ids beyond model.vocab_size (made with another tokenizer)."""
-        src, n = self.sources[i], min(len(self.sources[i]), 20)
-        if isinstance(src, IndexedSource):
-            vocab = self.cfg.model.vocab_size
-            out = [j for j in range(n) if "vocabulary" in self.tables[i].reasons.get(j, "")]
-            if 2 * len(out) > n:
-                top = max(int(src.tokens(j).max()) for j in out)
-                raise ConfigError(
-                    f"data error: source '{src.name}' ({src.cfg.path}) does not fit this model: {len(out)} of its "
-                    f"first {n} chunks hold token ids >= model.vocab_size={vocab} (up to {top}): was it "
-                    f"tokenized with another tokenizer?")
-        errors = []
-        for j in range(n):
-            got = self.slot(i, j)
-            if isinstance(got, Slot):
-                return
-            errors.append(got)
-        raise ConfigError(f"data error: source '{src.name}' is unreadable: none of its first samples can be used "
-                          f"(first error: {errors[0]})")
-
-    def _fill(self, source: int, bad: dict[str, int]) -> Slot:
-        src = self.sources[source]
-        for _ in range(MAX_CONSECUTIVE_BAD):
-            d = self.planner.draw(source)
-            got = self.slot(source, d.index)
-            if isinstance(got, Slot):
-                return got
-            bad[src.name] = bad.get(src.name, 0) + 1
-            self.bad_total[src.name] += 1
-            if src.name not in self._warned:
-                self._warned.add(src.name)
-                log.warning("skipping bad sample %s of source %s: %s (further ones are only counted)",
-                            src.key(d.index), src.name, got)
-        raise RuntimeError(f"data error: {MAX_CONSECUTIVE_BAD} consecutive bad samples in source '{src.name}'")
-
-    def plan(self) -> StepPlan:
-        """The next global step. Without packing there is one sample per sequence; with packing, as many as fit
-        the step's sequences, placed first fit (``packing.FirstFit``); the first sample that fits no row waits
-        for this modality's next step (it is part of the data state)."""
-        step, modality = self.planner.next_step()
-        bad: dict[str, int] = {}
-        rows = self.cfg.train.global_batch_size
-        if self.cfg.data.packing:
-            fit, slots = FirstFit(self.seq_len, rows), []
-            while True:
-                s = self.carry.pop(modality, None) or self._fill(self.planner.next_source(modality), bad)
-                if fit.place(s.tokens, len(slots)) is None:
-                    self.carry[modality] = s
-                    break
-                slots.append(s)
-            layout = fit.rows
-        else:
-            slots = [self._fill(self.planner.next_source(modality), bad) for _ in range(rows)]
-            layout = [[k] for k in range(rows)]
-        return StepPlan(step, modality, slots, layout, self._totals(step, modality, slots, bad))
-
-    def _totals(self, step: int, modality: str, slots: list[Slot], bad: dict[str, int]) -> dict:
-        counts: dict[str, int] = {}
-        for s in slots:
-            name = self.sources[s.source].name
-            counts[name] = counts.get(name, 0) + 1
-        keys = "\n".join(self.sources[s.source].key(s.index) for s in slots)
-        return dict(
-            num_label_tokens=sum(s.labels for s in slots), num_tokens=sum(s.tokens for s in slots),
-            num_images=sum(s.images for s in slots), num_samples=len(slots),
-            language_ratio_target=self.schedule.ratio(step),
-            language_ratio_realized=self.planner.language_steps / step,
-            samples_digest=hashlib.sha1(keys.encode()).hexdigest()[:16],
-            source_counts=counts, bad_samples=bad, data_state=self.state_dict())
-
-    def state_dict(self) -> dict:
-        return {"planner": self.planner.state_dict(), "language_steps": self.planner.language_steps,
-                "bad_total": dict(self.bad_total),
-                "carry": {m: [s.source, s.index] for m, s in self.carry.items()}}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.planner.load_state_dict(state["planner"])
-        self.planner.language_steps = state["language_steps"]
-        self.bad_total.update(state.get("bad_total", {}))
-        self.carry = {}
-        for m, (source, index) in state.get("carry", {}).items():
-            t = self.tables[source]
-            images = int(t.images[index])
-            self.carry[m] = Slot(source, index, int(t.text[index]) + images * self.image_tokens,
-                                 int(t.labels[index]), images)
-
-
 class DataPipeline:
     """This rank's iterator of ``GlobalBatch``es (steps 1, 2, ... or from a restored state).
 
@@ -292,7 +143,7 @@ class DataPipeline:
         """This dp rank's contiguous share of the step's rows."""
         n = len(plan.rows) // self.dp_size
         mine = plan.rows[self.dp_rank * n:(self.dp_rank + 1) * n]
-        return LocalPlan(plan.step, plan.modality, [[plan.slots[k] for k in row] for row in mine], plan.totals)
+        return LocalPlan(plan.step, plan.modality, plan.slots_of(mine), plan.totals)
 
     # ---- building this rank's share of one step
 

@@ -21,8 +21,10 @@ Per row:
 """
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from vlpretrain.data.samples import IGNORE, EncodedSample
@@ -94,48 +96,80 @@ class FirstFit:
 
     ``place(n, item)`` puts the item into the first row, in creation order, whose room is >= n, opening the next
     row when none has room; it returns the row, or None when no row has room and all ``max_rows`` are open (the
-    item is not placed). A max-segment tree over the rows' free room (unopened rows hold ``capacity``, so the
-    leftmost row with room is either the first fitting open row or the next new one) makes a placement
-    O(log rows) instead of a scan over the open rows."""
+    item is not placed). ``place_many`` does the same for a run of items, stopping at the first that fits nowhere.
+
+    How: the answer is always a *record*, a row whose room exceeds the room of every row before it (the first
+    row with room >= n has only rows with room < n before it). The records' rooms increase with the row, so a
+    binary search over them (``bisect``, in C) finds the row; unopened rows hold ``capacity``, so the first
+    unopened one is the last record. Placing an item lowers one record's room; only the rows between it and the
+    next record can become records then, and they are re-examined (usually none or a few)."""
 
     def __init__(self, capacity: int, max_rows: int):
         self.capacity, self.max_rows = capacity, max_rows
-        size = 1
-        while size < max_rows:
-            size *= 2
-        self._size = size
-        self._tree = [0] * (2 * size)
-        for r in range(max_rows):
-            self._tree[size + r] = capacity
-        for i in range(size - 1, 0, -1):
-            self._tree[i] = max(self._tree[2 * i], self._tree[2 * i + 1])
         self.rows: list[list] = []  # the items of every open row, in arrival order
-        self.free: list[int] = []  # room left in every open row
+        self._room = [capacity] * max_rows  # room left in every row (unopened ones: capacity)
+        self._rec_rows = [0] if max_rows > 0 else []  # the records: rows, ascending
+        self._rec_room = [capacity] if max_rows > 0 else []  # and their rooms, strictly ascending
+
+    @property
+    def free(self) -> list[int]:
+        """Room left in every open row."""
+        return self._room[:len(self.rows)]
 
     def place(self, n: int, item=None) -> int | None:
-        tree, size = self._tree, self._size
-        if n > tree[1]:
-            return None
-        i = 1
-        while i < size:
-            i <<= 1
-            if tree[i] < n:
-                i += 1
-        row = i - size
-        room = tree[i] = tree[i] - n
-        while i > 1:  # update the maxima up to the root; stop early once a parent does not change
-            sibling = tree[i ^ 1]
-            i >>= 1
-            top = room if room > sibling else sibling
-            if tree[i] == top:
+        got = self.place_many((n,), (item,))
+        return got[0] if got else None
+
+    def place_many(self, sizes, items=None) -> list[int]:
+        """Place ``sizes[k]`` (as ``items[k]``, default k) in order; stop at the first that fits no row.
+        Returns the rows of the placed ones (fewer than ``len(sizes)`` if one did not fit)."""
+        recs, rooms, room, rows, out = self._rec_rows, self._rec_room, self._room, self.rows, []
+        bisect_left, max_rows, opened = bisect.bisect_left, self.max_rows, len(self.rows)
+        for item, n in zip(range(len(sizes)) if items is None else items, sizes):
+            p = bisect_left(rooms, n)
+            if p == len(rooms):
                 break
-            tree[i] = room = top
-        if row == len(self.rows):
-            self.rows.append([])
-            self.free.append(self.capacity)
-        self.rows[row].append(item)
-        self.free[row] -= n
-        return row
+            r = recs[p]
+            v = room[r] = room[r] - n
+            if r == opened:
+                rows.append([item])
+                opened += 1
+            else:
+                rows[r].append(item)
+            out.append(r)
+            # keep the records: row r (room v now) and the rows up to the next record
+            if p + 1 < len(recs):
+                end = recs[p + 1]
+            else:
+                end = opened + 1 if opened < max_rows else opened
+            if p and v <= rooms[p - 1]:
+                del recs[p], rooms[p]
+                top, q = rooms[p - 1], p
+            else:
+                rooms[p] = v
+                top, q = v, p + 1
+            if end - r > 1:
+                new_rows, new_rooms = _records(room, r + 1, end, top)
+                if new_rows:
+                    recs[q:q] = new_rows
+                    rooms[q:q] = new_rooms
+        return out
+
+def _records(room: list[int], a: int, b: int, top: int) -> tuple[list[int], list[int]]:
+    """Rows in [a, b) whose room exceeds ``top`` and every room before them in the range."""
+    if b - a <= 64:
+        rows, rooms = [], []
+        for j in range(a, b):
+            x = room[j]
+            if x > top:
+                rows.append(j)
+                rooms.append(x)
+                top = x
+        return rows, rooms
+    seg = np.array(room[a:b], dtype=np.int64)  # a long stretch (rare): vectorised
+    before = np.maximum.accumulate(np.concatenate(([top], seg[:-1])))
+    hit = np.flatnonzero(seg > before)
+    return (hit + a).tolist(), seg[hit].tolist()
 
 
 def fill_row(docs: list[EncodedSample], seq_len: int, pad_id: int) -> PackedRow:

@@ -11,7 +11,11 @@ import hashlib
 import math
 from dataclasses import dataclass
 
+import numpy as np
+
 from vlpretrain.config import LanguageRatioConfig
+
+TABLE_HALF_BITS = 16  # Feistel halves up to this width use lookup tables (4 x 2^16 hashes at most, ~0.1 s)
 
 
 class ModalitySchedule:
@@ -71,6 +75,38 @@ class FeistelPermutation:
         digest = hashlib.sha256(repr((n,) + key).encode()).digest()
         self.keys = [int.from_bytes(digest[8 * r:8 * r + 8], "little") for r in range(4)]
 
+    def many(self, idx: np.ndarray) -> np.ndarray:
+        """``[self(i) for i in idx]`` as an int64 array, vectorised: the round function of each key is tabulated
+        over the whole half-width domain once per permutation (4 x 2^half hashes, half = bits / 2: about
+        4 sqrt(n)), after which the rounds are table look-ups. The same values as ``__call__``, bit for bit
+        (a test checks); halves wider than ``TABLE_HALF_BITS`` (n > 2^32) hash per element."""
+        x = np.asarray(idx, dtype=np.int64)
+        if x.size and (int(x.min()) < 0 or int(x.max()) >= self.n):
+            raise IndexError(int(x.min()) if int(x.min()) < 0 else int(x.max()))
+        if self.half > TABLE_HALF_BITS:
+            return np.fromiter((self(int(i)) for i in x.ravel()), np.int64, x.size).reshape(x.shape)
+        tables = self._tables()
+        out, todo = x.copy(), np.arange(x.size)
+        flat, cur = out.reshape(-1), x.reshape(-1)
+        while todo.size:  # cycle walking: values that land outside [0, n) go round again
+            left, right = cur >> self.half, cur & self.mask
+            for t in tables:
+                left, right = right, left ^ t[right]
+            cur = (left << self.half) | right
+            inside = cur < self.n
+            flat[todo[inside]] = cur[inside]
+            todo, cur = todo[~inside], cur[~inside]
+        return out
+
+    def _tables(self) -> list[np.ndarray]:
+        t = getattr(self, "_t", None)
+        if t is None:
+            blake2b, from_bytes, mask = hashlib.blake2b, int.from_bytes, self.mask
+            t = self._t = [np.array([from_bytes(blake2b((r ^ k).to_bytes(16, "little"), digest_size=8).digest(),
+                                                "little") & mask for r in range(mask + 1)], dtype=np.int64)
+                           for k in self.keys]
+        return t
+
     def _round(self, x: int, k: int) -> int:
         h = hashlib.blake2b((x ^ k).to_bytes(16, "little"), digest_size=8).digest()
         return int.from_bytes(h, "little") & self.mask
@@ -108,6 +144,33 @@ class WeightedChooser:
         best = max(eligible or range(len(self.weights)), key=lambda i: self.weights[i] / (self.counts[i] + 1))
         self.counts[best] += 1
         return best
+
+    def take(self, n: int) -> list[int]:
+        """``[self.next() for _ in range(n)]``, the same choices, in one tight loop (the planner's hot path)."""
+        w, counts, m = self.weights, self.counts, len(self.weights)
+        if m == 1:
+            counts[0] += n
+            return [0] * n
+        ceil, choices, out, k = math.ceil, range(m), [], sum(counts)
+        for _ in range(n):
+            k += 1
+            best, top = -1, -1.0
+            for i in choices:  # the first eligible choice of largest w / (c + 1), as max() picks it
+                c = counts[i]
+                if c < ceil(k * w[i] - 1e-12):
+                    v = w[i] / (c + 1)
+                    if v > top:
+                        best, top = i, v
+            if best < 0:
+                best = max(choices, key=lambda i: w[i] / (counts[i] + 1))
+            counts[best] += 1
+            out.append(best)
+        return out
+
+    def give_back(self, choices: list[int]) -> None:
+        """Undo the last ``take`` of these choices (the counts are the whole state, so this is exact)."""
+        for i in choices:
+            self.counts[i] -= 1
 
 
 @dataclass
@@ -162,12 +225,38 @@ class SamplePlanner:
         c = self.counters[source]
         self.counters[source] += 1
         n = self.sizes[source]
-        epoch = c // n
+        return Draw(source, self._perm(source, c // n)(c % n), c)
+
+    def take_sources(self, modality: str, n: int) -> list[int]:
+        """The next ``n`` sources of ``modality`` (``next_source`` n times); ``give_back_sources`` undoes a tail."""
+        if modality == "mixed":
+            return self.mixed.take(n)
+        idx = self.by_modality[modality]
+        return [idx[c] for c in self.choosers[modality].take(n)]
+
+    def give_back_sources(self, modality: str, sources: list[int]) -> None:
+        if modality == "mixed":
+            return self.mixed.give_back(sources)
+        where = {s: i for i, s in enumerate(self.by_modality[modality])}
+        self.choosers[modality].give_back([where[s] for s in sources])
+
+    def indices(self, source: int, start: int, count: int) -> np.ndarray:
+        """Sample indices of the source's draws ``start .. start + count - 1`` (what ``draw`` would return for
+        those counters), vectorised; the counters are not advanced."""
+        n, out, c = self.sizes[source], np.empty(count, np.int64), start
+        while c < start + count:
+            epoch, a = divmod(c, n)
+            b = min(n, a + start + count - c)
+            out[c - start:c - start + b - a] = self._perm(source, epoch).many(np.arange(a, b))
+            c += b - a
+        return out
+
+    def _perm(self, source: int, epoch: int) -> FeistelPermutation:
         perm = self._perms.get((source, epoch))
         if perm is None:
             self._perms = {k: v for k, v in self._perms.items() if k[0] != source}  # keep one epoch per source
-            perm = self._perms[(source, epoch)] = FeistelPermutation(n, self.seed, source, epoch)
-        return Draw(source, perm(c % n), c)
+            perm = self._perms[(source, epoch)] = FeistelPermutation(self.sizes[source], self.seed, source, epoch)
+        return perm
 
     def epochs(self) -> list[int]:
         return [c // n for c, n in zip(self.counters, self.sizes)]
