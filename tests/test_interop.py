@@ -492,6 +492,10 @@ def test_deepseek_vl_export_has_processor_and_tokenizer(tmp_path, demo_dir, make
         assert hf.convert_tokens_to_ids("<image_placeholder>") == cfg.image_token_id
         assert hf.encode(PROMPT) == [ours.bos_id] + ours.encode(PROMPT)
         assert hf.decode(ours.encode(PROMPT)) == PROMPT
+    # merges as "a b" strings, as DeepSeek-LLM's file: the tokenizers < 0.19 of their transformers 4.x cannot
+    # read the [a, b] pairs that tokenizers >= 0.20 writes
+    merges = json.loads((out / "tokenizer.json").read_text())["model"]["merges"]
+    assert merges and all(isinstance(m, str) and len(m.split(" ")) == 2 for m in merges)
     tok_cfg = json.loads((out / "tokenizer_config.json").read_text())
     assert tok_cfg["tokenizer_class"] == "LlamaTokenizerFast" and tok_cfg["add_bos_token"] is True
 
