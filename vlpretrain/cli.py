@@ -215,14 +215,12 @@ def _export_tokenizer(args: argparse.Namespace, cfg: Config):
 
 def cmd_ckpt_export(args: argparse.Namespace, cfg: Config) -> int:
     from vlpretrain.models.interop import export_deepseek_vl, export_hf_llama
-    from vlpretrain.models.vlm import build_model
-    from vlpretrain.train.checkpoint import load_weights
+    from vlpretrain.train.checkpoint import find_weights, verified
 
-    model = build_model(cfg.model, "cpu")
-    load_weights(model, args.path)
+    weights = verified(find_weights(args.path))  # checksums first; then streamed tensor by tensor, no model
     export = export_hf_llama if args.format == "hf" else export_deepseek_vl
     tok = _export_tokenizer(args, cfg) if args.format == "deepseek-vl" else None
-    export(model, cfg.model, args.out, **({"tokenizer": tok} if tok else {}))
+    export(weights, cfg.model, args.out, **({"tokenizer": tok} if tok else {}))
     print(json.dumps({"exported": args.path, "format": args.format, "out": args.out,
                       **({"tokenizer": str(tok)} if tok else {})}))
     return 0

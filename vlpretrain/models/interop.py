@@ -70,12 +70,12 @@ from typing import Any, Callable, Mapping
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 
 from vlpretrain.config import ModelConfig, config_from_dict
 from vlpretrain.errors import UserError
 from vlpretrain.paths import find_weights
+from vlpretrain.safetensors_stream import save_streaming
 from vlpretrain.models.pretrained import (
     TensorSource,
     check_shapes,
@@ -284,14 +284,34 @@ def _entries_of(src: Source) -> dict[str, _Entry]:
     """Our tensors by name: a model, a state dict, or our weights file / checkpoint dir (``find_weights``; read
     lazily with ``safe_open``, so a 7B export holds one shard at a time)."""
     if isinstance(src, (str, Path)):
-        h = safe_open(str(find_weights(src)), framework="pt", device="cpu")
-        out = {}
-        for k in h.keys():
-            sl = h.get_slice(k)
-            out[k] = _Entry(tuple(sl.get_shape()), _ST_DTYPES[sl.get_dtype()], lambda k=k: h.get_tensor(k))
-        return out
+        found = find_weights(src)
+        if found.is_dir():  # a DCP checkpoint without full weights: read tensor by tensor from its shards
+            return _dcp_entries(found)
+        tensors = TensorSource.from_safetensors([found], str(found))  # opens the file per read: no pages kept
+        with safe_open(str(found), framework="pt", device="cpu") as h:
+            dtypes = {k: _ST_DTYPES[h.get_slice(k).get_dtype()] for k in h.keys()}
+        return {k: _Entry(tensors.shape(k), dtypes[k], lambda k=k: tensors.get(k)) for k in tensors.keys()}
     state = src if isinstance(src, Mapping) else src.state_dict()
     return {k: _Entry(tuple(v.shape), v.dtype, lambda v=v: v, v.device) for k, v in state.items()}
+
+
+def _dcp_entries(step_dir: Path) -> dict[str, _Entry]:
+    """The model tensors of a DCP checkpoint, each loaded alone (``dcp.load`` of one key, no process group)
+    when it is written: the export never holds more than one tensor."""
+    import torch.distributed.checkpoint as dcp
+
+    from vlpretrain.train.integrity import SafeReader
+
+    meta = SafeReader(str(step_dir)).read_metadata()
+
+    def load(key: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        state = {key: torch.empty(shape, dtype=dtype)}
+        dcp.load(state, storage_reader=SafeReader(str(step_dir)), no_dist=True)
+        return state[key]
+
+    return {k[len("model."):]: _Entry(tuple(m.size), m.properties.dtype,
+                                      functools.partial(load, k, tuple(m.size), m.properties.dtype))
+            for k, m in meta.state_dict_metadata.items() if k.startswith("model.") and hasattr(m, "size")}
 
 
 def _full(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
@@ -358,13 +378,13 @@ def _write_dir(out_dir: str | Path, config: dict, entries: Mapping[str, _Entry],
         else:
             files = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
         weight_map: dict[str, str] = {}
-        for file, shard in zip(files, shards):
-            tensors = {n: _full(entries[n].get(), dtype) for n in shard}
-            for n, t in tensors.items():
-                if tuple(t.shape) != entries[n].shape:
-                    raise RuntimeError(f"{n}: shape {tuple(t.shape)} differs from the announced {entries[n].shape}")
-            save_file(tensors, str(tmp / file), metadata={"format": "pt"})
-            del tensors
+        def out_dtype(e: _Entry) -> torch.dtype:
+            return dtype if (dtype is not None and e.dtype.is_floating_point) else e.dtype
+
+        for file, shard in zip(files, shards):  # tensor by tensor: one tensor in memory, not one shard
+            specs = {n: (entries[n].shape, out_dtype(entries[n])) for n in shard}
+            save_streaming(tmp / file, ((n, _full(entries[n].get(), dtype)) for n in shard), specs,
+                           metadata={"format": "pt"})
             weight_map.update({n: file for n in shard})
         if len(shards) > 1:
             index = {"metadata": {"total_size": sum(sizes.values())}, "weight_map": weight_map}

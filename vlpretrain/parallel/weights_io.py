@@ -2,9 +2,9 @@
 
 In: ``load_local_`` copies into a parameter only the region of the full tensor this rank holds (its TP / FSDP
 shard), read through a callback that slices the file (safetensors ``get_slice``), so a rank reads its share.
-Out: ``write_full_weights`` gathers one tensor at a time (``DTensor.full_tensor``, a collective of the
-stage's ranks) and the (dp 0, tp 0) rank of each pipeline rank writes it into one shared safetensors file at
-its offset: peak memory per rank is its share plus the largest tensor, and the file equals ``save_file``'s.
+Out: ``write_full_weights`` has every rank write its own shards (one writer per replicated copy) straight into
+one shared safetensors file at their offsets: nothing is gathered, so peak memory per rank is its share, all
+ranks write in parallel, and the file equals ``save_file``'s.
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 from vlpretrain.parallel.mesh import ParallelContext
-from vlpretrain.train.safetensors_stream import StreamingSafetensors
+from vlpretrain.safetensors_stream import StreamingSafetensors
 
 Region = tuple[slice, ...]
 
@@ -53,14 +53,26 @@ def _specs(state: dict[str, torch.Tensor]) -> dict[str, tuple[tuple[int, ...], t
     return {k: (tuple(v.shape), v.dtype) for k, v in state.items()}
 
 
+def _writes(t: torch.Tensor, ctx: ParallelContext) -> bool:
+    """Whether this rank writes its copy of ``t``: of the ranks holding the same bytes (replicas along a dp/tp
+    dim that ``t`` is not sharded on), the one at coordinate 0."""
+    if not isinstance(t, DTensor):
+        return ctx.dp_rank == 0 and ctx.tp_rank == 0
+    names = t.device_mesh.mesh_dim_names or ()
+    if ("dp" not in names and ctx.dp_rank != 0) or ("tp" not in names and ctx.tp_rank != 0):
+        return False
+    return all(not p.is_replicate() or t.device_mesh.get_local_rank(i) == 0 for i, p in enumerate(t.placements))
+
+
 def write_full_weights(modules: list, ctx: ParallelContext, path: Path,
                        metadata: dict[str, str] | None = None) -> OSError | None:
-    """Collective over all ranks: the full weights of every stage into one safetensors file ``path``.
-    Returns this rank's write error (or one every rank shares: the header) or None; the collectives run to
-    the end on every rank either way, so a failing disk never hangs the job."""
+    """Collective over all ranks: the full weights of every stage into one safetensors file ``path``, each
+    rank writing its own shards at their offsets (no gathering: peak memory is the rank's share). Returns this
+    rank's write error (or the header's, shared by all) or None; every rank reaches the end either way, so a
+    failing disk never hangs the job."""
     states = [get_model_state_dict(m) for m in modules]  # clean names; DTensor shards, not gathered
-    writer = ctx.dp_rank == 0 and ctx.tp_rank == 0  # one writer per pipeline rank, for its own stages
-    local = {k: v for s in states for k, v in _specs(s).items()} if writer else {}
+    first_of_stage = ctx.dp_rank == 0 and ctx.tp_rank == 0
+    local = {k: v for s in states for k, v in _specs(s).items()} if first_of_stage else {}
     parts = [local]
     if dist.is_initialized():
         parts = [None] * dist.get_world_size()
@@ -75,31 +87,32 @@ def write_full_weights(modules: list, ctx: ParallelContext, path: Path,
             out.create()
         except OSError as e:
             problem = e
-    problems = [problem]
     if dist.is_initialized():  # everyone waits for the header (and learns whether it could be written)
         problems = [None] * dist.get_world_size()
         dist.all_gather_object(problems, None if problem is None else (problem.errno, problem.strerror))
-    if problem is None and any(problems):
-        problem = OSError(*next(p for p in problems if p), str(path))
+        if problem is None and any(problems):
+            problem = OSError(*next(p for p in problems if p), str(path))
     fd = None
-    if writer and problem is None:
-        try:
+    try:
+        if problem is None:
             fd = out.open()
-        except OSError as e:
-            problem = e
-    for state in states:
-        for name, value in state.items():
-            full = value.full_tensor() if isinstance(value, DTensor) else value  # one tensor at a time
-            if fd is not None and problem is None:
-                try:
-                    out.write(name, full.detach().cpu(), fd)
-                except OSError as e:
-                    problem = e
-            del full
-    if fd is not None:
-        try:
+            for state in states:
+                for name, value in state.items():
+                    if not _writes(value, ctx):
+                        continue
+                    region = local_region(value)
+                    if region is None and isinstance(value, DTensor):
+                        raise ValueError(f"{name}: its shard is not one box of the tensor ({value.placements})")
+                    if region is None:
+                        out.write(name, value, fd)
+                    else:
+                        out.write_region(name, value.to_local(), region, fd)
             os.fsync(fd)
-        except OSError as e:
-            problem = problem or e
-        os.close(fd)
+    except OSError as e:
+        problem = e
+    finally:
+        if fd is not None:
+            os.close(fd)
+    if dist.is_initialized():  # the file is complete only when every rank is done
+        dist.barrier()
     return problem

@@ -48,7 +48,8 @@ def layout(specs: dict[str, tuple[tuple[int, ...], torch.dtype]],
 
 class StreamingSafetensors:
     """One safetensors file written piecewise. ``create`` (one process) writes the header and sizes the file;
-    ``write`` (any process, any order) puts one tensor's bytes in place; every tensor must be written once."""
+    ``write`` (any process, any order) puts one tensor's bytes in place, ``write_region`` one shard of it; every
+    byte must be written once."""
 
     def __init__(self, path: str | Path, specs: dict[str, tuple[tuple[int, ...], torch.dtype]],
                  metadata: dict[str, str] | None = None):
@@ -74,16 +75,42 @@ class StreamingSafetensors:
         own = fd is None
         fd = os.open(self.path, os.O_WRONLY) if own else fd
         try:
-            view, done = memoryview(data), 0
-            while done < len(view):
-                done += os.pwrite(fd, view[done:], start + done)
+            _pwrite_all(fd, memoryview(data), start)
         finally:
             if own:
                 os.close(fd)
 
+    def write_region(self, name: str, local: torch.Tensor, region: tuple[slice, ...], fd: int) -> None:
+        """Put ``local`` = full[region] in place (a rank's shard): one write when the region is one run of
+        bytes, else one per row of a 2-D column slice (TP row-parallel weights)."""
+        shape, dtype = self.specs[name]
+        if local.dtype != dtype or tuple(local.shape) != tuple(s.stop - s.start for s in region):
+            raise ValueError(f"{name}: shard {tuple(local.shape)} {local.dtype} does not fit {region} of {shape}")
+        data = local.detach().cpu().contiguous().view(torch.uint8).numpy()
+        item = torch.empty((), dtype=dtype).element_size()
+        start, _ = self.spans[name]
+        strides = [math.prod(shape[i + 1:]) for i in range(len(shape))]
+        partial = [i for i, s in enumerate(region) if (s.start, s.stop) != (0, shape[i])]
+        # one block when every dim after the last partial one is whole and every dim before it has length 1
+        if not partial or all(region[i].stop - region[i].start == 1 for i in range(partial[-1])):
+            offset = sum(s.start * st for s, st in zip(region, strides)) * item
+            _pwrite_all(fd, memoryview(data.reshape(-1)), start + offset)
+        elif len(shape) == 2:
+            rows, cols = region
+            for i, row in enumerate(data.reshape(rows.stop - rows.start, -1)):
+                _pwrite_all(fd, memoryview(row), start + ((rows.start + i) * shape[1] + cols.start) * item)
+        else:
+            raise ValueError(f"{name}: cannot write a {len(shape)}-d shard sliced on several dims piecewise")
+
     def open(self) -> int:
         """A file descriptor for many ``write(..., fd=)`` calls; close it with ``os.close`` (after fsync)."""
         return os.open(self.path, os.O_WRONLY)
+
+
+def _pwrite_all(fd: int, view: memoryview, offset: int) -> None:
+    done = 0
+    while done < len(view):
+        done += os.pwrite(fd, view[done:], offset + done)
 
 
 def save_streaming(path: str | Path, tensors, specs: dict[str, tuple[tuple[int, ...], torch.dtype]],
