@@ -29,12 +29,13 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from vlpretrain.config import Config
 from vlpretrain.data.planner import MAX_CONSECUTIVE_BAD, Slot, StepPlan, StepPlanner  # noqa: F401 (re-exported)
 from vlpretrain.data.preprocess import resize_and_pad
-from vlpretrain.data.samples import IGNORE, EncodedSample, SampleEncoder
+from vlpretrain.data.samples import IGNORE, EncodedSample, SampleEncoder, count_labels
 from vlpretrain.data.shards import BadSample
 from vlpretrain.data.sources import Source
 from vlpretrain.data.tokenizer import TextTokenizer
@@ -157,7 +158,7 @@ class DataPipeline:
             else:
                 record = src.record(s.index)
                 sample = self.encoder.encode(record)
-            got = (len(sample.tokens), sum(1 for x in sample.labels if x != IGNORE), len(sample.images))
+            got = (len(sample.tokens), count_labels(sample.labels), len(sample.images))
             if got != (s.tokens, s.labels, s.images):
                 raise ValueError(f"reads as {got[0]} tokens, {got[1]} labels, {got[2]} images; its size index "
                                  f"says {s.tokens}, {s.labels}, {s.images} (changed since it was indexed?)")
@@ -186,10 +187,12 @@ class DataPipeline:
     def _collate(self, rows: list[list[Slot]], modality: str, counter: list[int]) -> Microbatch:
         seq, b = self.cfg.train.seq_len, len(rows)
         packed = self.cfg.data.packing
-        tokens = torch.full((b, seq), self.tok.pad_id, dtype=torch.long)
-        labels = torch.full((b, seq), IGNORE, dtype=torch.long)
-        positions = torch.zeros(b, seq, dtype=torch.long) if packed else None
-        doc_ids = torch.zeros(b, seq, dtype=torch.long) if packed else None
+        # filled as numpy arrays (a slice assignment from a list or array is one C loop; a torch tensor per
+        # sample costs more than the copy), handed to torch without a copy at the end
+        tokens = np.full((b, seq), self.tok.pad_id, dtype=np.int64)
+        labels = np.full((b, seq), IGNORE, dtype=np.int64)
+        positions = np.zeros((b, seq), dtype=np.int64) if packed else None
+        doc_ids = np.zeros((b, seq), dtype=np.int64) if packed else None
         per_row = [sum(s.images for s in row) for row in rows]
         # image steps give every microbatch an image tensor (possibly with no image) so that all ranks run
         # the vision towers; text steps give None and skip them
@@ -204,12 +207,12 @@ class DataPipeline:
                 got = self._read(s, counter)
                 n = s.tokens
                 if got is not None:
-                    tokens[r, pos:pos + n] = torch.tensor(got[0].tokens)
-                    labels[r, pos:pos + n] = torch.tensor(got[0].labels)
+                    tokens[r, pos:pos + n] = got[0].tokens
+                    labels[r, pos:pos + n] = got[0].labels
                 else:  # keep the planned layout (image placeholders, so every image count agrees), no label
                     tokens[r, pos:pos + s.images * self.encoder.image_tokens] = self.tok.image_id
                 if packed:
-                    positions[r, pos:pos + n] = torch.arange(n)
+                    positions[r, pos:pos + n] = np.arange(n)
                     doc_ids[r, pos:pos + n] = d
                 if images is not None and got is not None:
                     for j in range(s.images):
@@ -218,7 +221,10 @@ class DataPipeline:
                 k, slot, pos = k + s.images, slot + s.images, pos + n
         if not self.cfg.data.document_causal:  # plain concatenation: no position reset, full causal attention
             positions = doc_ids = None
-        return Microbatch(tokens, labels, images, positions, doc_ids)
+
+        def tensor(a: np.ndarray | None) -> torch.Tensor | None:
+            return None if a is None else torch.from_numpy(a)
+        return Microbatch(tensor(tokens), tensor(labels), images, tensor(positions), tensor(doc_ids))
 
     def build(self, plan: StepPlan | LocalPlan) -> GlobalBatch:
         """This rank's microbatches of a planned step (only its rows are read)."""

@@ -8,9 +8,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
 from vlpretrain.data.tokenizer import IMAGE, TextTokenizer
 
 IGNORE = -100
+
+
+def count_labels(labels) -> int:
+    """Supervised targets in a list or numpy array of labels."""
+    if isinstance(labels, np.ndarray):
+        return int(np.count_nonzero(labels != IGNORE))
+    return sum(1 for x in labels if x != IGNORE)
 
 
 class TokenIdError(ValueError):
@@ -20,7 +29,7 @@ class TokenIdError(ValueError):
 @dataclass
 class EncodedSample:
     tokens: list[int]  # inputs, length <= seq_len
-    labels: list[int]  # next-token targets, IGNORE where not supervised
+    labels: list[int]  # next-token targets, IGNORE where not supervised (numpy arrays for corpus chunks)
     images: list[str]  # image paths in placeholder order (only those that fit)
 
 
@@ -84,15 +93,20 @@ class SampleEncoder:
     def encode_tokens(self, tokens) -> EncodedSample:
         """A pre-tokenized corpus chunk: BOS + tokens, every next token supervised. Raises TokenIdError for an id
         outside ``[0, vocab_size)`` (it would index past the embedding table)."""
-        ids = [self.tok.bos_id] + [int(t) for t in tokens]
-        if self.vocab_size is not None and len(ids) > 1:
-            lo, hi = min(ids), max(ids)
+        toks = np.asarray(tokens, dtype=np.int64).reshape(-1)
+        if toks.size == 0:
+            raise ValueError("empty corpus chunk")
+        if self.vocab_size is not None:
+            lo, hi = int(min(toks.min(), self.tok.bos_id)), int(max(toks.max(), self.tok.bos_id))
             if lo < 0 or hi >= self.vocab_size:
                 raise TokenIdError(f"token id {hi if hi >= self.vocab_size else lo} is outside the model's "
                                    f"vocabulary (model.vocab_size={self.vocab_size})")
-        if len(ids) < 2:
-            raise ValueError("empty corpus chunk")
-        return self._truncate(ids, [True] * len(ids), [])
+        if toks.size + 1 > self.seq_len + 1:  # rare (chunks are cut to seq_len): the general path
+            ids = [self.tok.bos_id] + toks.tolist()
+            return self._truncate(ids, [True] * len(ids), [])
+        # every id is supervised: inputs are BOS + ids[:-1], targets the ids; numpy arrays, not lists (the
+        # text step's hot path: one array copy per sample instead of per-token Python objects)
+        return EncodedSample(tokens=np.concatenate(([self.tok.bos_id], toks[:-1])), labels=toks, images=[])
 
     def _truncate(self, ids: list[int], sup: list[bool], images: list[str]) -> EncodedSample:
         # inputs are ids[:-1], targets ids[1:]: keep seq_len + 1 ids, never cutting an image's run

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from vlpretrain.data.samples import IGNORE, SampleEncoder
+from vlpretrain.data.samples import SampleEncoder, count_labels
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +73,7 @@ def record_size(encoder: SampleEncoder, record: dict) -> list[int]:
         raise ValueError("'images' must be a list")
     s = encoder.encode(record)
     n = len(s.images)
-    return [len(s.tokens) - n, sum(1 for x in s.labels if x != IGNORE), n]
+    return [len(s.tokens) - n, count_labels(s.labels), n]
 
 
 def table_from_entries(entries: list) -> SizeTable:
