@@ -12,9 +12,9 @@ pays; image decoding is per first-stage rank and reported separately per image, 
 Prints a table and, last, one JSON line. "% of step" divides by ``--step-time``, the step of the 512-GPU
 layout (dp = 128); "plan only" is the global plan alone, which every rank computes (median of the steps).
 
-Last run (2 cores, one used, alone; before = b17e730): per-rank CPU s/step 6.93 -> 4.34 at dp = 1,
-5.06 -> 0.32 at dp = 16 (0.064x), 4.95 -> 0.12 at dp = 64, 4.92 -> 0.081 at dp = 128 (3.3% of the 2.48 s
-step); the plan 0.047 s (about 1 us per sample: vectorised draws, block choices, record-based first fit).
+Last run (2 cores, one used, alone; before = b17e730): per-rank CPU s/step 7.00 -> 0.86 at dp = 1,
+4.92 -> 0.10 at dp = 16 (0.021x, 4.2% of the 2.48 s step), 4.82 -> 0.066 at dp = 64, 4.77 -> 0.049 at dp = 128
+(2.0%); the plan 0.045 s of it (about 1 us per sample: vectorised draws, block choices, record-based first fit).
 """
 from __future__ import annotations
 
