@@ -25,8 +25,6 @@ setup(
         "dev": ["pytest>=8", "transformers>=4.40", "webdataset", "tensorboard", "wandb", "ruff"],
         "logging": ["wandb", "tensorboard"],
         "megatron": ["megatron-core>=0.16"],  # cross-checks our .bin/.idx reader/writer (tests/test_indexed.py)
-        # GPU-only accelerations, imported behind guards; build from source on the GPU image
-        "gpu": ["transformer-engine[pytorch]"],
     },
     entry_points={"console_scripts": ["vlpretrain=vlpretrain.cli:main"]},
 )
