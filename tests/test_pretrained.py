@@ -4,6 +4,7 @@ Every test builds its own tiny checkpoint: no network, no downloads.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 from pathlib import Path
@@ -305,7 +306,8 @@ def _timm_sam(seed: int = 4):
     m = timm.create_model("samvit_base_patch16", pretrained=False, num_classes=0, img_size=s["image_size"],
                           patch_size=s["patch_size"], embed_dim=s["width"], depth=s["depth"], num_heads=s["heads"],
                           window_size=s["window_size"], global_attn_indexes=s["global_attn_indexes"],
-                          neck_chans=s["neck_chans"])
+                          neck_chans=s["neck_chans"],
+                          norm_layer=functools.partial(torch.nn.LayerNorm, eps=1e-6))  # as SAM-B's blocks
     with torch.no_grad():  # rel_pos starts at zero in timm: make it matter
         for p in m.parameters():
             p.add_(torch.randn_like(p) * 0.02)

@@ -1,4 +1,5 @@
-"""Command line: ``vlpretrain {train, info, config show, eval}`` (also ``python -m vlpretrain``).
+"""Command line: ``vlpretrain {train, info, config show, eval, generate, plan, ckpt, report}`` (also
+``python -m vlpretrain``).
 
 Config errors print one line and exit with status 2 before any expensive work.
 """
@@ -95,6 +96,31 @@ def cmd_eval(args: argparse.Namespace, cfg: Config) -> int:
         print(json.dumps({"eval": "mcppl" if "mcppl" in result else "text", "weights": args.weights or "random-init",
                           **result.get("mcppl", {}), **({"text": result["text"]} if "text" in result else {}),
                           "eval_time_s": result["eval_time_s"]}))
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace, cfg: Config) -> int:
+    import torch
+
+    from vlpretrain.data.loader import resolve
+    from vlpretrain.data.tokenizer import TextTokenizer
+    from vlpretrain.eval.generate import generate, load_images, prompt_ids
+    from vlpretrain.models.vlm import build_model
+    from vlpretrain.train.checkpoint import load_weights
+
+    tok = TextTokenizer(resolve(cfg.data.root, cfg.data.tokenizer))
+    images = load_images(args.image, cfg.model)
+    ids = prompt_ids(tok, cfg.model, args.prompt, len(args.image), chat=not args.raw,
+                     system_prompt=cfg.data.system_prompt)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = build_model(cfg.model, device).eval()
+    load_weights(model, args.weights)
+    new = generate(model, ids, images, args.max_new_tokens, eos_id=tok.eos_id)
+    text = tok.decode([t for t in new if t != tok.eos_id])
+    if args.json:
+        print(json.dumps({"weights": args.weights, "prompt_tokens": len(ids), "new_tokens": new, "text": text}))
+    else:
+        print(text)
     return 0
 
 
@@ -220,7 +246,8 @@ def cmd_ckpt_export(args: argparse.Namespace, cfg: Config) -> int:
     weights = verified(find_weights(args.path))  # checksums first; then streamed tensor by tensor, no model
     export = export_hf_llama if args.format == "hf" else export_deepseek_vl
     tok = _export_tokenizer(args, cfg) if args.format == "deepseek-vl" else None
-    export(weights, cfg.model, args.out, **({"tokenizer": tok} if tok else {}))
+    kw = {"tokenizer": tok, "allow_nonrelease": args.allow_nonrelease} if args.format == "deepseek-vl" else {}
+    export(weights, cfg.model, args.out, **{k: v for k, v in kw.items() if v})
     print(json.dumps({"exported": args.path, "format": args.format, "out": args.out,
                       **({"tokenizer": str(tok)} if tok else {})}))
     return 0
@@ -277,6 +304,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-text", default="", help="held-out text: jsonl or .bin/.idx prefix (default: train.eval_text)")
     p.add_argument("--limit", type=int, default=None)
     p.set_defaults(func=cmd_eval)
+    p = sub.add_parser("generate", help="greedy answer of a checkpoint to a prompt (one process, KV cache)")
+    _add_config_args(p)
+    p.add_argument("--weights", required=True, help="checkpoint dir or .safetensors")
+    p.add_argument("--prompt", required=True, help="the user's message (<image_placeholder> marks place images)")
+    p.add_argument("--image", action="append", default=[], help="image file (repeatable)")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--raw", action="store_true", help="continue the prompt as plain text, not as a chat turn")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_generate)
     p = sub.add_parser("plan", help="pipeline layer split: uniform vs balance over the step mix (meta device)")
     _add_config_args(p)
     p.add_argument("--json", action="store_true")
@@ -301,6 +337,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=["hf", "deepseek-vl"], required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--tokenizer", default="", help="deepseek-vl: tokenizer.json to ship (default: data.tokenizer)")
+    p.add_argument("--allow-nonrelease", action="store_true",
+                   help="deepseek-vl: write towers their code cannot build (read back by our import only)")
     p.set_defaults(func=cmd_ckpt_export)
     p = csub.add_parser("import", help="DeepSeek-VL's released layout -> our weights checkpoint (for init_from)")
     p.add_argument("path", help="a DeepSeek-VL checkpoint directory (config.json + safetensors)")

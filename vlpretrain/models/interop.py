@@ -36,9 +36,12 @@ DeepSeek-VL layout (``../shared/DEEPSEEK_VL_FORMAT.md``, DeepSeek-VL's ``modelin
   ``model_name`` (``siglip_large_patch16_384``, ``sam_b_downsample``), which only describes the real sizes; we
   also write our whole ``model`` section under the extra top-level key ``vlpretrain_model`` (their code ignores
   it) so that sizes their config cannot express (tiny test models: tower heads, ``interp_size``, the image token
-  id) come back on import. Everything else is derived from the DeepSeek-VL fields and the tensor shapes, which is
-  what happens for the released checkpoints (no ``vlpretrain_model``): missing language fields take LlamaConfig's
-  defaults, tower heads come from the ``model_name`` tables of their code.
+  id) come back on import; ``export_deepseek_vl`` refuses such towers (``check_release_towers``) unless
+  ``allow_nonrelease`` (exports only our import reads back, for tests). A SigLIP-only model is written as the
+  released 1.3B: no ``pixel_mean`` / ``pixel_std`` in the tower params, the processor normalises (import takes
+  them from ``preprocessor_config.json`` then). Everything else is derived from the DeepSeek-VL fields and the
+  tensor shapes, which is what happens for the released checkpoints (no ``vlpretrain_model``): missing language
+  fields take LlamaConfig's defaults, tower heads come from the ``model_name`` tables of their code.
 * Their MlpProjector has one ``input_dim`` for both towers: a hybrid model whose SAM output width differs from the
   SigLIP width cannot be expressed and raises.
 
@@ -118,6 +121,15 @@ SAM_MODEL_NAMES = {
     "sam_vit_h": {"heads": 16, "window_size": 14, "global_attn_indexes": [7, 15, 23, 31]},
 }
 
+# The towers their builders make for the model names we write (siglip_vit.py create_siglip_vit, sam.py
+# create_sam_vit + ImageEncoderViT): every size is taken from the name, except the input sizes; SAM's window (14),
+# neck (256 channels) and 96x96 resize are constants of their code. Only these towers can be exported for their
+# code; anything else would load into different modules (or fail to load) there.
+RELEASE_SIGLIP = {"patch_size": 16, "width": 1024, "depth": 24, "heads": 16, "mlp_ratio": 4.0}
+RELEASE_SAM = {"image_size": 1024, "patch_size": 16, "width": 768, "depth": 12, "heads": 12, "window_size": 14,
+               "global_attn_indexes": [2, 5, 8, 11], "neck_chans": 256, "interp_size": 96,
+               "downsample_channels": [512, 1024]}
+
 # transformers' LlamaConfig defaults: the released DeepSeek-VL language_config only lists a few fields
 LLAMA_DEFAULTS = {"vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
                   "num_attention_heads": 32, "rms_norm_eps": 1e-6,
@@ -167,6 +179,22 @@ def _check_aligner_dims(cfg: ModelConfig) -> None:
                          f"width={cfg.siglip.width}, which its config cannot express")
 
 
+def check_release_towers(cfg: ModelConfig) -> None:
+    """UserError (one line, the first differing field) unless the towers are the ones DeepSeek-VL's builders make
+    from the model names an export writes (``siglip_large_patch16_384``, ``sam_b_downsample``). SigLIP's input
+    size is free for a SigLIP-only model (their builder takes it from the config); in the hybrid tower both
+    towers must give 576 tokens, so both input sizes are the released ones."""
+    want_siglip = dict(RELEASE_SIGLIP, **({"image_size": 384} if cfg.sam.enabled else {}))
+    checks = [(f"siglip.{k}", getattr(cfg.siglip, k), v, "siglip_large_patch16_384")
+              for k, v in want_siglip.items()]
+    if cfg.sam.enabled:
+        checks += [(f"sam.{k}", getattr(cfg.sam, k), v, "sam_b_downsample") for k, v in RELEASE_SAM.items()]
+    for field, got, want, name in checks:
+        if (list(got) if isinstance(got, (list, tuple)) else got) != want:
+            raise UserError(f"model.{field} = {got!r}: DeepSeek-VL's code builds {name} with {want!r} (its tower "
+                            f"sizes come from the model name), so this model cannot be exported in its format")
+
+
 def deepseek_vl_config(cfg: ModelConfig, dtype: torch.dtype | str | None = None) -> dict:
     """DeepSeek-VL's config.json for ``cfg`` (``MultiModalityCausalLM``); needs no weights."""
     _check_aligner_dims(cfg)
@@ -174,6 +202,8 @@ def deepseek_vl_config(cfg: ModelConfig, dtype: torch.dtype | str | None = None)
     low = {"model_name": "siglip_large_patch16_384", "image_size": s.image_size, "output_dim": s.width,
            "pixel_mean": list(s.mean), "pixel_std": list(s.std), "select_feature": "same", "select_layer": -1,
            "ckpt_path": ""}
+    if not cfg.sam.enabled:  # as the released 1.3B: the tower does not normalise, the processor does
+        del low["pixel_mean"], low["pixel_std"]
     if cfg.sam.enabled:
         a = cfg.sam
         high = {"model_name": "sam_b_downsample", "image_size": a.image_size, "output_dim": a.downsample_channels[-1],
@@ -457,12 +487,17 @@ def to_deepseek_vl_state(model_or_state: Source, cfg: ModelConfig) -> dict[str, 
 
 
 def export_deepseek_vl(model_or_state: Source, cfg: ModelConfig, out_dir: str | Path, shard_bytes: int = 5 << 30,
-                       dtype: torch.dtype | None = None, tokenizer: str | Path | None = None) -> Path:
+                       dtype: torch.dtype | None = None, tokenizer: str | Path | None = None,
+                       allow_nonrelease: bool = False) -> Path:
     """Write the whole model in DeepSeek-VL's released layout: config.json (``deepseek_vl_config``), the
     processor's ``preprocessor_config.json`` / ``processor_config.json`` (``deepseek_vl_processor_files``), the
     tokenizer files when ``tokenizer`` (our tokenizer.json) is given, and safetensors (sharded with an index above
     ``shard_bytes``). ``model_or_state``: a model, a state dict (our names) or our weights file / checkpoint dir.
-    Returns the directory."""
+    Towers that DeepSeek-VL's builders cannot make are refused (``check_release_towers``, before anything is read)
+    unless ``allow_nonrelease``: then only our import reads the export back (test models). Returns the
+    directory."""
+    if not allow_nonrelease:
+        check_release_towers(cfg)
     extra = deepseek_vl_processor_files(cfg, tokenizer)  # checks the tokenizer before any tensor is read
     entries = _deepseek_vl_entries(model_or_state, cfg)
     config = deepseek_vl_config(cfg, dtype or entries[DS_LLM + "model.embed_tokens.weight"].dtype)
@@ -667,13 +702,16 @@ def _count(shapes: Mapping[str, tuple], prefix: str) -> int:
     return max(idx) + 1 if idx else 0
 
 
-def deepseek_vl_model_dict(config: dict, shapes: Mapping[str, tuple[int, ...]], origin: str = "checkpoint") -> dict:
+def deepseek_vl_model_dict(config: dict, shapes: Mapping[str, tuple[int, ...]], origin: str = "checkpoint",
+                           image_processor: Mapping[str, Any] | None = None) -> dict:
     """Our ``model`` config section for a DeepSeek-VL checkpoint, from its config.json and tensor shapes.
 
     LLM sizes come from ``language_config`` (LlamaConfig defaults fill absent fields) and are checked against the
     shapes; tower sizes come from the shapes, heads (and SAM windows when the shapes are ambiguous) from the
     ``model_name`` tables or our ``vlpretrain_model`` entry when present (which also gives name, image token id,
-    init std and ``interp_size``)."""
+    init std and ``interp_size``). SigLIP's mean / std come from its tower params when it normalises, else from
+    ``image_processor`` (the directory's preprocessor_config.json: the released 1.3B normalises there; identity
+    when it does not), else SigLIP's 0.5 / 0.5."""
     def fail(msg: str):
         raise ValueError(f"{origin}: {msg}")
 
@@ -740,8 +778,7 @@ def deepseek_vl_model_dict(config: dict, shapes: Mapping[str, tuple[int, ...]], 
         fail(f"SigLIP pos_embed {shape(low + 'pos_embed')} does not fit image_size {image_size} / patch {patch}")
     siglip = {"image_size": image_size, "patch_size": patch, "width": width, "depth": depth, "heads": sig_heads,
               "mlp_ratio": shape(low + "blocks.0.mlp.fc1.weight")[0] / width if depth else 4.0,
-              "mean": [float(x) for x in low_cfg.get("pixel_mean", [0.5] * 3)],
-              "std": [float(x) for x in low_cfg.get("pixel_std", [0.5] * 3)]}
+              **_siglip_norm(low_cfg, image_processor)}
     model["siglip"] = siglip
 
     # aligner
@@ -795,6 +832,25 @@ def deepseek_vl_model_dict(config: dict, shapes: Mapping[str, tuple[int, ...]], 
     return model
 
 
+def _siglip_norm(tower: Mapping[str, Any], image_processor: Mapping[str, Any] | None) -> dict:
+    """{"mean", "std"} of the SigLIP input normalisation: the tower's own, or the processor's (see
+    ``deepseek_vl_model_dict``)."""
+    if tower.get("pixel_mean") is not None and tower.get("pixel_std") is not None:
+        mean, std = tower["pixel_mean"], tower["pixel_std"]
+    elif image_processor is None:
+        mean, std = [0.5] * 3, [0.5] * 3
+    elif image_processor.get("do_normalize", False):
+        mean, std = image_processor.get("image_mean", [0.5] * 3), image_processor.get("image_std", [0.5] * 3)
+    else:  # neither the processor nor the tower normalises: the tower sees [0, 1] pixels
+        mean, std = [0.0] * 3, [1.0] * 3
+    return {"mean": [float(x) for x in mean], "std": [float(x) for x in std]}
+
+
+def _read_image_processor(d: Path) -> dict | None:
+    f = d / PREPROCESSOR_CONFIG
+    return json.loads(f.read_text()) if f.is_file() else None
+
+
 def model_config_from_dict(model: dict) -> ModelConfig:
     """A checked ModelConfig from a ``model`` section (via ``config_from_dict``)."""
     seq = max(int(model.get("max_seq_len", 4096)), 2)
@@ -835,7 +891,7 @@ def import_deepseek_vl(path: str | Path, tokenizer_out: str | Path | None = None
     config = _read_config(d)
     src = _open_weights(d)
     shapes = {k: src.shape(k) for k in src.keys()}
-    model = deepseek_vl_model_dict(config, shapes, str(d))
+    model = deepseek_vl_model_dict(config, shapes, str(d), _read_image_processor(d))
     cfg = model_config_from_dict(model)
     check_processor_files(d, cfg, config)
     plan, _ = _plan(src, cfg, accept_hd_stub=False)
@@ -894,7 +950,7 @@ def load_deepseek_vl(model: nn.Module, path: str | Path) -> dict:
     config = _read_config(d)
     src = _open_weights(d)
     shapes = {k: src.shape(k) for k in src.keys()}
-    derived = deepseek_vl_model_dict(config, shapes, str(d))
+    derived = deepseek_vl_model_dict(config, shapes, str(d), _read_image_processor(d))
     check_hf_llm_config(_language_config(config), cfg, f"{d / 'config.json'} (language_config)")
     accept_stub = False
     if cfg.sam.enabled and not cfg.sam.hd_path and derived["sam"].get("hd_path"):

@@ -62,6 +62,25 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return x * cos + _rotate_half(x) * sin
 
 
+class KVCache:
+    """Keys and values of the positions seen so far, for one attention layer (generation, ``eval/generate.py``)."""
+
+    def __init__(self):
+        self.k: torch.Tensor | None = None
+        self.v: torch.Tensor | None = None
+
+    @property
+    def length(self) -> int:
+        return 0 if self.k is None else self.k.shape[2]
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Add (B, H_kv, S, D) keys / values; returns all of them so far."""
+        if self.k is not None:
+            k, v = torch.cat([self.k, k], dim=2), torch.cat([self.v, v], dim=2)
+        self.k, self.v = k, v
+        return k, v
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -74,22 +93,29 @@ class Attention(nn.Module):
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None,
-                mask: torch.Tensor | None = None) -> torch.Tensor:
+                mask: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
         """x (B, S, dim); positions (B, S) long rotary positions (default arange(S)); mask (B, 1, S, S) bool,
         True = may attend (see ``document_causal_mask``), or None for plain causal attention.
+        ``cache`` (generation only, with ``mask`` None): x holds the S tokens after the cached ones, which it
+        attends to as well (default positions continue after them); their keys / values are appended.
 
         x is the full sequence here even under sequence parallelism (the TP plan gathers it first), and
         positions / mask are always full length S (built once per forward from the full-length inputs), so
         nothing here depends on the block's (possibly sharded) input.
         """
         b, s, _ = x.shape
+        past = cache.length if cache is not None else 0
         if positions is None:
-            positions = torch.arange(s, device=x.device).expand(b, -1)
+            positions = torch.arange(past, past + s, device=x.device).expand(b, -1)
         cos, sin = rotary_cos_sin(positions, self.head_dim, self.rope_theta)
         q = self.wq(x).view(b, s, -1, self.head_dim).transpose(1, 2)
         k = self.wk(x).view(b, s, -1, self.head_dim).transpose(1, 2)
         v = self.wv(x).view(b, s, -1, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if cache is not None:
+            k, v = cache.append(k, v)
+            if past and mask is None:  # query i (at past + i) sees keys 0..past + i
+                mask = torch.ones(s, past + s, dtype=torch.bool, device=x.device).tril(past)[None, None]
         if self.n_rep > 1:
             k = k.repeat_interleave(self.n_rep, dim=1)
             v = v.repeat_interleave(self.n_rep, dim=1)
@@ -122,10 +148,11 @@ class DecoderBlock(nn.Module):
         self.feed_forward = FeedForward(cfg.dim, cfg.ffn_dim)
 
     def forward(self, h: torch.Tensor, positions: torch.Tensor | None = None,
-                mask: torch.Tensor | None = None) -> torch.Tensor:
+                mask: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
         # attention keeps three positional arguments (x, positions, mask): the TP/SP plan's PrepareModuleInput
-        # for it lists one layout per positional argument
-        h = h + self.attention(self.attention_norm(h), positions, mask)
+        # for it lists one layout per positional argument (``cache``, generation only, is a keyword)
+        kw = {"cache": cache} if cache is not None else {}
+        h = h + self.attention(self.attention_norm(h), positions, mask, **kw)
         return h + self.feed_forward(self.ffn_norm(h))
 
 

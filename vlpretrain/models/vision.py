@@ -5,10 +5,15 @@ the registered names with size overrides so tiny test models share the code path
 released model, the input is the 1024 image in [0, 1]; each tower normalises internally and SigLIP sees the image
 resized to 384 with antialiasing. SAM's neck output (64x64x256) is resized to 96x96 and downsampled by two
 stride-2 convs to 24x24x1024, so both towers give 576 tokens per image.
+
+LayerNorm eps follows DeepSeek-VL's modules, not timm's defaults: 1e-6 everywhere (SigLIP's blocks and final norm,
+SAM's blocks via ``partial(nn.LayerNorm, eps=1e-6)`` in their ``create_sam_vit``, SAM's neck ``LayerNorm2d``).
+timm's samvit would otherwise build its blocks with ``nn.LayerNorm``'s 1e-5.
 """
 from __future__ import annotations
 
 import copy
+import functools
 
 import timm
 import torch
@@ -16,6 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlpretrain.config import ModelConfig, SAMConfig, SigLIPConfig
+
+LAYER_NORM_EPS = 1e-6  # every LayerNorm of both towers (DeepSeek-VL's sam.py / siglip_vit.py)
 
 
 def _normalize(x: torch.Tensor, mean: list[float], std: list[float]) -> torch.Tensor:
@@ -33,7 +40,8 @@ class SigLIPTower(nn.Module):
         self.vit = timm.create_model(
             "vit_large_patch16_siglip_384", pretrained=False, num_classes=0, global_pool="",
             img_size=cfg.image_size, patch_size=cfg.patch_size, embed_dim=cfg.width, depth=cfg.depth,
-            num_heads=cfg.heads, mlp_ratio=cfg.mlp_ratio)
+            num_heads=cfg.heads, mlp_ratio=cfg.mlp_ratio,
+            norm_layer=functools.partial(nn.LayerNorm, eps=LAYER_NORM_EPS))
 
     @property
     def out_dim(self) -> int:
@@ -59,7 +67,7 @@ class SAMTower(nn.Module):
             "samvit_base_patch16", pretrained=False, num_classes=0,
             img_size=cfg.image_size, patch_size=cfg.patch_size, embed_dim=cfg.width, depth=cfg.depth,
             num_heads=cfg.heads, window_size=cfg.window_size, global_attn_indexes=list(cfg.global_attn_indexes),
-            neck_chans=cfg.neck_chans)
+            neck_chans=cfg.neck_chans, norm_layer=functools.partial(nn.LayerNorm, eps=LAYER_NORM_EPS))
         chans = [cfg.neck_chans, *cfg.downsample_channels]
         self.downsamples = nn.Sequential(*[
             nn.Conv2d(cin, cout, kernel_size=3, stride=2, padding=1, bias=False)
