@@ -234,7 +234,7 @@ def test_every_config_error_in_the_code_starts_with_config_error():
 
     # data problems raised as ConfigError ("data error: ...") by the loader; its owner is moving them to a
     # data UserError subclass: drop this entry then
-    not_yet = {"vlpretrain/data/loader.py"}
+    not_yet = {"vlpretrain/data/loader.py", "vlpretrain/data/planner.py"}  # planner: moved out of loader
     bad = []
     for path in sorted((REPO / "vlpretrain").rglob("*.py")):
         rel = path.relative_to(REPO).as_posix()

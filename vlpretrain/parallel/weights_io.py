@@ -65,7 +65,7 @@ def _writes(t: torch.Tensor, ctx: ParallelContext) -> bool:
 
 
 def write_full_weights(modules: list, ctx: ParallelContext, path: Path,
-                       metadata: dict[str, str] | None = None) -> OSError | None:
+                       metadata: dict[str, str] | None = None) -> Exception | None:
     """Collective over all ranks: the full weights of every stage into one safetensors file ``path``, each
     rank writing its own shards at their offsets (no gathering: peak memory is the rank's share). Returns this
     rank's write error (or the header's, shared by all) or None; every rank reaches the end either way, so a
@@ -108,7 +108,7 @@ def write_full_weights(modules: list, ctx: ParallelContext, path: Path,
                     else:
                         out.write_region(name, value.to_local(), region, fd)
             os.fsync(fd)
-    except OSError as e:
+    except (OSError, ValueError) as e:  # reported by every rank after the barrier, never a hang
         problem = e
     finally:
         if fd is not None:

@@ -163,7 +163,7 @@ class Checkpointer:
                 optim.update(get_optimizer_state_dict(m, opt, options=FLAT))
         return {"model": model, "optim": optim}
 
-    def save(self, step: int, train_state: dict, weights: Callable[[Path], OSError | None] | None = None) -> Path:
+    def save(self, step: int, train_state: dict, weights: Callable[[Path], Exception | None] | None = None) -> Path:
         """Collective. ``weights(path)``: a collective that writes the full weights beside the shards as
         model.safetensors (``weights_io.write_full_weights``) and returns this rank's write error or None.
         With ``async_save`` the shards are staged in memory and written in the background while training goes
