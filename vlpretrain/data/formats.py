@@ -44,7 +44,7 @@ from vlpretrain.data.shards import (IMAGE_EXTENSIONS, IMAGE_PLACEHOLDER, BadSamp
                                     decode_image, fingerprint)
 from vlpretrain.data.sizes import (SizeTable, announce, compute_entries, size_encoder, sizes_key,
                                    table_from_entries, write_json_atomic)
-from vlpretrain.data.sources import ShardSource, Source
+from vlpretrain.data.sources import ShardSource, Source, json_member
 from vlpretrain.errors import UserError
 
 LLAVA_ROLES = {"human": "User", "user": "User", "gpt": "Assistant", "assistant": "Assistant"}
@@ -159,16 +159,7 @@ def webdataset_record(reader, i: int) -> dict:
     path, key, members = reader.paths[s], entry["key"], entry["members"]
     if entry.get("error"):
         raise BadSample(entry["error"], path, key)
-    meta: dict = {}
-    if "json" in members:
-        try:
-            meta = json.loads(reader.read_member(i, "json").decode("utf-8"))
-        except (UnicodeDecodeError, ValueError) as e:
-            if isinstance(e, BadSample):
-                raise
-            raise BadSample(f"corrupt JSON member: {e}", path, key) from None
-        if not isinstance(meta, dict):
-            raise BadSample("JSON member is not an object", path, key)
+    meta: dict = json_member(reader, i, path, key) if "json" in members else {}
     names = meta.get("images")
     if not (isinstance(names, list) and names and all(isinstance(n, str) and n.lower() in members
                                                       for n in names)):

@@ -35,6 +35,19 @@ from vlpretrain.data.sizes import (SizeTable, announce, chunk_id_range, compute_
 from vlpretrain.errors import UserError
 
 
+
+def json_member(reader: ShardReader, i: int, shard, key: str) -> dict:
+    """Sample ``i``'s ``.json`` member as a dict; a corrupt or non-object one is a BadSample (skipped, counted)."""
+    try:
+        rec = json.loads(reader.read_member(i, "json").decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        if isinstance(e, BadSample):
+            raise
+        raise BadSample(f"corrupt JSON member: {e}", shard, key) from None
+    if not isinstance(rec, dict):
+        raise BadSample("JSON member is not an object", shard, key)
+    return rec
+
 class Source:
     """``len()`` samples; ``record(i)`` is the text side (dict with "text" or "conversation" and "images": one
     entry per placeholder); ``image(i, j)`` decodes image j of sample i (uint8 (3, H, W)); ``tokens(i)`` gives
@@ -134,15 +147,7 @@ class ShardSource(Source):
 
     def record(self, i: int) -> dict:
         shard, key = self.reader.locate(i)
-        try:
-            rec = json.loads(self.reader.read_member(i, "json").decode("utf-8"))
-        except (UnicodeDecodeError, ValueError) as e:
-            if isinstance(e, BadSample):
-                raise
-            raise BadSample(f"corrupt JSON member: {e}", shard, key) from None
-        if not isinstance(rec, dict):
-            raise BadSample("JSON member is not an object", shard, key)
-        return rec
+        return json_member(self.reader, i, shard, key)
 
     def image(self, i: int, j: int, record: dict) -> torch.Tensor:
         shard, key = self.reader.locate(i)
