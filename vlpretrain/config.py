@@ -134,6 +134,12 @@ class ModelConfig:
     rope_theta: float = _f(10000.0, gt=0)
     max_seq_len: int = _f(4096, ge=1)
     init_std: float = _f(0.02, gt=0)
+    # attention of packed rows (document-causal): "flex" = FlexAttention with a block mask built from the
+    # document ids (compiled; no CPU backward), "varlen" = per-document flash attention (cu_seqlens), "sdpa_mask"
+    # = SDPA with a dense (B, 1, S, S) mask; "auto" = flex on GPU, varlen on CPU. Unpacked rows: plain causal.
+    attention: Literal["auto", "flex", "varlen", "sdpa_mask"] = "auto"
+    # decoder block implementation: "torch" (models/llm.py) or "te" (transformer-engine modules, GPU only)
+    impl: Literal["torch", "te"] = "torch"
     # vision side
     siglip: SigLIPConfig = field(default_factory=SigLIPConfig)
     sam: SAMConfig = field(default_factory=SAMConfig)
@@ -180,6 +186,9 @@ class ParallelConfig:
     # bound on every process-group wait and collective, seconds (0: VLP_PG_TIMEOUT_S, else 600); a timeout
     # names the ranks that are missing
     timeout_s: float = _f(0.0, ge=0)
+    # FP8 matmuls through transformer-engine (model.impl: te, Hopper or newer): delayed or current scaling
+    fp8: bool = False
+    fp8_recipe: Literal["delayed", "current"] = "delayed"
 
 
 @dataclass
@@ -259,8 +268,10 @@ class TrainConfig:
     beta2: float = _f(0.95, ge=0, lt=1)
     eps: float = _f(1e-8, gt=0)
     grad_clip: float = _f(1.0, ge=0)  # 0 disables clipping
-    dtype: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU
-    compile: bool = False
+    # auto: bf16 on GPU, fp32 on CPU. bf16 = one policy in every layout: bf16 compute, fp32 master weights,
+    # optimizer state and gradient reduction (FSDP2's MixedPrecisionPolicy, over a 1-rank mesh at dp = 1)
+    dtype: Literal["auto", "bf16", "fp32"] = "auto"
+    compile: Union[bool, Literal["auto"]] = "auto"  # torch.compile each decoder block; auto: on GPU only
     device: Literal["auto", "cpu", "cuda"] = "auto"
     init_from: str = ""  # weights of a previous stage (checkpoint dir or .safetensors file)
     pretrained: PretrainedConfig = field(default_factory=PretrainedConfig)

@@ -38,6 +38,11 @@ def use_bf16(cfg: Config, device: torch.device) -> bool:
     return cfg.train.dtype == "bf16" or (cfg.train.dtype == "auto" and device.type == "cuda")
 
 
+def use_compile(cfg: Config, device: torch.device) -> bool:
+    """``train.compile``: auto compiles the decoder blocks on GPU only (CPU compile time exceeds its gain)."""
+    return cfg.train.compile is True or (cfg.train.compile == "auto" and device.type == "cuda")
+
+
 def parallelize_part(part: nn.Module, cfg: Config, ctx: ParallelContext) -> nn.Module:
     """Apply this layout to one model part (a pipeline stage or the whole model), torchtitan's order:
     tensor parallel (+ the image split of the first stage) -> activation checkpointing -> compile -> FSDP2 ->
@@ -49,7 +54,7 @@ def parallelize_part(part: nn.Module, cfg: Config, ctx: ParallelContext) -> nn.M
         if cfg.parallel.vision_split == "images":
             apply_vision_split(part, ctx.submesh("tp"))
     apply_activation_checkpointing(part, cfg.parallel.activation_checkpointing)
-    if cfg.train.compile:
+    if use_compile(cfg, ctx.device):
         for block in part.layers.values():
             block.compile()
     if lay.dp > 1:
