@@ -4,7 +4,7 @@ Each torchrun launch runs several layout cases (start-up dominates the cost on 2
 (tests/dist/equivalence_worker.py) measures, per rank, the loss, the gradient of every parameter the rank
 holds, the global gradient norm, and the parameters after one AdamW step, against the reference. Cases with
 ``data.packing`` feed packed rows (positions restarting per document, document-causal masks) through every
-pipeline stage.
+pipeline stage, with the varlen attention kernel against the reference's dense mask.
 
 Tolerances:
 - loss and gradient norm: 1e-6 relative (fp32 sums in a different order; observed <= 5e-7);
@@ -28,6 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "tests" / "dist" / "equivalence_worker.py"
 
 SPLIT2 = {"parallel.layer_split": [2, 2]}
+DENSE_REF = {"ref_overrides": {"model.attention": "sdpa_mask"}}
 CASES = {
     2: [
         {"name": "tp2", "overrides": {"parallel.tp": 2}},
@@ -45,9 +46,12 @@ CASES = {
         {"name": "pp2_gpipe_uneven_split", "overrides": {"parallel.pp": 2, "parallel.schedule": "gpipe",
                                                          "parallel.layer_split": [1, 3]}},
         {"name": "pp2_stage1_frozen_rank", "overrides": {"parallel.pp": 2, "train.stage": 1, **SPLIT2}},
-        {"name": "pp2_packed_rows", "overrides": {"parallel.pp": 2, "data.packing": True, **SPLIT2}},
+        # packed rows: the varlen kernel (no S x S mask) in the layout, the dense mask in the reference
+        {"name": "pp2_packed_rows", "overrides": {"parallel.pp": 2, "data.packing": True, **SPLIT2,
+                                                  "model.attention": "varlen"}, **DENSE_REF},
         {"name": "tp2_sp_packed_rows", "overrides": {"parallel.tp": 2, "parallel.sequence_parallel": True,
-                                                     "data.packing": True}},
+                                                     "data.packing": True, "model.attention": "varlen"},
+         **DENSE_REF},
         # the first stage's images split across TP ranks (the default) against the paper's recomputation
         {"name": "tp2_vision_replicate", "overrides": {"parallel.tp": 2, "parallel.vision_split": "replicate"}},
         {"name": "tp2_stage1", "overrides": {"parallel.tp": 2, "train.stage": 1}},
@@ -62,7 +66,8 @@ CASES = {
         {"name": "tp2_pp2_vpp2_sp_packed", "overrides": {"parallel.tp": 2, "parallel.pp": 2, "parallel.vpp": 2,
                                                          "parallel.schedule": "interleaved_1f1b",
                                                          "parallel.sequence_parallel": True, "data.packing": True,
-                                                         "parallel.layer_split": [0, 2, 1, 1]}},
+                                                         "parallel.layer_split": [0, 2, 1, 1],
+                                                         "model.attention": "varlen"}, **DENSE_REF},
     ],
     8: [
         {"name": "dp2_tp2_pp2_sp_1f1b", "overrides": {"parallel.dp": 2, "parallel.tp": 2, "parallel.pp": 2,

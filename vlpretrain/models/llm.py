@@ -36,21 +36,6 @@ def rotary_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> tupl
         return emb.cos(), emb.sin()
 
 
-def document_causal_mask(doc_ids: torch.Tensor) -> torch.Tensor:
-    """(B, S) document ids -> (B, 1, S, S) bool attention mask, True = may attend.
-
-    Token i attends to token j iff j <= i and doc_ids[i] == doc_ids[j]: packed documents never see each other.
-    Padding (doc id 0) attends within the padding only, which is harmless since its labels are ignored. Every
-    row keeps its diagonal, so no softmax row is empty.
-    """
-    if doc_ids.dim() != 2:
-        raise ValueError(f"doc_ids must be (B, S), got shape {tuple(doc_ids.shape)}")
-    s = doc_ids.shape[1]
-    causal = torch.ones(s, s, dtype=torch.bool, device=doc_ids.device).tril()
-    same_doc = doc_ids[:, :, None] == doc_ids[:, None, :]
-    return (same_doc & causal)[:, None]
-
-
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat([-x2, x1], dim=-1)
@@ -92,37 +77,40 @@ class Attention(nn.Module):
         self.wv = nn.Linear(cfg.dim, cfg.kv_heads * cfg.head_dim, bias=False)
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None,
-                mask: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
-        """x (B, S, dim); positions (B, S) long rotary positions (default arange(S)); mask (B, 1, S, S) bool,
-        True = may attend (see ``document_causal_mask``), or None for plain causal attention.
-        ``cache`` (generation only, with ``mask`` None): x holds the S tokens after the cached ones, which it
-        attends to as well (default positions continue after them); their keys / values are appended.
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+                mask=None, cache: KVCache | None = None) -> torch.Tensor:
+        """x (B, S, dim); ``rope`` the rotary (cos, sin) tables of the S positions, (B, S, head_dim) fp32, built
+        once per forward by the model (default: positions arange(S), after the cached ones); ``mask`` the
+        document-causal attention of packed rows (``models/attention.py``: ``attend(q, k, v)``), or None for
+        plain causal attention. ``cache`` (generation only, with ``mask`` None): x holds the S tokens after the
+        cached ones, which it attends to as well; their keys / values are appended.
 
-        x is the full sequence here even under sequence parallelism (the TP plan gathers it first), and
-        positions / mask are always full length S (built once per forward from the full-length inputs), so
-        nothing here depends on the block's (possibly sharded) input.
+        x is the full sequence here even under sequence parallelism (the TP plan gathers it first), and rope /
+        mask are always full length S (built from the full-length inputs), so nothing here depends on the
+        block's (possibly sharded) input.
         """
         b, s, _ = x.shape
         past = cache.length if cache is not None else 0
-        if positions is None:
-            positions = torch.arange(past, past + s, device=x.device).expand(b, -1)
-        cos, sin = rotary_cos_sin(positions, self.head_dim, self.rope_theta)
+        if rope is None:
+            rope = rotary_cos_sin(torch.arange(past, past + s, device=x.device).expand(b, -1), self.head_dim,
+                                  self.rope_theta)
+        cos, sin = rope
         q = self.wq(x).view(b, s, -1, self.head_dim).transpose(1, 2)
         k = self.wk(x).view(b, s, -1, self.head_dim).transpose(1, 2)
         v = self.wv(x).view(b, s, -1, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:
             k, v = cache.append(k, v)
-            if past and mask is None:  # query i (at past + i) sees keys 0..past + i
-                mask = torch.ones(s, past + s, dtype=torch.bool, device=x.device).tril(past)[None, None]
         if self.n_rep > 1:
             k = k.repeat_interleave(self.n_rep, dim=1)
             v = v.repeat_interleave(self.n_rep, dim=1)
-        if mask is None:  # fast path: plain causal attention
+        if mask is not None:  # packed rows: document-causal
+            out = mask.attend(q, k, v)
+        elif past:  # query i (at past + i) sees keys 0..past + i
+            causal = torch.ones(s, past + s, dtype=torch.bool, device=x.device).tril(past)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=causal)
+        else:  # fast path: plain causal attention
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        else:  # packed rows: document-causal (B, 1, S, S) bool mask, True = attend
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.wo(out.transpose(1, 2).reshape(b, s, -1))
 
 
@@ -147,12 +135,12 @@ class DecoderBlock(nn.Module):
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.feed_forward = FeedForward(cfg.dim, cfg.ffn_dim)
 
-    def forward(self, h: torch.Tensor, positions: torch.Tensor | None = None,
-                mask: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
-        # attention keeps three positional arguments (x, positions, mask): the TP/SP plan's PrepareModuleInput
+    def forward(self, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None, mask=None,
+                cache: KVCache | None = None) -> torch.Tensor:
+        # attention keeps three positional arguments (x, rope, mask): the TP/SP plan's PrepareModuleInput
         # for it lists one layout per positional argument (``cache``, generation only, is a keyword)
         kw = {"cache": cache} if cache is not None else {}
-        h = h + self.attention(self.attention_norm(h), positions, mask, **kw)
+        h = h + self.attention(self.attention_norm(h), rope, mask, **kw)
         return h + self.feed_forward(self.ffn_norm(h))
 
 

@@ -15,7 +15,8 @@ from torch import nn
 from vlpretrain.config import ModelConfig
 from vlpretrain.models.adaptor import VLAdaptor
 from vlpretrain.models.init import initial_values
-from vlpretrain.models.llm import DecoderBlock, OutputHead, document_causal_mask
+from vlpretrain.models.attention import document_mask
+from vlpretrain.models.llm import DecoderBlock, OutputHead, rotary_cos_sin
 from vlpretrain.models.vision import HybridVisionEncoder
 
 PARTS = ("siglip", "sam", "adaptor", "llm")
@@ -86,16 +87,23 @@ class DeepSeekVL(nn.Module):
 
         ``positions`` (B, S) long: rotary positions (default arange(S); packed rows restart at 0 per document).
         ``doc_ids`` (B, S) long: document ids of a packed row (``data/packing.py``); attention is then
-        document-causal (token i sees j iff j <= i and both are in the same document). None: plain causal
-        attention (``is_causal=True``, the unpacked fast path). The mask is built once here from the full-length
-        ``doc_ids`` and shared by every block, never from a block's (possibly sequence-sharded) input.
+        document-causal (token i sees j iff j <= i and both are in the same document), by the kernel
+        ``model.attention`` names (``models/attention.py``). None: plain causal attention (``is_causal=True``).
+        The rotary tables and the attention mask are built once here from the full-length inputs and shared by
+        every block, never from a block's (possibly sequence-sharded) input.
 
         Returns logits (B, S, V) on the last stage, hidden states otherwise.
         """
         h = self.embed(x, images) if self.embed is not None else x
-        mask = document_causal_mask(doc_ids) if doc_ids is not None else None
+        if not self.layers:
+            return self.head(h) if self.head is not None else h
+        if positions is None and self.embed is not None:  # token ids: the full length (not an SP shard)
+            positions = torch.arange(x.shape[1], device=x.device).expand(x.shape[0], -1)
+        # a later pipeline stage of unpacked rows gets no positions: each block then builds arange(S) itself
+        rope = rotary_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta) if positions is not None else None
+        mask = document_mask(doc_ids, self.cfg.attention) if doc_ids is not None else None
         for layer in self.layers.values():
-            h = layer(h, positions, mask)
+            h = layer(h, rope, mask)
         return self.head(h) if self.head is not None else h
 
 
