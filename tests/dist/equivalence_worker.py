@@ -90,9 +90,8 @@ def main() -> None:
         cfg = config_from_dict(tiny_hybrid(**case["overrides"]))
         # the reference: the same config on one process (every degree 1)
         # (``ref_overrides``: what the reference does differently, e.g. the dense-mask attention kernel)
-        ref_cfg = config_from_dict(tiny_hybrid(**{k: v for k, v in case["overrides"].items()
-                                                 if not k.startswith("parallel.")},
-                                               **case.get("ref_overrides", {})))
+        ref_over = {k: v for k, v in case["overrides"].items() if not k.startswith("parallel.")}
+        ref_cfg = config_from_dict(tiny_hybrid(**{**ref_over, **case.get("ref_overrides", {})}))
         ref = ParallelModel(ref_cfg, ParallelContext(resolve_layout(ref_cfg, 1), device, None))
         images = case.get("images", True)  # True: up to 2 images per sample, False: none, or a number
         mbs, n_labels = synthetic_microbatches(cfg, seed=case.get("data_seed", 0),
