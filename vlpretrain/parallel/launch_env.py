@@ -139,6 +139,30 @@ def pg_timeout_s(cfg_value: float | None = None) -> float:
     return float(cfg_value) if cfg_value else DEFAULT_TIMEOUT_S
 
 
+def gpu_env_defaults(cfg, device, env=None) -> dict[str, str]:
+    """NCCL settings for a GPU job, set before ``init_process_group`` only where the user has not set them;
+    returns what was set (nothing off GPU). ``env``: the environment to fill (default: this process's).
+
+    - ``TORCH_NCCL_AVOID_RECORD_STREAMS=1`` with tp > 1: TP's async collectives otherwise ``record_stream``
+      their buffers, which keeps them from the caching allocator until the comm stream catches up (memory
+      spikes); with it, NCCL stashes references and frees them when the streams sync.
+    - ``TORCH_NCCL_ASYNC_ERROR_HANDLING=3``: a collective that runs past ``parallel.timeout_s`` takes the
+      process down (the launcher then ends the job) instead of hanging. 3 (tear down without
+      ``ncclCommAbort``) is torch's own default; 1 also aborts the communicators first, which can itself hang.
+    """
+    if device.type != "cuda":
+        return {}
+    env = os.environ if env is None else env
+    want = {"TORCH_NCCL_ASYNC_ERROR_HANDLING": "3"}
+    if cfg.parallel.tp > 1:
+        want["TORCH_NCCL_AVOID_RECORD_STREAMS"] = "1"
+    done = {}
+    for k, v in want.items():
+        if k not in env and not (k == "TORCH_NCCL_ASYNC_ERROR_HANDLING" and "NCCL_ASYNC_ERROR_HANDLING" in env):
+            env[k] = done[k] = v
+    return done
+
+
 def _route_addr(peer: str, port: int) -> str:
     """This host's address on the route to ``peer`` (reachable from the other nodes; sends nothing)."""
     try:

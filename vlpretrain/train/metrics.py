@@ -8,6 +8,9 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+import torch.distributed as dist
+
 from vlpretrain.config import Config
 from vlpretrain.models.peaks import CPU_DEFAULT_PEAK, device_peak_tflops  # noqa: F401 - re-exported
 
@@ -78,6 +81,54 @@ def scalars(record: dict, prefix: str = "") -> dict[str, float]:
     return out
 
 
+GIB = float(1 << 30)
+
+
+def _cuda_peaks(device) -> tuple[float, float]:
+    return float(torch.cuda.max_memory_allocated(device)), float(torch.cuda.max_memory_reserved(device))
+
+
+def _cuda_reset(device) -> None:
+    torch.cuda.reset_peak_memory_stats(device)
+
+
+def _gather_ranks(values: list[float], device) -> list[list[float]]:
+    """Every rank's ``values`` (one small all-gather; just ours without a process group)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [values]
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    out = torch.empty(dist.get_world_size() * len(values), dtype=torch.float64, device=device)
+    dist.all_gather_into_tensor(out, t)
+    return out.view(dist.get_world_size(), len(values)).tolist()
+
+
+class PeakMemory:
+    """Peak GPU memory of every rank since the start of the current log interval, for each metrics record:
+    ``gpu_mem_allocated_gib`` / ``gpu_mem_reserved_gib`` (the largest over ranks: the one that runs out of
+    memory first; pipeline stages differ) and ``gpu_mem_rank`` (the rank with the most reserved). The peaks are
+    reset after the record of every ``log_interval``-th step. Off GPU the record gets no keys.
+    ``read`` / ``reset`` / ``gather`` replace the CUDA and collective calls (tests)."""
+
+    def __init__(self, device, log_interval: int, read=None, reset=None, gather=None):
+        self.device, self.interval = device, log_interval
+        self.on = device.type == "cuda"
+        self._read, self._reset = read or _cuda_peaks, reset or _cuda_reset
+        self._gather = gather or _gather_ranks
+        if self.on:
+            self._reset(device)  # loading weights and checkpoints is not a training step's peak
+
+    def record(self, step: int) -> dict:
+        """The keys for step ``step``'s record (called on every rank: the gather is a collective)."""
+        if not self.on:
+            return {}
+        per_rank = self._gather(list(self._read(self.device)), self.device)
+        if step % self.interval == 0:
+            self._reset(self.device)
+        worst = max(range(len(per_rank)), key=lambda r: (per_rank[r][1], per_rank[r][0]))
+        return {"gpu_mem_allocated_gib": round(max(a for a, _ in per_rank) / GIB, 3),
+                "gpu_mem_reserved_gib": round(max(r for _, r in per_rank) / GIB, 3), "gpu_mem_rank": worst}
+
+
 class MetricsLogger:
     """Writes ``<run_dir>/metrics.jsonl`` (appending, flushed per line) and prints progress on rank 0."""
 
@@ -131,7 +182,8 @@ class MetricsLogger:
             print(f"step {step}/{self.total} | {record['modality']:>10} | loss {record['loss']:.4f} | "
                   f"lr {record['lr']:.2e} | gnorm {record['grad_norm']:.3f} | "
                   f"{record['tokens_per_s']:,.0f} tok/s | mfu {100 * record['mfu']:.2f}% | "
-                  f"ETA {format_duration(eta)}", flush=True)
+                  + (f"mem {record['gpu_mem_reserved_gib']:.1f} GiB | " if "gpu_mem_reserved_gib" in record else "")
+                  + f"ETA {format_duration(eta)}", flush=True)
 
     def log_eval(self, step: int, results: dict) -> dict:
         """One line of ``<run_dir>/eval.jsonl`` (and the loggers, the console) from ``Evaluator.run``."""

@@ -24,14 +24,25 @@ def lr_multiplier(step: int, cfg: TrainConfig) -> float:
     return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def kernel_options(params: list[torch.Tensor]) -> dict[str, bool]:
+    """AdamW's kernel from where the parameters live: the fused kernel (one launch per step for every tensor;
+    DTensors too, torch >= 2.4) when all are on a GPU, else the multi-tensor ``foreach`` loop (CPU)."""
+    on_gpu = all(p.device.type == "cuda" for p in params)
+    return {"fused": True} if on_gpu else {"foreach": True}
+
+
 def build_optimizer(params: list[torch.Tensor], cfg: TrainConfig) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
     """AdamW over ``params`` (the trainable ones: frozen parameters get no optimizer state)."""
     if not params:
         raise ValueError("no trainable parameter: check train.stage / train.trainable")
-    # the multi-tensor kernels need one tensor kind: under TP without FSDP the first stage's parameters are
-    # plain tensors and the decoder's are DTensors
-    kinds = {type(p.data) for p in params}
-    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
-                            weight_decay=cfg.weight_decay, foreach=len(kinds) == 1)
+    # the multi-tensor and fused kernels need one tensor kind per call: under TP without FSDP the first stage's
+    # parameters are plain tensors and the decoder's DTensors, so each kind gets its own param group (same
+    # hyper-parameters; checkpoints key the optimizer state by parameter name, so grouping does not matter there)
+    kinds: dict[type, list[torch.Tensor]] = {}
+    for p in params:
+        kinds.setdefault(type(p.data), []).append(p)
+    opt = torch.optim.AdamW([{"params": group} for group in kinds.values()], lr=cfg.lr,
+                            betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, weight_decay=cfg.weight_decay,
+                            **kernel_options(params))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_multiplier(s, cfg))
     return opt, sched

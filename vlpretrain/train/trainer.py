@@ -32,7 +32,7 @@ from vlpretrain.train.checkpoint import find_weights, load_weights, verified
 from vlpretrain.train.checkpointer import TRAIN_STATE, Checkpointer, find_resumable
 from vlpretrain.train.integrity import check_checkpoint_room
 from vlpretrain.train import faults
-from vlpretrain.train.metrics import MetricsLogger, device_peak_tflops
+from vlpretrain.train.metrics import MetricsLogger, PeakMemory, device_peak_tflops
 from vlpretrain.train.optim import build_optimizer, lr_multiplier
 from vlpretrain.train.profiling import StepProfiler
 from vlpretrain.train.preemption import EXIT_PREEMPTED, PREEMPTED_MARKER, PREEMPTION, Deadline
@@ -148,6 +148,7 @@ def _train(cfg: Config, tokenizer, eval_paths, init_file, resume, lock: RunDirLo
     trainable = trainable_parts(cfg)
     peak = device_peak_tflops(cfg, device)
     logger = MetricsLogger(cfg, run_dir, tc.steps, is_main=ctx.is_main, resume_step=start)
+    memory = PeakMemory(device, cfg.logging.log_interval)  # GPU only: peak memory per log interval
     profiler = StepProfiler(cfg, run_dir, ctx, model)  # train.profile.steps: traces + pipeline timeline
     if ctx.is_main:
         print(f"training stage {tc.stage} ({'+'.join(trainable)}) of {cfg.model.name} on {device}: "
@@ -212,7 +213,7 @@ def _train(cfg: Config, tokenizer, eval_paths, init_file, resume, lock: RunDirLo
             "language_ratio_target": batch.language_ratio_target,
             "language_ratio_realized": batch.language_ratio_realized, "samples_digest": batch.samples_digest,
             "source_counts": batch.source_counts, "bad_samples": batch.bad_samples, "bad_images": batch.bad_images,
-            "skipped_samples": sum(data_state["bad_total"].values()),
+            "skipped_samples": sum(data_state["bad_total"].values()), **memory.record(step),
         })
         if not math.isfinite(loss):
             raise FloatingPointError(f"loss is {loss} at step {step}")
