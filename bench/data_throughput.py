@@ -14,8 +14,11 @@ input as the model does (antialiased bilinear resize of that tensor to ``--low``
   ``Image.resize(BICUBIC)``, ``expand2square`` with ``Image.new``/``paste``, to tensor: what the official
   ``VLMImageProcessor`` does.
 
-Each configuration uses persistent workers: one warm-up epoch over all samples, then ``--repeats`` timed epochs;
-the median epoch gives samples/s. Every configuration runs in this one process, on the same shards.
+Per worker count, both loaders (persistent workers) live side by side and ``bench/_ab.py`` runs their epochs
+interleaved (ours, webdataset+PIL, ours, ...): ``--warmup`` untimed epochs each, then ``--repeats`` timed ones;
+every epoch of either is all the samples (checked). Reported: samples/s per pipeline, median and min-max over
+the epochs, and the ratio ours / webdataset+PIL (the goal: >= 2.0). Everything runs in this one process, on the
+same shards; the last line is one JSON object (headline: the last worker count).
 """
 from __future__ import annotations
 
@@ -36,6 +39,9 @@ import torch.nn.functional as F
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import _ab  # noqa: E402
 
 from vlpretrain.data.preprocess import CLIP_MEAN, background_color, preprocess_image  # noqa: E402
 from vlpretrain.data.shards import ShardReader, ShardWriter, decode_image, expand_shards  # noqa: E402
@@ -138,17 +144,11 @@ def _collate(items):
 # ----------------------------------------------------------------------------- timing
 
 
-def run(name: str, dataset, workers: int, repeats: int, expected: int, shuffle: bool) -> dict:
-    kwargs = dict(batch_size=BATCH, num_workers=workers, collate_fn=_collate, persistent_workers=workers > 0,
-                  prefetch_factor=2 if workers > 0 else None)
-    if shuffle:
-        kwargs.update(shuffle=True, generator=torch.Generator().manual_seed(0))
-    cpu0, wall0 = _cpu_seconds(), time.perf_counter()
-    loader = torch.utils.data.DataLoader(dataset, **kwargs)
-    times, counts = [], []
-    for epoch in range(repeats + 1):  # epoch 0: warm-up (worker start, page cache, allocator)
+def epoch_fn(name: str, loader, expected: int):
+    """One epoch over the loader: samples/s, after checking the sample count and the tensor shapes."""
+    def epoch() -> dict:
         t0 = time.perf_counter()
-        n = 0
+        n, hi, lo = 0, None, None
         for hi, lo in loader:
             n += hi.shape[0]
         dt = time.perf_counter() - t0
@@ -156,14 +156,29 @@ def run(name: str, dataset, workers: int, repeats: int, expected: int, shuffle: 
             raise RuntimeError(f"{name}: epoch gave {n} samples, expected {expected}")
         if hi.shape[1:] != (3, args.size, args.size) or (args.low > 0 and lo.shape[1:] != (3, args.low, args.low)):
             raise RuntimeError(f"{name}: unexpected shapes {tuple(hi.shape)} {tuple(lo.shape)}")
-        if epoch:
-            times.append(dt)
-            counts.append(n)
-    del hi, lo, loader  # shuts the workers down (joined: their CPU time lands in RUSAGE_CHILDREN)
+        return {"samples_per_s": n / dt, "epoch_s": dt}
+    return epoch
+
+
+def make_loader(dataset, workers: int, shuffle: bool):
+    kwargs = dict(batch_size=BATCH, num_workers=workers, collate_fn=_collate, persistent_workers=workers > 0,
+                  prefetch_factor=2 if workers > 0 else None)
+    if shuffle:
+        kwargs.update(shuffle=True, generator=torch.Generator().manual_seed(0))
+    return torch.utils.data.DataLoader(dataset, **kwargs)
+
+
+def run_setting(shards: list[Path], workers: int, repeats: int, warmup: int, expected: int) -> tuple[dict, float]:
+    """Ours and webdataset+PIL with ``workers`` persistent workers each, epochs interleaved (ours, wds, ours,
+    wds ...) after ``warmup`` untimed epochs each (worker start, page cache, allocator). Also returns the CPU
+    cores used over the whole setting (both loaders' workers, counted once they are joined)."""
+    cpu0, wall0 = _cpu_seconds(), time.perf_counter()
+    loaders = {"ours": make_loader(OursDataset(shards, args.size, args.low), workers, True),
+               "wds_pil": make_loader(wds_dataset(shards, args.size, args.low), workers, False)}
+    res = _ab.interleave({name: epoch_fn(name, ld, expected) for name, ld in loaders.items()}, repeats, warmup)
+    del loaders  # shuts the workers down (joined: their CPU time lands in RUSAGE_CHILDREN)
     gc.collect()
-    cores = (_cpu_seconds() - cpu0) / (time.perf_counter() - wall0)
-    rates = [c / t for c, t in zip(counts, times)]
-    return {"name": name, "workers": workers, "rate": statistics.median(rates), "rates": rates, "cores": cores}
+    return res, (_cpu_seconds() - cpu0) / (time.perf_counter() - wall0)
 
 
 def _cpu_seconds() -> float:
@@ -208,7 +223,7 @@ def main(argv=None) -> int:
     p.add_argument("--per-shard", type=int, default=16, help="samples per shard (webdataset splits shards "
                                                              "across workers)")
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
-    p.add_argument("--repeats", type=int, default=3, help="timed epochs per configuration (median)")
+    _ab.add_args(p, repeats=3, warmup=1)  # timed / untimed epochs per pipeline, interleaved
     p.add_argument("--size", type=int, default=1024, help="SAM input side")
     p.add_argument("--low", type=int, default=384, help="SigLIP input side (derived from the --size tensor; 0: leave "
                                                              "that resize out)")
@@ -225,40 +240,32 @@ def main(argv=None) -> int:
               f"webdataset {webdataset.__version__}, Pillow {Image.__version__}")
         low = f" -> bilinear antialiased {args.low}" if args.low > 0 else ""
         print(f"work per sample: decode -> bicubic longer side {args.size} -> pad (mean colour) -> [0,1] float"
-              f"{low}; batch {BATCH}; {args.repeats} timed epochs after 1 warm-up, "
-              f"median")
+              f"{low}; batch {BATCH}; epochs of ours and webdataset+PIL interleaved, {args.warmup} warm-up + "
+              f"{args.repeats} timed each; median (min-max)")
         a, b = per_sample_ms(shards, args.size, args.low)
         print(f"  in-process, 1 thread, per sample (no collation): ours {a:.1f} ms | webdataset+PIL map {b:.1f} ms "
               f"| ratio {b / a:.2f}x", flush=True)
-        results = {}
+        records = []
         for k in args.workers:
-            for name, ds, shuffle in (("ours", OursDataset(shards, args.size, args.low), True),
-                                      ("webdataset+PIL", wds_dataset(shards, args.size, args.low), False)):
-                if name != "ours" and len(shards) < k:
-                    print(f"  (webdataset with {k} workers needs >= {k} shards; have {len(shards)})")
-                r = run(name, ds, k, args.repeats, args.samples, shuffle)
-                results[(name, k)] = r
-                print(f"  {name:>15s} {k} worker{'s' if k > 1 else ' '}: {r['rate']:7.1f} samples/s  "
-                      f"(epochs: {', '.join(f'{x:.1f}' for x in r['rates'])}; CPU cores used {r['cores']:.2f})",
-                      flush=True)
+            if len(shards) < k:
+                print(f"  (webdataset with {k} workers needs >= {k} shards; have {len(shards)})")
+            res, cores = run_setting(shards, k, args.repeats, args.warmup, args.samples)
+            print(f"\n{k} worker{'s' if k > 1 else ''} each (every epoch of both: the same {args.samples} samples; "
+                  f"CPU cores used {cores:.2f}):")
+            print(_ab.table(res, ["samples_per_s", "epoch_s"]))
+            rec = _ab.record("data_throughput", {"workers": k}, res, "ours", "wds_pil", "samples_per_s", goal=2.0,
+                             size=args.size, low=args.low, samples=args.samples, cores=round(cores, 2))
+            print(_ab.ratio_line(rec), flush=True)
+            records.append(rec)
 
-    print()
-    print("| workers | ours (samples/s) | webdataset+PIL (samples/s) | ratio |")
-    print("|---|---|---|---|")
-    for k in args.workers:
-        a, b = results[("ours", k)]["rate"], results[("webdataset+PIL", k)]["rate"]
-        print(f"| {k} | {a:.1f} | {b:.1f} | {a / b:.2f}x |")
-    for k in args.workers:
-        a, b = results[("ours", k)]["rate"], results[("webdataset+PIL", k)]["rate"]
-        print(f"ours {k} worker{'s' if k > 1 else ''}: {a:.1f} samples/s | webdataset+PIL {k} "
-              f"worker{'s' if k > 1 else ''}: {b:.1f} samples/s | ratio {a / b:.2f}x")
     if len(args.workers) > 1:
-        k0, k1 = args.workers[0], args.workers[-1]
-        for name in ("ours", "webdataset+PIL"):
-            s = results[(name, k1)]["rate"] / results[(name, k0)]["rate"]
-            print(f"{name}: {k1} vs {k0} workers: {s:.2f}x")
-    print(f"total {time.perf_counter() - t_start:.1f} s (CPU cores used well below workers + 1 means other load "
+        k0, k1 = records[0], records[-1]
+        for name in ("ours", "wds_pil"):
+            s = k1[f"{name}_median"] / k0[f"{name}_median"]
+            print(f"{name}: {k1['workers']} vs {k0['workers']} workers: {s:.2f}x")
+    print(f"total {time.perf_counter() - t_start:.1f} s (CPU cores used well below 2 x workers + 1 means other load "
           f"on the machine: the worker-scaling numbers are then not meaningful)")
+    _ab.emit(records)
     return 0
 
 
