@@ -30,6 +30,10 @@ time; ``busy`` is the step time of a machine with one core per rank, rebuilt fro
 pp ranks on fewer cores the wall time of a balanced split is bounded by the total work / cores, which no
 split changes; ``busy`` is what pp devices would see.
 
+The last line is one JSON object (``bench/_ab.py``), headline pp = 2: ``ratio`` is the mix-aware split's
+(``auto``'s) wall steps/s over the uniform split's, median over repeats, with the per-repeat min-max (the
+splits of a repeat run back to back); every pp's record under ``settings``.
+
     python bench/pipeline_balance.py [--repeats 3] [--pp 2 4]
 """
 from __future__ import annotations
@@ -45,6 +49,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import _ab  # noqa: E402
 
 MODEL = {  # heavy vision side; head ~ 2.8 decoder layers (vocab 4096 x dim 96); 8 layers: pp=4 has 2 per rank
     "name": "tiny-heavy-vision", "vocab_size": 4096, "dim": 96, "n_layers": 8, "n_heads": 4, "ffn_dim": 256,
@@ -185,10 +192,6 @@ def launch(pp: int, splits: dict, repeats: int, tmp: Path) -> list[dict]:
     return sorted((json.loads(p.read_text()) for p in run.glob("rank*.json")), key=lambda r: r["pp_rank"])
 
 
-def summarise(values: list[float]) -> dict:
-    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
-
-
 def analyse(pp: int, plan: dict, ranks: list[dict]) -> dict:
     n_mb = plan["n_mb"]
     fill = (n_mb + pp - 1) / n_mb
@@ -201,7 +204,7 @@ def analyse(pp: int, plan: dict, ranks: list[dict]) -> dict:
         # per rank: median over repeats of its mean CPU time on text / multimodal steps
         rank_busy = {kind: [statistics.median(statistics.mean(x for x, k in zip(rep, ORDER) if k == kind)
                                               for rep in r["busy"][name]) for r in ranks] for kind in "TM"}
-        res[name] = {"split": plan["splits"][name], "wall": summarise(wall), "busy": summarise(busy),
+        res[name] = {"wall_list": wall, "busy_list": busy, "split": plan["splits"][name], "wall": _ab.summarize(wall), "busy": _ab.summarize(busy),
                      "rank_busy": rank_busy}
     for what in ("wall", "busy"):
         calib = res["uniform"][what]["median"] / plan["pred"]["uniform"]["expected"]
@@ -226,20 +229,31 @@ def report(pp: int, plan: dict, res: dict) -> dict:
             ranks = " ".join(f"{x:.3f}" for x in r["rank_busy"]["T" if what == "wall" else "M"])
             print(f"  {head}{what:<6}{s['median']:>9.3f} ({s['min']:.3f}-{s['max']:.3f})"
                   f"{r[what + '_pred']:>11.3f}{r[what + '_err'] * 100:>+7.1f}%   {ranks}")
-    out: dict = {"splits": {n: res[n]["split"] for n in SPLITS}}
-    for what in ("wall", "busy"):
-        m = {n: res[n][what]["median"] for n in SPLITS}
+    # the harness's view: per split and repeat, steps/s (wall) and steps/s of one core per rank (busy)
+    per = {n: [{"steps_per_s": 1 / w, "busy_steps_per_s": 1 / b} for w, b in zip(res[n]["wall_list"],
+                                                                              res[n]["busy_list"])] for n in SPLITS}
+    got = {}
+    for what, key in (("wall", "steps_per_s"), ("busy", "busy_steps_per_s")):
         # ratios > 1: the mix-aware split is faster
-        r = {"mix_vs_uniform": round(m["uniform"] / m["mix"], 3), "mix_vs_mm_only": round(m["mm_only"] / m["mix"], 3),
+        vs_u = _ab.compare(_ab.column(per, "mix", key), _ab.column(per, "uniform", key))
+        vs_m = _ab.compare(_ab.column(per, "mix", key), _ab.column(per, "mm_only", key))
+        r = {"mix_vs_uniform": round(vs_u["ratio"], 3), "mix_vs_mm_only": round(vs_m["ratio"], 3),
+             "mix_vs_mm_only_min": round(vs_m["ratio_min"], 3), "mix_vs_mm_only_max": round(vs_m["ratio_max"], 3),
              "pred_err": round(max(abs(res[n][what + "_err"]) for n in SPLITS), 3)}
         r["goal_met"] = r["mix_vs_uniform"] >= 1 and r["mix_vs_mm_only"] >= 1 and r["pred_err"] <= 0.15
-        print(f"  {what}: uniform / mix = {r['mix_vs_uniform']:.3f}, mm_only / mix = {r['mix_vs_mm_only']:.3f}, "
-              f"largest prediction error {r['pred_err'] * 100:.1f}%")
-        if what == "wall":  # the real measurement on top, the one-core-per-rank rebuild beside it
-            out.update(r)
-        else:
-            out["busy"] = r
-    return out
+        print(f"  {what}: uniform / mix = {r['mix_vs_uniform']:.3f} (per-repeat {vs_u['ratio_min']:.3f}-"
+              f"{vs_u['ratio_max']:.3f}), mm_only / mix = {r['mix_vs_mm_only']:.3f} (per-repeat "
+              f"{vs_m['ratio_min']:.3f}-{vs_m['ratio_max']:.3f}), largest prediction error {r['pred_err'] * 100:.1f}%")
+        got[what] = r
+    # headline ("ratio"): the real (wall) steps/s of the mix-aware split ("auto") over the uniform one; the
+    # one-core-per-rank rebuild under "busy"
+    wall = got["wall"]
+    rec = _ab.record("pipeline_balance", {"pp": pp}, per, "mix", "uniform", "steps_per_s", goal=1.0,
+                     mix_vs_mm_only=wall["mix_vs_mm_only"], mix_vs_mm_only_min=wall["mix_vs_mm_only_min"],
+                     mix_vs_mm_only_max=wall["mix_vs_mm_only_max"], pred_err=wall["pred_err"],
+                     all_goals_met=wall["goal_met"], splits={n: res[n]["split"] for n in SPLITS}, busy=got["busy"])
+    print("  " + _ab.ratio_line(rec))
+    return rec
 
 
 def main() -> None:
@@ -249,13 +263,14 @@ def main() -> None:
     ap.add_argument("--costs", choices=["measured", "flops"], default="measured",
                     help="part costs the splits and predictions use (measured here, or the FLOP model)")
     args = ap.parse_args()
-    summary = {"bench": "pipeline_balance", "repeats": args.repeats, "cores": os.cpu_count(), "costs": args.costs}
+    records = []
     with tempfile.TemporaryDirectory() as d:
         for pp in args.pp:
             plan = plan_splits(pp, args.costs)
             ranks = launch(pp, plan["splits"], args.repeats, Path(d))
-            summary[f"pp{pp}"] = report(pp, plan, analyse(pp, plan, ranks))
-    print(json.dumps(summary))
+            records.append(report(pp, plan, analyse(pp, plan, ranks)) | {"cores": os.cpu_count(), "costs": args.costs})
+    # headline: pp = 2 when run (the README's and the issue's setting)
+    _ab.emit(records, headline=next((i for i, r in enumerate(records) if r["pp"] == 2), 0))
 
 
 if __name__ == "__main__":
