@@ -95,7 +95,7 @@ def measure(step_fn: Callable[[Step], float], warm: list[Step], steps: list[Step
         torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
     for s in warm:
-        out["loss_first"] = round(float(step_fn(s)), 4)
+        out["loss_warmup_last"] = round(float(step_fn(s)), 4)
     sync(device)
     out["warmup_s"] = round(time.perf_counter() - t0, 2)
     graphs0 = _compiled_graphs()
