@@ -50,7 +50,9 @@ class SigLIPTower(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if images.shape[-1] != self.cfg.image_size or images.shape[-2] != self.cfg.image_size:
             size = (self.cfg.image_size, self.cfg.image_size)
-            images = F.interpolate(images, size=size, mode="bilinear", align_corners=False, antialias=True)
+            # in fp32: CPU has no bf16 antialiased resize, and the resize should not round twice
+            images = F.interpolate(images.float(), size=size, mode="bilinear", align_corners=False,
+                                   antialias=True).to(images.dtype)
         return self.vit.forward_features(_normalize(images, self.cfg.mean, self.cfg.std))
 
 

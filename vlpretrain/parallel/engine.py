@@ -17,7 +17,7 @@ from torch.distributed.tensor.parallel import loss_parallel
 from vlpretrain.config import Config, trainable_parts
 from vlpretrain.models.init import initial_values
 from vlpretrain.models.vlm import build_model, set_trainable
-from vlpretrain.parallel.fsdp import apply_activation_checkpointing, apply_fsdp
+from vlpretrain.parallel.fsdp import apply_activation_checkpointing, apply_fsdp, prepare_unsharded_params
 from vlpretrain.parallel.mesh import ParallelContext
 from vlpretrain.parallel.pipeline import PackedStage, build_schedule, cut_stage, run_microbatches, stage_specs
 from vlpretrain.parallel.tensor import apply_tensor_parallel
@@ -36,6 +36,13 @@ def copy_full_(param: torch.Tensor, full: torch.Tensor) -> None:
 
 def use_bf16(cfg: Config, device: torch.device) -> bool:
     return cfg.train.dtype == "bf16" or (cfg.train.dtype == "auto" and device.type == "cuda")
+
+
+def uses_fsdp(cfg: Config, ctx: ParallelContext) -> bool:
+    """FSDP2 wraps the model at dp > 1 and, for bf16, at dp = 1 too (over a 1-rank mesh): its mixed-precision
+    policy (bf16 parameters in compute, fp32 master weights and optimizer state, fp32 gradient reduction) is the
+    one bf16 policy of every layout, so numerics do not change with dp or across a resume at another dp."""
+    return ctx.layout.dp > 1 or use_bf16(cfg, ctx.device)
 
 
 def use_compile(cfg: Config, device: torch.device) -> bool:
@@ -57,13 +64,15 @@ def parallelize_part(part: nn.Module, cfg: Config, ctx: ParallelContext) -> nn.M
     if use_compile(cfg, ctx.device):
         for block in part.layers.values():
             block.compile()
-    if lay.dp > 1:
+    if uses_fsdp(cfg, ctx):
         param_dtype = torch.bfloat16 if use_bf16(cfg, ctx.device) else None
-        apply_fsdp(part, ctx.submesh("dp"), cfg.parallel.fsdp_reshard_after_forward, param_dtype)
+        apply_fsdp(part, ctx.fsdp_mesh(), cfg.parallel.fsdp_reshard_after_forward, param_dtype)
     part.to_empty(device=ctx.device)
     with torch.no_grad():
         for _, p, value in initial_values(part, cfg.model, cfg.train.seed):
             copy_full_(p, value)
+    if uses_fsdp(cfg, ctx):
+        prepare_unsharded_params(part)
     return part.train()
 
 
@@ -91,9 +100,7 @@ class ParallelModel:
                                            ctx.submesh("pp").get_group(), cfg.parallel.schedule, n_mb,
                                            summed_text_loss, wrap=PackedStage if self.packed else None)
         self._scoring = None  # the forward-only schedule of ``score_rows``, built on first use
-        # bf16 autocast only when FSDP does not already cast parameters (its mixed-precision policy)
-        self.autocast = (torch.autocast(ctx.device.type, dtype=torch.bfloat16)
-                         if use_bf16(cfg, ctx.device) and lay.dp == 1 else contextlib.nullcontext())
+        self.fsdp = uses_fsdp(cfg, ctx)
 
     # ---- parameters
 
@@ -120,9 +127,9 @@ class ParallelModel:
         if self.schedule is None:
             model = self.modules[0]
             for i, mb in enumerate(microbatches):
-                if self.ctx.layout.dp > 1:  # reduce-scatter gradients once, after the last microbatch
+                if self.fsdp:  # reduce-scatter gradients once, after the last microbatch
                     model.set_requires_gradient_sync(i == len(microbatches) - 1)
-                with self.autocast, self._loss_context():
+                with self._loss_context():
                     logits = model(mb.tokens.to(dev), _to(images[i], dev), _to(mb.positions, dev),
                                    _to(mb.doc_ids, dev))
                     loss = summed_text_loss(logits, mb.labels.to(dev))
@@ -141,7 +148,7 @@ class ParallelModel:
             losses: list[torch.Tensor] = []
             if self.has_last:
                 target_mbs = [mb.labels.to(dev) for mb in microbatches]
-            with self.autocast, self._loss_context():
+            with self._loss_context():
                 run_microbatches(self.schedule, arg_mbs, kwarg_mbs, target_mbs, losses)
             for loss in losses:
                 total += _plain(loss.detach())
@@ -171,7 +178,7 @@ class ParallelModel:
         for m in self.modules:
             m.eval()
         try:
-            with self.autocast, self._loss_context():
+            with self._loss_context():
                 if self.schedule is None:
                     scores = torch.cat([row_scores(self.modules[0](mb.tokens.to(dev), _to(imgs, dev)),
                                                    mb.labels.to(dev)) for mb, imgs in zip(microbatches, images)])

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
 # matmul-like ops whose outputs selective checkpointing keeps; everything else (norms, activations,
@@ -58,3 +58,16 @@ def apply_fsdp(stage: nn.Module, dp_mesh: DeviceMesh, reshard_after_forward: boo
         # the head's backward follows its forward at once: keep it gathered in between
         fully_shard(stage.head, reshard_after_forward=False, **kw)
     fully_shard(stage, reshard_after_forward=reshard_after_forward, **kw)
+
+
+def prepare_unsharded_params(stage: nn.Module) -> None:
+    """Gather and free every FSDP unit's parameters once, so each has its unsharded parameter object.
+
+    Under a mixed-precision policy, torch (2.11 - 2.14) fails at the end of a backward without gradient sync
+    (gradient accumulation, pipeline microbatches) for a unit that never ran forward, e.g. the vision towers
+    on an all-text step: it reads the unsharded parameter, which is only created by the first gather.
+    """
+    for module in stage.modules():
+        if isinstance(module, FSDPModule):
+            module.unshard()
+            module.reshard()

@@ -7,7 +7,7 @@ ranks (the same node on GPU clusters).
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 
 import torch
@@ -16,7 +16,7 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from vlpretrain.config import Config, ConfigError
 from vlpretrain.parallel.balance_mix import resolve_layer_split
-from vlpretrain.parallel.launch_env import apply_launch_env, pg_timeout_s, process_group_store
+from vlpretrain.parallel.launch_env import apply_launch_env, gpu_env_defaults, pg_timeout_s, process_group_store
 from vlpretrain.parallel.stages import microbatch_problem, stages_of_rank
 
 
@@ -82,6 +82,7 @@ class ParallelContext:
     layout: Layout
     device: torch.device
     mesh: DeviceMesh | None  # None on a single process: every degree is 1 and no collective runs
+    _own_dp_mesh: DeviceMesh | None = field(default=None, repr=False)
 
     def _local(self, dim: str) -> int:
         return self.mesh[dim].get_local_rank() if self.mesh is not None else 0
@@ -109,6 +110,20 @@ class ParallelContext:
     def submesh(self, dim: str) -> DeviceMesh | None:
         return self.mesh[dim] if self.mesh is not None else None
 
+    def fsdp_mesh(self) -> DeviceMesh:
+        """The mesh FSDP2 shards over: the dp dimension, or on a single process a 1-rank mesh (so that bf16's
+        mixed-precision policy is FSDP's in every layout). Inside a job of several processes that all build a
+        single-process model (tests' references), each rank gets its own 1-rank mesh, built collectively."""
+        if self.mesh is not None:
+            return self.mesh["dp"]
+        if self._own_dp_mesh is None:
+            if not dist.is_initialized():
+                backend = "nccl" if self.device.type == "cuda" else "gloo"
+                dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+            self._own_dp_mesh = init_device_mesh(self.device.type, (dist.get_world_size(), 1),
+                                                 mesh_dim_names=("replica", "dp"))["dp"]
+        return self._own_dp_mesh
+
 
 def world_size_from_env() -> int:
     """The job's process count, from torchrun's variables or (when RANK is absent) an srun step's, which are
@@ -128,6 +143,7 @@ def init_parallel(cfg: Config, device: torch.device, mix=None) -> ParallelContex
     if not dist.is_initialized():
         timeout_s = pg_timeout_s(cfg.parallel.timeout_s)
         backend = "nccl" if device.type == "cuda" else "gloo"
+        gpu_env_defaults(cfg, device)  # NCCL settings read at process-group start
         if device.type == "cuda":
             torch.cuda.set_device(device)
         store = process_group_store(timeout_s)
