@@ -590,3 +590,12 @@ def validate(cfg: Config) -> None:
     _problem(schedule_problem(p.schedule, p.pp, p.vpp))  # the schedule table (parallel/stages.py)
     if isinstance(p.dp, int):  # (dp: auto is checked with the world size, by mesh.resolve_layout)
         _problem(microbatch_problem(t.global_batch_size, t.micro_batch_size, p.dp, p.pp, p.vpp, p.schedule))
+    # transformer-engine (models/te.py): FP8 runs through it; it composes with dp (FSDP2) and pp, not with our TP
+    _check(not p.fp8 or m.impl == "te", "parallel.fp8", "FP8 runs through transformer-engine: set model.impl=te")
+    _check(m.impl != "te" or p.tp == 1, "parallel.tp",
+           f"model.impl=te needs tp=1, got {p.tp}: our TP shards nn.Linear weights as DTensors, and TE's own TP "
+           "groups would leave plain local shards that DCP cannot reshard on a layout-change resume; use dp/pp, "
+           "or model.impl=torch")
+    _check(not p.fp8 or all(n % 16 == 0 for n in (m.dim, m.ffn_dim, m.kv_heads * m.head_dim)), "parallel.fp8",
+           f"FP8 GEMMs need model.dim, model.ffn_dim and the kv width divisible by 16, got {m.dim}, {m.ffn_dim}, "
+           f"{m.kv_heads * m.head_dim}")
