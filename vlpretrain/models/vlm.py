@@ -17,6 +17,7 @@ from vlpretrain.models.adaptor import VLAdaptor
 from vlpretrain.models.init import initial_values
 from vlpretrain.models.attention import document_mask
 from vlpretrain.models.llm import DecoderBlock, OutputHead, rotary_cos_sin
+from vlpretrain.models.te import TEDecoderBlock, require_te
 from vlpretrain.models.vision import HybridVisionEncoder
 
 PARTS = ("siglip", "sam", "adaptor", "llm")
@@ -78,7 +79,10 @@ class DeepSeekVL(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.embed: VisionLanguageEmbedding | None = VisionLanguageEmbedding(cfg)
-        self.layers = nn.ModuleDict({str(i): DecoderBlock(cfg) for i in range(cfg.n_layers)})
+        if cfg.impl == "te":  # transformer-engine blocks, the same parameter names (models/te.py)
+            require_te()
+        block = TEDecoderBlock if cfg.impl == "te" else DecoderBlock
+        self.layers = nn.ModuleDict({str(i): block(cfg) for i in range(cfg.n_layers)})
         self.head: OutputHead | None = OutputHead(cfg)
 
     def forward(self, x: torch.Tensor, images: torch.Tensor | None = None,
@@ -101,7 +105,9 @@ class DeepSeekVL(nn.Module):
             positions = torch.arange(x.shape[1], device=x.device).expand(x.shape[0], -1)
         # a later pipeline stage of unpacked rows gets no positions: each block then builds arange(S) itself
         rope = rotary_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta) if positions is not None else None
-        mask = document_mask(doc_ids, self.cfg.attention) if doc_ids is not None else None
+        # TE blocks take packed rows as cu_seqlens (its fused "thd" kernel): the varlen mask carries them
+        kind = "varlen" if self.cfg.impl == "te" else self.cfg.attention
+        mask = document_mask(doc_ids, kind) if doc_ids is not None else None
         for layer in self.layers.values():
             h = layer(h, rope, mask)
         return self.head(h) if self.head is not None else h

@@ -16,6 +16,7 @@ from torch.distributed.tensor.parallel import loss_parallel
 
 from vlpretrain.config import Config, trainable_parts
 from vlpretrain.models.init import initial_values
+from vlpretrain.models.te import enable_fp8
 from vlpretrain.models.vlm import build_model, set_trainable
 from vlpretrain.parallel.fsdp import apply_activation_checkpointing, apply_fsdp, prepare_unsharded_params
 from vlpretrain.parallel.mesh import ParallelContext
@@ -47,7 +48,9 @@ def uses_fsdp(cfg: Config, ctx: ParallelContext) -> bool:
 
 def use_compile(cfg: Config, device: torch.device) -> bool:
     """``train.compile``: auto compiles the decoder blocks on GPU only (CPU compile time exceeds its gain)."""
-    return cfg.train.compile is True or (cfg.train.compile == "auto" and device.type == "cuda")
+    # auto leaves transformer-engine blocks eager: their fused kernels are what they bring
+    return cfg.train.compile is True or (cfg.train.compile == "auto" and device.type == "cuda"
+                                         and cfg.model.impl == "torch")
 
 
 def parallelize_part(part: nn.Module, cfg: Config, ctx: ParallelContext) -> nn.Module:
@@ -73,6 +76,8 @@ def parallelize_part(part: nn.Module, cfg: Config, ctx: ParallelContext) -> nn.M
             copy_full_(p, value)
     if uses_fsdp(cfg, ctx):
         prepare_unsharded_params(part)
+    # FP8 (TE blocks): one autocast region per block forward, scaling statistics reduced over dp
+    enable_fp8(part, cfg, ctx.submesh("dp").get_group() if lay.dp > 1 else None)
     return part.train()
 
 
