@@ -3,16 +3,18 @@
     python bench/data_throughput.py [--samples 128] [--workers 1 2] [--repeats 3] [--size 1024] [--low 384]
 
 Makes a synthetic shard set first (photo-like 640x480 JPEGs, written with ShardWriter into a temp dir), so it needs
-nothing else. Both pipelines do the same work per sample: decode the JPEG, resize the longer side to ``--size``
-with antialiased bicubic, pad to square with the CLIP-mean colour, scale to [0, 1] float, and derive the SigLIP
-input as the model does (antialiased bilinear resize of that tensor to ``--low``); a DataLoader with
-``batch_size=8`` stacks both tensors.
+nothing else. Each pipeline delivers what its model takes for the hybrid 1024 + 384 towers: decode the JPEG, resize
+the longer side to ``--size`` with antialiased bicubic, pad to square with the CLIP-mean colour; a DataLoader with
+``batch_size=8`` stacks the images. Both models derive the 384 SigLIP view from that image on the device
+(models/vision.py; DeepSeek-VL's HybridVisionTower), so neither loader does by default; ``--low 384`` makes both
+derive it in the loader as well (float, antialiased bilinear, the model's own resize).
 
-- ours: ``ShardReader`` random access (shuffled order) + ``decode_image`` + ``preprocess_image`` (uint8 torch
-  resize) in a map-style ``Dataset``;
+- ours: our data path's functions: ``ShardReader`` random access (shuffled order) + ``decode_image`` (header by
+  PIL, JPEG pixels by torchvision's libjpeg-turbo) + ``resize_and_pad`` (uint8 torch resize), delivered as uint8
+  (the engine scales to [0, 1] on the device) in a map-style ``Dataset``;
 - webdataset+PIL: ``webdataset.WebDataset`` over the same shards (sequential, split by worker) + PIL decode,
-  ``Image.resize(BICUBIC)``, ``expand2square`` with ``Image.new``/``paste``, to tensor: what the official
-  ``VLMImageProcessor`` does.
+  ``Image.resize(BICUBIC)``, ``expand2square`` with ``Image.new``/``paste``, to a [0, 1] float tensor: what the
+  official ``VLMImageProcessor`` does (before its normalisation).
 
 Per worker count, both loaders (persistent workers) live side by side and ``bench/_ab.py`` runs their epochs
 interleaved (ours, webdataset+PIL, ours, ...): ``--warmup`` untimed epochs each, then ``--repeats`` timed ones;
@@ -43,7 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _ab  # noqa: E402
 
-from vlpretrain.data.preprocess import CLIP_MEAN, background_color, preprocess_image  # noqa: E402
+from vlpretrain.data.preprocess import CLIP_MEAN, background_color, resize_and_pad  # noqa: E402
 from vlpretrain.data.shards import ShardReader, ShardWriter, decode_image, expand_shards  # noqa: E402
 
 BATCH = 8
@@ -94,10 +96,12 @@ class OursDataset(torch.utils.data.Dataset):
         return len(self.reader)
 
     def __getitem__(self, i: int):
+        """What our data path hands the model per image (data/loader.py): the uint8 1024 canvas (the engine
+        scales it to [0, 1] on the device; 4x fewer bytes through the worker queue)."""
         rec = self.reader.read(i)
         img = decode_image(rec["images"][0], rec["__shard__"], rec["__key__"])
-        x = preprocess_image(img, self.size, CLIP_MEAN)
-        return x, _low(x, self.low)
+        x = resize_and_pad(img, self.size, CLIP_MEAN)
+        return x, (_low(x.float().div_(255.0), self.low) if self.low > 0 else x.new_empty(0))
 
 
 def _expand2square(pil_img: Image.Image, color) -> Image.Image:  # the official helper
@@ -225,8 +229,8 @@ def main(argv=None) -> int:
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     _ab.add_args(p, repeats=3, warmup=1)  # timed / untimed epochs per pipeline, interleaved
     p.add_argument("--size", type=int, default=1024, help="SAM input side")
-    p.add_argument("--low", type=int, default=384, help="SigLIP input side (derived from the --size tensor; 0: leave "
-                                                             "that resize out)")
+    p.add_argument("--low", type=int, default=0, help="also derive the SigLIP input of this side in the loader "
+                                                           "(both models derive it on the device: 0, the default)")
     args = p.parse_args(argv)
 
     import webdataset
@@ -238,9 +242,9 @@ def main(argv=None) -> int:
         print(f"data: {args.samples} samples (640x480 JPEG) in {len(shards)} shards, {mb:.1f} MB, made in "
               f"{time.perf_counter() - t_start:.1f} s; {os.cpu_count()} CPUs, torch {torch.__version__}, "
               f"webdataset {webdataset.__version__}, Pillow {Image.__version__}")
-        low = f" -> bilinear antialiased {args.low}" if args.low > 0 else ""
-        print(f"work per sample: decode -> bicubic longer side {args.size} -> pad (mean colour) -> [0,1] float"
-              f"{low}; batch {BATCH}; epochs of ours and webdataset+PIL interleaved, {args.warmup} warm-up + "
+        low = f" -> bilinear antialiased {args.low} in the loader" if args.low > 0 else ""
+        print(f"work per sample: decode -> bicubic longer side {args.size} -> pad (mean colour) (ours: uint8, "
+              f"webdataset+PIL: [0,1] float){low}; batch {BATCH}; epochs of ours and webdataset+PIL interleaved, {args.warmup} warm-up + "
               f"{args.repeats} timed each; median (min-max)")
         a, b = per_sample_ms(shards, args.size, args.low)
         print(f"  in-process, 1 thread, per sample (no collation): ours {a:.1f} ms | webdataset+PIL map {b:.1f} ms "

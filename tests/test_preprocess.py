@@ -218,3 +218,37 @@ def test_float_fallback_close_to_official(monkeypatch):
     d = _levels(ours, _official(arr, 1024, CLIP_MEAN))
     # measured: mean 0.22 levels, max 4 on photo-like images (up to 23 on pure noise: PIL clips between passes)
     assert d.mean() < 1.5 and d.max() <= 8, (d.mean(), d.max())
+
+
+@pytest.mark.parametrize("kind", ["rgb_420", "rgb_444", "progressive", "grey", "cmyk", "png"])
+def test_decode_image_fast_jpeg_path_equals_pil(kind, monkeypatch):
+    """JPEGs decoded by torchvision give PIL's pixels exactly; other formats and modes take PIL's path."""
+    import io
+
+    from vlpretrain.data import shards
+
+    rng = np.random.default_rng(3)
+    base = np.clip(rng.normal(128, 60, (61, 83, 3)).cumsum(1) / 20 + 60, 0, 255).astype(np.uint8)
+    img = Image.fromarray(base)
+    buf = io.BytesIO()
+    if kind == "grey":
+        img.convert("L").save(buf, "JPEG", quality=85)
+    elif kind == "cmyk":
+        img.convert("CMYK").save(buf, "JPEG", quality=85)
+    elif kind == "png":
+        img.save(buf, "PNG")
+    else:
+        img.save(buf, "JPEG", quality=85, subsampling=2 if kind == "rgb_420" else 0,
+                 progressive=kind == "progressive")
+    raw = buf.getvalue()
+    calls = []
+    real = shards._decode_jpeg
+    monkeypatch.setattr(shards, "_decode_jpeg", lambda r: calls.append(1) or real(r))
+    fast = shards.decode_image(raw)
+    with Image.open(io.BytesIO(raw)) as im:
+        ref = torch.from_numpy(np.asarray(im.convert("RGB")).copy()).permute(2, 0, 1)
+    assert fast.dtype == torch.uint8 and fast.shape == (3, 61, 83)
+    assert torch.equal(fast, ref)
+    assert bool(calls) == (kind not in ("cmyk", "png"))
+    with pytest.raises(shards.BadSample, match="undecodable"):
+        shards.decode_image(raw[: len(raw) // 2] if kind != "png" else b"\x89PNG broken")
