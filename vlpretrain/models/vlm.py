@@ -102,7 +102,7 @@ class DeepSeekVL(nn.Module):
         if not self.layers:
             return self.head(h) if self.head is not None else h
         if positions is None and self.embed is not None:  # token ids: the full length (not an SP shard)
-            positions = torch.arange(x.shape[1], device=x.device).expand(x.shape[0], -1)
+            positions = torch.arange(x.shape[1], device=x.device)[None]  # (1, S): the tables broadcast over B
         # a later pipeline stage of unpacked rows gets no positions: each block then builds arange(S) itself
         rope = rotary_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta) if positions is not None else None
         # TE blocks take packed rows as cu_seqlens (its fused "thd" kernel): the varlen mask carries them
