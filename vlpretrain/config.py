@@ -179,7 +179,12 @@ class ParallelConfig:
     sequence_parallel: bool = False
     layer_split: Union[Literal["uniform", "auto"], list[int]] = _f("auto", ge=0)
     activation_checkpointing: Literal["none", "selective", "full"] = "none"
-    fsdp_reshard_after_forward: bool = True
+    # free a unit's gathered parameters after forward (ZeRO-3) or keep them to backward (ZeRO-2); auto: free
+    # only units of at least fsdp_keep_gathered_below_mb (compute dtype). Units kept gathered also stay gathered
+    # across a step's microbatches: small units' all-gathers are latency, not memory (DeepSpeed's persistence
+    # threshold)
+    fsdp_reshard_after_forward: Union[bool, Literal["auto"]] = "auto"
+    fsdp_keep_gathered_below_mb: float = _f(32.0, ge=0)
     # the first stage's images: "images" splits them across the TP group (each rank encodes its share, the
     # adaptor outputs are all-gathered); "replicate" recomputes every image on every TP rank (the paper)
     vision_split: Literal["images", "replicate"] = "images"

@@ -18,7 +18,8 @@ from vlpretrain.config import Config, trainable_parts
 from vlpretrain.models.init import initial_values
 from vlpretrain.models.te import enable_fp8
 from vlpretrain.models.vlm import build_model, set_trainable
-from vlpretrain.parallel.fsdp import apply_activation_checkpointing, apply_fsdp, prepare_unsharded_params
+from vlpretrain.parallel.fsdp import (apply_activation_checkpointing, apply_fsdp, keep_gathered_between_microbatches,
+                                      prepare_unsharded_params, reshard_all)
 from vlpretrain.parallel.mesh import ParallelContext
 from vlpretrain.parallel.pipeline import PackedStage, build_schedule, cut_stage, run_microbatches, stage_specs
 from vlpretrain.parallel.tensor import apply_tensor_parallel
@@ -69,7 +70,8 @@ def parallelize_part(part: nn.Module, cfg: Config, ctx: ParallelContext) -> nn.M
             block.compile()
     if uses_fsdp(cfg, ctx):
         param_dtype = torch.bfloat16 if use_bf16(cfg, ctx.device) else None
-        apply_fsdp(part, ctx.fsdp_mesh(), cfg.parallel.fsdp_reshard_after_forward, param_dtype)
+        apply_fsdp(part, ctx.fsdp_mesh(), cfg.parallel.fsdp_reshard_after_forward, param_dtype,
+                   cfg.parallel.fsdp_keep_gathered_below_mb)
     part.to_empty(device=ctx.device)
     with torch.no_grad():
         for _, p, value in initial_values(part, cfg.model, cfg.train.seed):
@@ -133,7 +135,9 @@ class ParallelModel:
             model = self.modules[0]
             for i, mb in enumerate(microbatches):
                 if self.fsdp:  # reduce-scatter gradients once, after the last microbatch
-                    model.set_requires_gradient_sync(i == len(microbatches) - 1)
+                    last = i == len(microbatches) - 1
+                    model.set_requires_gradient_sync(last)
+                    keep_gathered_between_microbatches(model, last)
                 with self._loss_context():
                     logits = model(mb.tokens.to(dev), _to(images[i], dev), _to(mb.positions, dev),
                                    _to(mb.doc_ids, dev))
@@ -192,6 +196,8 @@ class ParallelModel:
         finally:
             for m, mode in zip(self.modules, was_training):
                 m.train(mode)
+                if self.fsdp:  # forward only: units kept gathered after forward would stay gathered
+                    reshard_all(m)
         return scores
 
     def _score_pipelined(self, microbatches: list, images: list) -> torch.Tensor:

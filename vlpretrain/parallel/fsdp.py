@@ -42,22 +42,54 @@ def apply_activation_checkpointing(stage: nn.Module, mode: str) -> None:
         stage.layers[name] = wrapped
 
 
-def apply_fsdp(stage: nn.Module, dp_mesh: DeviceMesh, reshard_after_forward: bool,
-               param_dtype: torch.dtype | None) -> None:
+def apply_fsdp(stage: nn.Module, dp_mesh: DeviceMesh, reshard_after_forward: bool | str,
+               param_dtype: torch.dtype | None, keep_gathered_below_mb: float = 0.0) -> None:
+    """FSDP2 units: each vision tower, the rest of the first stage, each decoder block, the head, the root.
+
+    ``reshard_after_forward`` "auto": a unit whose own parameters (compute dtype) are below
+    ``keep_gathered_below_mb`` keeps them gathered from its forward to its backward, and across the step's
+    microbatches (``keep_gathered_between_microbatches``); larger units are freed after forward (ZeRO-3)."""
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32) if param_dtype else None
     kw = {"mesh": dp_mesh, **({"mp_policy": mp} if mp else {})}
+    wrapped: set[int] = set()  # parameters already in a unit
+
+    def shard(module: nn.Module, reshard: bool | str = reshard_after_forward) -> None:
+        own = [p for p in module.parameters() if id(p) not in wrapped]
+        if reshard == "auto":
+            item = torch.finfo(param_dtype).bits // 8 if param_dtype is not None else None
+            size = sum(p.numel() * (item or p.element_size()) for p in own)
+            reshard = size >= keep_gathered_below_mb * 2**20
+        fully_shard(module, reshard_after_forward=reshard, **kw)
+        module._vlp_keep_gathered = not reshard  # (read by keep_gathered_between_microbatches)
+        wrapped.update(id(p) for p in own)
+
     embed = getattr(stage, "embed", None)
     if embed is not None:
-        fully_shard(embed.vision.siglip, reshard_after_forward=reshard_after_forward, **kw)
+        shard(embed.vision.siglip)
         if embed.vision.sam is not None:
-            fully_shard(embed.vision.sam, reshard_after_forward=reshard_after_forward, **kw)
-        fully_shard(embed, reshard_after_forward=reshard_after_forward, **kw)
+            shard(embed.vision.sam)
+        shard(embed)
     for block in stage.layers.values():
-        fully_shard(block, reshard_after_forward=reshard_after_forward, **kw)
+        shard(block)
     if getattr(stage, "head", None) is not None:
         # the head's backward follows its forward at once: keep it gathered in between
-        fully_shard(stage.head, reshard_after_forward=False, **kw)
-    fully_shard(stage, reshard_after_forward=reshard_after_forward, **kw)
+        shard(stage.head, reshard=False)
+    shard(stage)
+
+
+def keep_gathered_between_microbatches(stage: nn.Module, last: bool) -> None:
+    """Before a microbatch's backward: units that keep their parameters gathered after forward also keep them
+    after backward, except after the step's last microbatch (then the optimizer sees the shards)."""
+    for module in stage.modules():
+        if isinstance(module, FSDPModule) and getattr(module, "_vlp_keep_gathered", False):
+            module.set_reshard_after_backward(last, recurse=False)
+
+
+def reshard_all(stage: nn.Module) -> None:
+    """Free every gathered parameter (after forward-only work, which leaves kept-gathered units gathered)."""
+    for module in stage.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
 
 
 def prepare_unsharded_params(stage: nn.Module) -> None:
