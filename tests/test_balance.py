@@ -325,6 +325,7 @@ def test_measure_part_times_tiny(one_thread):
     times = measure_part_times(cfg, steps=1)
     assert list(times) == balance.part_names(cfg.model.n_layers)
     assert all(t > 0 for t in times.values())
+    assert len({times[n] for n in times if n.startswith("layers.")}) == 1  # identical blocks: one pooled time
     result = plan(cfg, measured=times)
     assert result["auto"]["step_time"] <= result["uniform"]["step_time"] * (1 + 1e-9)
     assert sum(result["auto"]["split"]) == cfg.model.n_layers

@@ -28,9 +28,10 @@ from vlpretrain.parallel.mix import StepType, assumed_mix, measured_mix
 def measure_part_times(cfg: Config, steps: int = 3, device: str = "cpu", images_per_sample: int = 1,
                        seed: int = 0, max_cpu_params: int = 500_000_000) -> dict[str, float]:
     """Measured forward+backward seconds per part for one synthetic microbatch, median of ``steps`` after one
-    warm-up. Parts run one at a time: each part's input is the previous output detached (requiring grad when
-    the previous output did), the loss is part of ``head``; backward runs part by part from the end with the
-    grad of the next part's input, so every part is timed alone. Frozen parts follow ``trainable_parts`` (a part
+    warm-up (decoder layers: the median over all layers' samples, since every block costs the same). Parts run
+    one at a time: each part's input is the previous output detached (requiring grad when the previous output
+    did), the loss is part of ``head``; backward runs part by part from the end with the grad of the next part's
+    input, so every part is timed alone. Frozen parts follow ``trainable_parts`` (a part
     whose output needs no grad runs no backward). ``full`` activation checkpointing wraps decoder layers in
     ``torch.utils.checkpoint``. Real model weights are built: on CPU, models over ``max_cpu_params`` parameters
     are refused (ValueError). Measured times are used as they are (no division by tp)."""
@@ -99,7 +100,14 @@ def measure_part_times(cfg: Config, steps: int = 3, device: str = "cpu", images_
             for i, name in enumerate(names):
                 samples[name].append(fwd[i] + bwd[i])
     model.zero_grad(set_to_none=True)
-    return {n: statistics.median(v) for n, v in samples.items()}
+    times = {n: statistics.median(v) for n, v in samples.items()}
+    # decoder blocks are the same computation: one median over all their samples, so that timer noise on one
+    # block (a few ms on CPU) does not move the split
+    layers = [t for n, v in samples.items() if n.startswith("layers.") for t in v]
+    if layers:
+        pooled = statistics.median(layers)
+        times.update({n: pooled for n in times if n.startswith("layers.")})
+    return times
 
 
 # ---------------------------------------------------------------------------------------------------------------
