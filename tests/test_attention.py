@@ -24,8 +24,8 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from vlpretrain.config import config_from_dict
-from vlpretrain.models.attention import (FLEX_BLOCK, dense_document_causal_mask, document_mask, document_runs,
-                                         resolve_kind)
+from vlpretrain.models.attention import (CPU_DENSE_MAX_LEN, FLEX_BLOCK, dense_document_causal_mask, document_mask,
+                                         document_runs, resolve_kind)
 from vlpretrain.models.vlm import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -102,6 +102,11 @@ def test_flex_refuses_cpu_training_with_one_line():
 
 def test_auto_kind_and_runs():
     assert resolve_kind("auto", torch.device("cpu")) == "varlen"
+    assert resolve_kind("auto", torch.device("cpu"), CPU_DENSE_MAX_LEN) == "sdpa_mask"  # short rows: the mask
+    assert resolve_kind("auto", torch.device("cpu"), CPU_DENSE_MAX_LEN + 1) == "varlen"  # is cheaper there
+    assert resolve_kind("varlen", torch.device("cpu"), 16) == "varlen"
+    assert document_mask(torch.ones(2, 64, dtype=torch.long)).kind == "sdpa_mask"
+    assert document_mask(torch.ones(1, CPU_DENSE_MAX_LEN + 1, dtype=torch.long)).kind == "varlen"
     assert resolve_kind("sdpa_mask", torch.device("cpu")) == "sdpa_mask"
     assert resolve_kind("auto", torch.device("cuda")) == "flex"
     assert document_runs(torch.tensor([[1, 1, 2, 0, 0], [4, 4, 4, 4, 4]])).tolist() == [[0, 0, 1, 2, 2],

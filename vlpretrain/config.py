@@ -136,7 +136,8 @@ class ModelConfig:
     init_std: float = _f(0.02, gt=0)
     # attention of packed rows (document-causal): "flex" = FlexAttention with a block mask built from the
     # document ids (compiled; no CPU backward), "varlen" = per-document flash attention (cu_seqlens), "sdpa_mask"
-    # = SDPA with a dense (B, 1, S, S) mask; "auto" = flex on GPU, varlen on CPU. Unpacked rows: plain causal.
+    # = SDPA with a dense (B, 1, S, S) mask; "auto" = flex on GPU; on CPU sdpa_mask up to 1024 tokens per row,
+    # varlen above (models/attention.py). Unpacked rows: plain causal.
     attention: Literal["auto", "flex", "varlen", "sdpa_mask"] = "auto"
     # decoder block implementation: "torch" (models/llm.py) or "te" (transformer-engine modules, GPU only)
     impl: Literal["torch", "te"] = "torch"
