@@ -26,17 +26,18 @@ KINDS = ("flex", "varlen", "sdpa_mask")
 FLEX_BLOCK = 128  # FlexAttention's default tile; the block mask is computed at this granularity
 # CPU rows up to this length take the dense mask under ``auto``: one SDPA call per document costs ~1 ms of
 # dispatch (forward + backward) on CPU, more than a mask of at most 1M entries (4 heads, 48-token documents:
-# dense 2.4-3.9x faster at S = 256-512, even at 1024; varlen 1.6-9x faster from 2048)
+# dense 2.4-3.9x faster at S = 256-512, 1.1x at 1024; varlen 1.6-9x faster from 2048)
 CPU_DENSE_MAX_LEN = 1024
 
 
 def resolve_kind(kind: str, device: torch.device, seq_len: int | None = None) -> str:
-    """``auto``: flex on GPU (a fused, compiled kernel with block sparsity); on CPU (where flex cannot train)
-    the dense mask for rows of at most ``CPU_DENSE_MAX_LEN`` tokens, varlen for longer ones."""
+    """``auto``: flex on GPU (a fused, compiled kernel with block sparsity; varlen where torch has no flex); on
+    CPU (where flex cannot train) the dense mask for rows of at most ``CPU_DENSE_MAX_LEN`` tokens, varlen for
+    longer ones."""
     if kind != "auto":
         return kind
-    if device.type == "cuda" and _flex_available():
-        return "flex"
+    if device.type == "cuda":
+        return "flex" if _flex_available() else "varlen"
     return "sdpa_mask" if seq_len is not None and seq_len <= CPU_DENSE_MAX_LEN else "varlen"
 
 
