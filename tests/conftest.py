@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -17,6 +18,14 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 CONFIGS = REPO / "configs"
 TINY = CONFIGS / "tiny"
 DEMO_SCALE = 0.05
+
+
+def run_script_ok(code: str, timeout: int = 300) -> None:
+    """Run ``code`` in a fresh Python process (one thread, the repository importable) and require it to exit 0
+    with "ok" as its last output line."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=timeout)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
 
 
 @pytest.fixture(scope="session")

@@ -4,12 +4,9 @@ units are freed after forward; after the step's last microbatch every unit is ba
 gradients of layouts with FSDP are compared with one process in test_parallel_equivalence.py."""
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
 
-from conftest import REPO
+from conftest import run_script_ok
 
 _UNITS = textwrap.dedent("""
     import torch, torch.distributed as dist
@@ -65,6 +62,4 @@ _UNITS = textwrap.dedent("""
 
 
 def test_auto_keeps_small_units_gathered_across_microbatches():
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    proc = subprocess.run([sys.executable, "-c", _UNITS], capture_output=True, text=True, env=env, timeout=300)
-    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
+    run_script_ok(_UNITS)

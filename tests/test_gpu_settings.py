@@ -4,15 +4,13 @@ on CPU, one param group per tensor kind so plain tensors and DTensors both keep 
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import textwrap
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-from conftest import REPO
+from conftest import run_script_ok
 from vlpretrain.config import load_config
 from vlpretrain.parallel.engine import use_compile
 from vlpretrain.parallel.launch_env import gpu_env_defaults
@@ -101,9 +99,7 @@ _MIXED = textwrap.dedent("""
 
 
 def test_mixed_plain_and_dtensor_parameters_get_a_group_each():
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    proc = subprocess.run([sys.executable, "-c", _MIXED], capture_output=True, text=True, env=env, timeout=300)
-    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
+    run_script_ok(_MIXED)
 
 
 # ----------------------------------------------------------------------------------------------- compile
