@@ -21,8 +21,8 @@ setup(
         "pyarrow>=14",  # data sources of type parquet (read one row group at a time)
     ],
     extras_require={
-        "test": ["pytest>=8", "transformers>=4.40", "webdataset", "tensorboard", "wandb"],
-        "dev": ["pytest>=8", "transformers>=4.40", "webdataset", "tensorboard", "wandb", "ruff"],
+        "test": ["pytest>=8", "pytest-timeout>=2.2", "transformers>=4.40", "webdataset", "tensorboard", "wandb"],
+        "dev": ["pytest>=8", "pytest-timeout>=2.2", "transformers>=4.40", "webdataset", "tensorboard", "wandb", "ruff"],
         "logging": ["wandb", "tensorboard"],
         "megatron": ["megatron-core>=0.16"],  # cross-checks our .bin/.idx reader/writer (tests/test_indexed.py)
     },

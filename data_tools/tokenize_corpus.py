@@ -242,7 +242,10 @@ def tokenize_corpus(
         else:
             # Pool.imap would read the whole input ahead (its feeder thread does not wait), so keep
             # a bounded window of ordered async results instead.
-            with multiprocessing.Pool(workers, initializer=_init_worker, initargs=init_args) as pool:
+            # The pool ends with close() + join(): workers leave at the end-of-work sentinel, not by SIGTERM
+            # (terminate() only on an error, where a worker may be mid-chunk).
+            pool = multiprocessing.Pool(workers, initializer=_init_worker, initargs=init_args)
+            try:
                 pending: deque = deque()
                 for chunk, nbytes in chunks:
                     pending.append((pool.apply_async(_encode_chunk, (chunk,)), nbytes))
@@ -252,6 +255,12 @@ def tokenize_corpus(
                 while pending:
                     result, done = pending.popleft()
                     consume(result.get(), done)
+                pool.close()
+            except BaseException:
+                pool.terminate()
+                raise
+            finally:
+                pool.join()
     stats.seconds = time.perf_counter() - start
     bar.update(stats, final=True)
     return stats

@@ -4,4 +4,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash launch/setup.sh
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
-exec "${PYTHON:-python3}" -m pytest -q tests "$@"
+# the 25 slowest tests are listed at the end; each has a time limit (pyproject.toml)
+exec "${PYTHON:-python3}" -m pytest -q --durations=25 tests "$@"

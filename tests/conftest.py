@@ -28,6 +28,21 @@ def run_script_ok(code: str, timeout: int = 300) -> None:
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
 
 
+@pytest.fixture(autouse=True)
+def _no_leaked_signal_handlers():
+    """A test that ran the trainer or the CLI in this process must leave the signal handlers as it found them
+    (a handler left behind is inherited by every process the suite forks later)."""
+    import signal
+
+    watched = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)
+    before = {s: signal.getsignal(s) for s in watched}
+    yield
+    leaked = [signal.Signals(s).name for s in watched if signal.getsignal(s) != before[s]]
+    for s in watched:
+        signal.signal(s, before[s])
+    assert not leaked, f"the test left signal handlers installed: {leaked}"
+
+
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return REPO

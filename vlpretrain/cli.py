@@ -360,11 +360,14 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, "resume", None):
             overrides.append(f"checkpoint.resume={args.resume}")
         cfg = load_config(args.config, overrides)
-        if args.command == "train":  # first thing, before torch, the model and the data load (seconds)
-            from vlpretrain.train.preemption import PREEMPTION
+        if args.command != "train":
+            return args.func(args, cfg)
+        from vlpretrain.train.preemption import PREEMPTION
 
-            PREEMPTION.install(cfg.train.preempt_signals)
-        return args.func(args, cfg)
+        # first thing, before torch, the model and the data load; the handlers are the command's, not the
+        # calling process's (tests call main in-process)
+        with PREEMPTION.handling(cfg.train.preempt_signals):
+            return args.func(args, cfg)
     except UserError as e:  # config errors already start with "config error:"
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         print(msg if isinstance(e, ConfigError) else f"error: {msg}", file=sys.stderr)

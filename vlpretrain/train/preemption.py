@@ -5,9 +5,15 @@ loaded), so a signal that arrives during start-up, a step or a save is never los
 the trainer acts on it at the next step boundary, where all ranks agree (one tiny all-reduce) and save together.
 Slurm's warning signal is unreliable after a requeue (it arrives again at the start, then never), so a
 self-deadline (``train.max_wall_time`` and the Slurm job's end time) triggers the same save early enough.
+
+The handlers belong to the process that installed them: a forked child (DataLoader worker, a ``Pool``) gets
+the default dispositions back at fork, so ``Pool.terminate()``'s SIGTERM still ends it, and a handler that runs
+in another process anyway re-delivers the signal with its default action. ``uninstall`` restores the handlers
+that were there before (the CLI does it when the command returns; tests that install restore too).
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -26,19 +32,64 @@ class Preemption:
         self.signal_name: str | None = None
         self.t0 = time.time()
         self._interrupts = 0
-        self._installed: list[str] = []
+        self._pid: int | None = None  # the process whose handlers these are
+        self._previous: dict[int, object] = {}  # signal number -> the handler before install
+
+    @contextlib.contextmanager
+    def handling(self, names: list[str]):
+        """Handle the signals inside the block; the outermost block of this process installs and restores."""
+        outermost = self._pid != os.getpid()
+        if outermost:
+            self.install(names)
+        try:
+            yield self
+        finally:
+            if outermost:
+                self.uninstall()
 
     def install(self, names: list[str]) -> None:
-        """Handle ``names`` (e.g. ["SIGTERM", "SIGUSR1"]) and SIGINT; idempotent."""
-        for name in names:
-            signal.signal(getattr(signal, name), self._on_signal)
-        signal.signal(signal.SIGINT, self._on_interrupt)
-        self._installed = list(names)
+        """Handle ``names`` (e.g. ["SIGTERM", "SIGUSR1"]) and SIGINT in this process; idempotent."""
+        if self._pid != os.getpid():  # first install in this process: no request seen yet
+            self._previous, self.signal_name, self._interrupts = {}, None, 0
+            self.t0 = time.time()
+        self._pid = os.getpid()
+        wanted = {int(getattr(signal, name)): self._on_signal for name in names}
+        wanted[int(signal.SIGINT)] = self._on_interrupt
+        for signum, handler in wanted.items():
+            previous = signal.signal(signum, handler)
+            self._previous.setdefault(signum, previous)
+
+    def uninstall(self) -> None:
+        """Put back the handlers that were there before ``install`` (only in the process that installed)."""
+        if self._pid == os.getpid():
+            for signum, previous in self._previous.items():
+                signal.signal(signum, previous if previous is not None else signal.SIG_DFL)
+        self._previous, self._pid = {}, None
+
+    def _reset_in_child(self) -> None:
+        """After a fork: the child is not the trainer; give it the default dispositions back."""
+        if self._pid is not None and self._pid != os.getpid():
+            for signum in self._previous:
+                signal.signal(signum, signal.SIG_DFL)
+            self._previous, self._pid = {}, None
+
+    def _foreign(self, signum: int) -> bool:
+        """A handler running in a process that did not install it (fork without the reset, e.g. os.fork from C):
+        act as the default would."""
+        if self._pid == os.getpid():
+            return False
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+        return True
 
     def _on_signal(self, signum, frame) -> None:
+        if self._foreign(signum):
+            return
         self.signal_name = self.signal_name or signal.Signals(signum).name
 
     def _on_interrupt(self, signum, frame) -> None:
+        if self._foreign(signum):
+            return
         self._interrupts += 1
         if self._interrupts > 1:  # a second Ctrl-C: the user does not want to wait for the save
             raise KeyboardInterrupt
@@ -52,6 +103,7 @@ class Preemption:
 
 
 PREEMPTION = Preemption()  # one per process: installed by the CLI before anything heavy
+os.register_at_fork(after_in_child=PREEMPTION._reset_in_child)
 
 
 def slurm_end_time() -> float | None:

@@ -77,16 +77,16 @@ def checkpoint_dir(cfg: Config) -> Path:
 
 def train(cfg: Config) -> dict:
     """One stage, start to end; under torchrun/srun every rank runs it. Exits 42 when preempted."""
-    PREEMPTION.install(cfg.train.preempt_signals)  # the CLI did it already, before torch was imported
-    tokenizer, eval_paths, init_file, resume = _check_inputs(cfg)
-    run_dir = Path(cfg.train.run_dir)
-    lock = RunDirLock(run_dir)
-    if _global_rank() == 0:  # before any process group: a second job on this run dir stops here
-        lock.acquire()
-    try:
-        return _train(cfg, tokenizer, eval_paths, init_file, resume, lock)
-    finally:
-        lock.release()
+    with PREEMPTION.handling(cfg.train.preempt_signals):  # the CLI did it already, before torch was imported
+        tokenizer, eval_paths, init_file, resume = _check_inputs(cfg)
+        run_dir = Path(cfg.train.run_dir)
+        lock = RunDirLock(run_dir)
+        if _global_rank() == 0:  # before any process group: a second job on this run dir stops here
+            lock.acquire()
+        try:
+            return _train(cfg, tokenizer, eval_paths, init_file, resume, lock)
+        finally:
+            lock.release()
 
 
 def _global_rank() -> int:
