@@ -32,8 +32,8 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from vlpretrain.train import integrity  # noqa: E402
-from vlpretrain.train.checkpointer import Checkpointer, verify  # noqa: E402
+from vlpretrain.checkpoint import integrity  # noqa: E402
+from vlpretrain.checkpoint.dcp import Checkpointer, verify  # noqa: E402
 
 warnings.filterwarnings("ignore", message="torch.distributed is disabled")
 

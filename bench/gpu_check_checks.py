@@ -77,8 +77,8 @@ def check_attention(ctx: dict, out: dict, deadline: float) -> None:
 def check_plan_memory(ctx: dict, out: dict, deadline: float) -> None:
     """(c) ``vlpretrain plan``'s predicted peak (the largest over the step types: static + one microbatch's
     activations at pp = 1) for (a)'s setting and step mix, vs (a)'s measured peak allocated."""
-    from vlpretrain.parallel.mix import StepType
-    from vlpretrain.parallel.plan import plan
+    from vlpretrain.data.step_mix import StepType
+    from vlpretrain.plan import plan
 
     cfg = ctx["cfg"]
     _, timed = _steps(ctx)

@@ -86,7 +86,7 @@ def steps_data(cfg) -> list[tuple[list, int]]:
 
 def step_mix(cfg):
     """The run's step types from the bench's own rows: text share, images per microbatch of the multimodal."""
-    from vlpretrain.parallel.mix import StepType
+    from vlpretrain.data.step_mix import StepType
 
     it, tok = cfg.model.image_tokens, cfg.model.image_token_id
     images = tuple(int((mb.tokens == tok).sum()) // it
@@ -102,11 +102,11 @@ def plan_splits(pp: int, costs: str = "measured") -> dict:
     (H100 peak, uncalibrated: only ratios matter). The multimodal-only and mix-aware splits use the same costs."""
     from vlpretrain.config import config_from_dict
     from vlpretrain.data.synthetic import synthetic_microbatches
-    from vlpretrain.parallel.balance import partition_details, stage_style, uniform_split
-    from vlpretrain.parallel.balance_mix import expected_step_time, mix_costs, partition_mix
+    from vlpretrain.parallel.pipeline_cost import partition_details, stage_style, uniform_split
+    from vlpretrain.parallel.pipeline_split_mix import expected_step_time, mix_costs, partition_mix
     from vlpretrain.parallel.mesh import resolve_layout
-    from vlpretrain.parallel.mix import StepType
-    from vlpretrain.parallel.plan import measure_part_times
+    from vlpretrain.data.step_mix import StepType
+    from vlpretrain.plan import measure_part_times
 
     cfg = config_from_dict(config(pp))
     mix = step_mix(cfg)

@@ -48,9 +48,9 @@ def reset_peak() -> None:
 
 
 def write_llm(cfg, out: Path) -> None:
-    from vlpretrain.models.pretrained import hf_llama_key_map
+    from vlpretrain.checkpoint.pretrained import hf_llama_key_map
     from vlpretrain.models.vlm import build_model
-    from vlpretrain.safetensors_stream import save_streaming
+    from vlpretrain.checkpoint.safetensors_stream import save_streaming
 
     out.mkdir(parents=True, exist_ok=True)
     shapes = {k: tuple(v.shape) for k, v in build_model(cfg, "meta").state_dict().items()}
@@ -81,10 +81,10 @@ def worker(args) -> None:
     import torch.distributed as dist
     from torch.distributed.tensor import DTensor
 
-    from vlpretrain.models.pretrained import load_pretrained_parts
+    from vlpretrain.checkpoint.pretrained import load_pretrained_parts
     from vlpretrain.parallel.engine import ParallelModel
     from vlpretrain.parallel.mesh import init_parallel
-    from vlpretrain.parallel.weights_io import write_full_weights
+    from vlpretrain.checkpoint.sharded_weights import write_full_weights
 
     torch.set_num_threads(1)
     cfg = load_cfg(args.layout, args.layers)
@@ -162,7 +162,7 @@ def main() -> None:
         if proc.returncode != 0:
             raise SystemExit(proc.stderr[-3000:])
         rows = json.loads((d / "out" / "rows.json").read_text())
-        imports = [sys.executable, "-c", "import vlpretrain.cli, vlpretrain.models.interop, torch"]
+        imports = [sys.executable, "-c", "import vlpretrain.cli, vlpretrain.checkpoint.interop, torch"]
         base_mb, _ = child_peak(imports)
         (d / "cfg.yaml").write_text(cfg.to_yaml())
         peak_mb, secs = child_peak([sys.executable, "-m", "vlpretrain", "ckpt", "export", str(d / "out"),

@@ -46,7 +46,7 @@ def inspect_shards(paths: str | os.PathLike | Iterable[str | os.PathLike], token
     reader = reader or ShardReader(paths)
     encoder = None
     if tokenizer is not None:
-        from vlpretrain.data.samples import SampleEncoder
+        from vlpretrain.data.encoding import SampleEncoder
         from vlpretrain.data.tokenizer import TextTokenizer
 
         encoder = SampleEncoder(TextTokenizer(tokenizer), image_tokens=image_tokens, seq_len=1 << 40)

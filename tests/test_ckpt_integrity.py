@@ -19,9 +19,9 @@ from conftest import TINY
 from vlpretrain.cli import main
 from vlpretrain.config import load_config
 from vlpretrain.errors import CheckpointError
-from vlpretrain.train.checkpoint import load_weights, read_weights, save_weights
-from vlpretrain.train.checkpointer import Checkpointer, find_resumable, verify
-from vlpretrain.train.integrity import KEY, MANIFEST, check_checkpoint_room, crc32_file
+from vlpretrain.checkpoint.weights import load_weights, read_weights, save_weights
+from vlpretrain.checkpoint.dcp import Checkpointer, find_resumable, verify
+from vlpretrain.checkpoint.integrity import KEY, MANIFEST, check_checkpoint_room, crc32_file
 from vlpretrain.train.trainer import train
 
 STAGE1 = TINY / "stage1.yaml"
@@ -99,7 +99,7 @@ def test_damaged_newest_is_moved_aside_and_never_counted(demo_dir, tmp_path, cap
 def test_checksum_of_pieces(tmp_path, monkeypatch):
     import zlib
 
-    import vlpretrain.train.integrity as integrity
+    import vlpretrain.checkpoint.integrity as integrity
 
     monkeypatch.setattr(integrity, "PIECE", 1000)
     monkeypatch.setattr(integrity, "READ", 300)
@@ -278,7 +278,7 @@ def test_write_error_in_dcp_is_one_line_and_cleans_up(tmp_path, monkeypatch, err
     """The same without a tmpfs: DCP reports the failure of a rank wrapped in a CheckpointException."""
     from torch.distributed.checkpoint.api import CheckpointException, _wrap_exception
 
-    import vlpretrain.train.checkpointer as checkpointer
+    import vlpretrain.checkpoint.dcp as checkpointer
 
     ck = tmp_path / "checkpoints"
     ckpt = _toy_checkpointer(ck)

@@ -1,5 +1,5 @@
 """Data path: sample encoding (placeholders, labels, SFT masking, truncation), the modality schedule and image
-preprocessing. The step pipeline itself is tested in test_pipeline.py."""
+preprocessing. The step pipeline itself is tested in test_data_pipeline.py."""
 from __future__ import annotations
 
 import math
@@ -9,8 +9,8 @@ import torch
 
 from vlpretrain.config import LanguageRatioConfig
 from vlpretrain.data.preprocess import load_image, pad_to_square, preprocess_image
-from vlpretrain.data.sampler import ModalitySchedule
-from vlpretrain.data.samples import IGNORE, SampleEncoder
+from vlpretrain.data.sample_order import ModalitySchedule
+from vlpretrain.data.encoding import IGNORE, SampleEncoder
 from vlpretrain.data.tokenizer import BOS, EOS, IMAGE
 
 T = 4  # image tokens per image in the encoder tests (the tiny model uses 36)

@@ -37,7 +37,7 @@ def weights(demo_dir, tmp_path_factory):
 
     from vlpretrain.config import load_config
     from vlpretrain.models.vlm import build_model
-    from vlpretrain.train.checkpoint import save_weights
+    from vlpretrain.checkpoint.weights import save_weights
 
     cfg = load_config(TINY / "stage2.yaml", [f"data.root={demo_dir}", *SETS])
     model = build_model(cfg.model, "cpu", seed=7)

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from vlpretrain.eval.generate import generate, load_images, prompt_ids
-from vlpretrain.models.interop import export_hf_llama
+from vlpretrain.checkpoint.interop import export_hf_llama
 from vlpretrain.models.vlm import build_model
 
 transformers = pytest.importorskip("transformers")

@@ -1,4 +1,4 @@
-"""Export to HF LLaMA / DeepSeek-VL layouts and import DeepSeek-VL checkpoints (vlpretrain/models/interop.py).
+"""Export to HF LLaMA / DeepSeek-VL layouts and import DeepSeek-VL checkpoints (vlpretrain/checkpoint/interop.py).
 
 Tiny models only, no network: HF_HUB_OFFLINE=1; the real 7B / 1.3B layouts are checked on meta-device models.
 """
@@ -22,8 +22,8 @@ from torch import nn
 from safetensors.torch import load_file, save_file
 
 from vlpretrain.config import config_from_dict, load_config
-from vlpretrain.models import interop
-from vlpretrain.models.interop import (
+from vlpretrain.checkpoint import interop
+from vlpretrain.checkpoint.interop import (
     deepseek_vl_config,
     deepseek_vl_model_dict,
     export_deepseek_vl,
@@ -33,7 +33,7 @@ from vlpretrain.models.interop import (
     model_config_from_dict,
     to_deepseek_vl_state,
 )
-from vlpretrain.models.pretrained import load_hf_llm, load_sam, load_siglip
+from vlpretrain.checkpoint.pretrained import load_hf_llm, load_sam, load_siglip
 from vlpretrain.models.vlm import build_model
 
 sys.path.insert(0, str(Path(__file__).parent / "dist"))
@@ -206,8 +206,8 @@ def test_deepseek_vl_round_trip(tmp_path, make):
 
 
 def test_export_from_our_weights_file(tmp_path):
-    """Our weights file / checkpoint dir (train/checkpoint.py) is read lazily and exports the same."""
-    from vlpretrain.train.checkpoint import save_checkpoint
+    """Our weights file / checkpoint dir (checkpoint/weights.py) is read lazily and exports the same."""
+    from vlpretrain.checkpoint.weights import save_checkpoint
 
     model = _randomise(_model(tiny_hybrid(**{"sam.hd_path": False})), seed=20)
     step_dir = save_checkpoint(model, tmp_path / "ckpt", step=7, meta={}, keep_last=1)

@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from vlpretrain.config import config_from_dict
-from vlpretrain.models.pretrained import (
+from vlpretrain.checkpoint.pretrained import (
     hf_llama_key_map,
     load_hf_llm,
     load_pretrained_parts,

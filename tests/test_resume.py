@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from conftest import REPO, TINY
-from vlpretrain.train.checkpointer import find_resumable, verify
+from vlpretrain.checkpoint.dcp import find_resumable, verify
 
 STEPS = 4
 

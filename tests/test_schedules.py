@@ -1,4 +1,4 @@
-"""One schedule table (parallel/stages.py) for config checks, layout, partitioner and runtime; the mix-aware
+"""One schedule table (layout_rules.py) for config checks, layout, partitioner and runtime; the mix-aware
 partitioner (balance_mix.py) against brute force; the V-shaped placement bug of the old partitioner."""
 from __future__ import annotations
 
@@ -10,41 +10,43 @@ import pytest
 
 from conftest import TINY
 from vlpretrain.config import ParallelConfig, load_config
-from vlpretrain.parallel import balance, pipeline, stages
-from vlpretrain.parallel.balance_mix import expected_step_time, partition_mix, resolve_layer_split
+from vlpretrain.parallel import pipeline
+from vlpretrain.parallel import pipeline_cost
+from vlpretrain import layout_rules
+from vlpretrain.parallel.pipeline_split_mix import expected_step_time, partition_mix, resolve_layer_split
 from vlpretrain.parallel.mesh import resolve_layout
-from vlpretrain.parallel.mix import StepType, assumed_mix
+from vlpretrain.data.step_mix import StepType, assumed_mix
 
 
 def test_config_names_every_schedule_in_the_table():
     names = typing.get_args(typing.get_type_hints(ParallelConfig)["schedule"])
-    assert set(names) == set(stages.SCHEDULES) == set(pipeline.SCHEDULES)
+    assert set(names) == set(layout_rules.SCHEDULES) == set(pipeline.SCHEDULES)
 
 
-@pytest.mark.parametrize("schedule", list(stages.SCHEDULES))
+@pytest.mark.parametrize("schedule", list(layout_rules.SCHEDULES))
 def test_partitioner_loads_equal_runtime_placement(schedule):
     """For every schedule: the rank loads the partitioner and predict plan are those of the stages the runtime
     (pipeline.stages_of_rank, Layout.stages_of_rank) places on each rank."""
-    placement = stages.SCHEDULES[schedule].placement
+    placement = layout_rules.SCHEDULES[schedule].placement
     pp, vpp = 2, (1 if placement == "single" else 2)
     cfg = load_config(TINY / "stage2.yaml", ["train.global_batch_size=16", "train.micro_batch_size=2",
                                              f"parallel.pp={pp}", f"parallel.vpp={vpp}",
                                              f"parallel.schedule={schedule}"])
     lay = resolve_layout(cfg, pp)
-    costs = [balance.PartCost(name=n, time_s=t, memory_bytes=0.0, flops=0.0)
-             for n, t in zip(balance.part_names(4), [5.0, 1.0, 1.5, 2.0, 2.5, 2.0])]
+    costs = [pipeline_cost.PartCost(name=n, time_s=t, memory_bytes=0.0, flops=0.0)
+             for n, t in zip(pipeline_cost.part_names(4), [5.0, 1.0, 1.5, 2.0, 2.5, 2.0])]
     times = [c.time_s for c in costs]
     split = list(lay.split)
-    runtime = [sum(sum(times[a:e]) for k, (a, e) in enumerate(balance.stage_bounds(split))
+    runtime = [sum(sum(times[a:e]) for k, (a, e) in enumerate(pipeline_cost.stage_bounds(split))
                    if k in pipeline.stages_of_rank(r, pp, vpp, schedule)) for r in range(pp)]
     assert [lay.stages_of_rank(r) for r in range(pp)] == [pipeline.stages_of_rank(r, pp, vpp, schedule)
                                                           for r in range(pp)]
-    pred = balance.predict(cfg, split, costs, lay.n_microbatches)
+    pred = pipeline_cost.predict(cfg, split, costs, lay.n_microbatches)
     assert pred["stage_time"] == pytest.approx(runtime)
-    det = balance.partition_details(times, pp * vpp, pp, balance.stage_style(schedule))
-    planned = [sum(sum(times[a:e]) for k, (a, e) in enumerate(balance.stage_bounds(det["split"]))
-                   if stages.rank_of_stage(k, pp, schedule) == r) for r in range(pp)]
-    runtime = [sum(sum(times[a:e]) for k, (a, e) in enumerate(balance.stage_bounds(det["split"]))
+    det = pipeline_cost.partition_details(times, pp * vpp, pp, pipeline_cost.stage_style(schedule))
+    planned = [sum(sum(times[a:e]) for k, (a, e) in enumerate(pipeline_cost.stage_bounds(det["split"]))
+                   if layout_rules.rank_of_stage(k, pp, schedule) == r) for r in range(pp)]
+    runtime = [sum(sum(times[a:e]) for k, (a, e) in enumerate(pipeline_cost.stage_bounds(det["split"]))
                    if k in pipeline.stages_of_rank(r, pp, vpp, schedule)) for r in range(pp)]
     assert planned == pytest.approx(runtime) and max(runtime) == pytest.approx(det["value"])
 
@@ -54,9 +56,9 @@ def test_v_schedules_planned_as_v():
     looped and picked [0, 3, 3, 2] (V loads 9 and 6); [0, 3, 4, 1] gives 8 and 7."""
     costs = [5.0] + [1.0] * 8 + [2.0]
     for schedule in ("zbv", "dualpipev"):
-        assert balance.partition(costs, 4, 2, balance.stage_style(schedule)) == [0, 3, 4, 1]
+        assert pipeline_cost.partition(costs, 4, 2, pipeline_cost.stage_style(schedule)) == [0, 3, 4, 1]
         assert partition_mix([costs], [1.0], 4, 2, schedule, 8)["split"] == [0, 3, 4, 1]
-    assert balance.partition(costs, 4, 2, balance.stage_style("interleaved_1f1b")) == [0, 3, 3, 2]
+    assert pipeline_cost.partition(costs, 4, 2, pipeline_cost.stage_style("interleaved_1f1b")) == [0, 3, 3, 2]
 
 
 def _brute_mix(types, shares, v, pp, schedule, n_mb):
@@ -65,7 +67,7 @@ def _brute_mix(types, shares, v, pp, schedule, n_mb):
     for cuts in itertools.combinations(range(1, n_parts), v - 1):
         b = [0, *cuts, n_parts]
         split = [(b[k + 1] - b[k]) - (k == 0) - (k == v - 1) for k in range(v)]
-        if stages.split_problem(split, n_parts - 2, v):
+        if layout_rules.split_problem(split, n_parts - 2, v):
             continue
         val = expected_step_time(split, types, shares, pp, schedule, n_mb)
         if best is None or val < best[0] * (1 - 1e-12):
@@ -76,7 +78,7 @@ def _brute_mix(types, shares, v, pp, schedule, n_mb):
 @pytest.mark.parametrize("schedule", ["1f1b", "interleaved_1f1b", "zbv", "zero_bubble"])
 def test_partition_mix_matches_brute_force(schedule):
     rng = random.Random(hash(schedule) % 1000)
-    single = stages.SCHEDULES[schedule].placement == "single"
+    single = layout_rules.SCHEDULES[schedule].placement == "single"
     for _ in range(25 if single else 12):
         pp = rng.randint(1, 3) if single else rng.randint(2, 3)
         v = pp if single else 2 * pp
@@ -103,7 +105,7 @@ def test_mix_aware_beats_max_of_expected_loads():
     shares = [0.7, 0.3]
     det = partition_mix([text, mm], shares, 2, 2, "1f1b", 8)
     mean = [0.7 * a + 0.3 * b for a, b in zip(text, mm)]
-    for other in (balance.partition(mean, 2, 2), balance.partition(mm, 2, 2), balance.partition(text, 2, 2)):
+    for other in (pipeline_cost.partition(mean, 2, 2), pipeline_cost.partition(mm, 2, 2), pipeline_cost.partition(text, 2, 2)):
         assert det["value"] <= expected_step_time(other, [text, mm], shares, 2, "1f1b", 8) + 1e-9
 
 
@@ -124,7 +126,7 @@ def test_measured_mix_reads_the_data_and_auto_uses_it(demo_dir):
     steps the images per microbatch of the packed rows, and the split is balanced over that mix."""
     from vlpretrain.config import load_config
     from vlpretrain.parallel.mesh import resolve_layout
-    from vlpretrain.parallel.mix import measured_mix
+    from vlpretrain.data.step_mix import measured_mix
 
     cfg = load_config(TINY / "stage2.yaml", [f"data.root={demo_dir}", "parallel.pp=2"])
     mix = measured_mix(cfg, steps=4)

@@ -13,7 +13,7 @@ from PIL import Image
 from data_tools.__main__ import main as cli_main
 from data_tools.convert import DEMO_MANIFEST, convert_captions, convert_demo, convert_llava
 from data_tools.inspect_data import grid_size, inspect_shards
-from vlpretrain.data.samples import SampleEncoder
+from vlpretrain.data.encoding import SampleEncoder
 from vlpretrain.data.shards import (
     BadSample,
     ShardError,

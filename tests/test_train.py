@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from conftest import CONFIGS
 from vlpretrain.config import TrainConfig, load_config
 from vlpretrain.models.vlm import build_model, part_of
-from vlpretrain.train.checkpoint import find_weights, load_weights, read_weights
+from vlpretrain.checkpoint.weights import find_weights, load_weights, read_weights
 from vlpretrain.train.optim import build_optimizer, lr_multiplier
 from vlpretrain.train.trainer import train
 

@@ -19,8 +19,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import REPO, TINY
-from vlpretrain.models.pretrained import SAM_PREFIX, SAM_VIT_PREFIX, SIGLIP_PREFIX, hf_llama_key_map
-from vlpretrain.safetensors_stream import save_streaming
+from vlpretrain.checkpoint.pretrained import SAM_PREFIX, SAM_VIT_PREFIX, SIGLIP_PREFIX, hf_llama_key_map
+from vlpretrain.checkpoint.safetensors_stream import save_streaming
 
 
 def test_streamed_file_equals_save_file(tmp_path):
@@ -116,7 +116,7 @@ def test_pretrained_parts_load_into_layouts_and_stream_back_out(demo_dir, pretra
 def test_export_streams_from_a_dcp_checkpoint_and_from_full_weights(demo_dir, tmp_path):
     """``ckpt export`` reads tensor by tensor, no model built: from an intermediate (DCP-only) checkpoint and
     from the final model.safetensors, the HF files hold exactly the checkpoint's LLM tensors."""
-    from vlpretrain.train.checkpoint import read_weights
+    from vlpretrain.checkpoint.weights import read_weights
 
     run = tmp_path / "run"
     sets = [f"data.root={demo_dir}", f"train.run_dir={run}", "train.init_from=", "train.eval_file=",

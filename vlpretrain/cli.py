@@ -73,7 +73,7 @@ def cmd_eval(args: argparse.Namespace, cfg: Config) -> int:
     from vlpretrain.eval.evaluator import Evaluator
     from vlpretrain.parallel.engine import ParallelModel
     from vlpretrain.parallel.mesh import init_parallel, local_device
-    from vlpretrain.train.checkpoint import load_weights
+    from vlpretrain.checkpoint.weights import load_weights
 
     path = args.eval_file or (resolve(cfg.data.root, cfg.train.eval_file) if cfg.train.eval_file else None)
     text = args.eval_text or (resolve(cfg.data.root, cfg.train.eval_text) if cfg.train.eval_text else None)
@@ -106,7 +106,7 @@ def cmd_generate(args: argparse.Namespace, cfg: Config) -> int:
     from vlpretrain.data.tokenizer import TextTokenizer
     from vlpretrain.eval.generate import generate, load_images, prompt_ids
     from vlpretrain.models.vlm import build_model
-    from vlpretrain.train.checkpoint import load_weights
+    from vlpretrain.checkpoint.weights import load_weights
 
     tok = TextTokenizer(resolve(cfg.data.root, cfg.data.tokenizer))
     images = load_images(args.image, cfg.model)
@@ -125,7 +125,7 @@ def cmd_generate(args: argparse.Namespace, cfg: Config) -> int:
 
 
 def cmd_plan(args: argparse.Namespace, cfg: Config) -> int:
-    from vlpretrain.parallel.plan import format_plan, measure_part_times, plan
+    from vlpretrain.plan import format_plan, measure_part_times, plan
 
     measured = None
     try:
@@ -157,7 +157,7 @@ def _step_dir(path_arg: str):
     """A step dir as given, or the newest good one under a checkpoints dir or run dir."""
     from pathlib import Path
 
-    from vlpretrain.train.checkpointer import TRAIN_STATE, find_resumable
+    from vlpretrain.checkpoint.dcp import TRAIN_STATE, find_resumable
 
     path = Path(path_arg)
     return path if (path / TRAIN_STATE).is_file() else find_resumable(path, str(path))
@@ -165,9 +165,9 @@ def _step_dir(path_arg: str):
 
 def cmd_ckpt_inspect(args: argparse.Namespace) -> int:
     from vlpretrain.errors import CheckpointError
-    from vlpretrain.train.checkpoint import WEIGHTS
-    from vlpretrain.train.checkpointer import TRAIN_STATE, verify
-    from vlpretrain.train.integrity import SafeReader
+    from vlpretrain.checkpoint.weights import WEIGHTS
+    from vlpretrain.checkpoint.dcp import TRAIN_STATE, verify
+    from vlpretrain.checkpoint.integrity import SafeReader
 
     step_dir = _step_dir(args.path)
     problem = verify(step_dir)
@@ -198,8 +198,8 @@ def cmd_ckpt_verify(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from vlpretrain.errors import CheckpointError
-    from vlpretrain.train.checkpoint import verified
-    from vlpretrain.train.checkpointer import TRAIN_STATE, step_dirs, verify
+    from vlpretrain.checkpoint.weights import verified
+    from vlpretrain.checkpoint.dcp import TRAIN_STATE, step_dirs, verify
 
     path = Path(args.path)
     if path.is_file():  # a weights file: checked against a manifest beside it, if there is one
@@ -240,8 +240,8 @@ def _export_tokenizer(args: argparse.Namespace, cfg: Config):
 
 
 def cmd_ckpt_export(args: argparse.Namespace, cfg: Config) -> int:
-    from vlpretrain.models.interop import export_deepseek_vl, export_hf_llama
-    from vlpretrain.train.checkpoint import find_weights, verified
+    from vlpretrain.checkpoint.interop import export_deepseek_vl, export_hf_llama
+    from vlpretrain.checkpoint.weights import find_weights, verified
 
     weights = verified(find_weights(args.path))  # checksums first; then streamed tensor by tensor, no model
     export = export_hf_llama if args.format == "hf" else export_deepseek_vl
@@ -259,9 +259,9 @@ def cmd_ckpt_import(args: argparse.Namespace) -> int:
     import yaml
 
     from vlpretrain.config import config_from_dict
-    from vlpretrain.models.interop import import_deepseek_vl
+    from vlpretrain.checkpoint.interop import import_deepseek_vl
     from vlpretrain.models.vlm import build_model
-    from vlpretrain.train.checkpoint import save_checkpoint
+    from vlpretrain.checkpoint.weights import save_checkpoint
 
     model_section, state = import_deepseek_vl(args.path, tokenizer_out=Path(args.out) / "tokenizer.json")
     cfg = config_from_dict({"model": model_section, "train": {"seq_len": model_section.get("max_seq_len", 4096)}})

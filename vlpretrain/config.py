@@ -18,7 +18,7 @@ from typing import Any, Literal, Optional, Union
 import yaml
 
 from vlpretrain.errors import UserError
-from vlpretrain.parallel.stages import microbatch_problem, schedule_problem, split_problem
+from vlpretrain.layout_rules import microbatch_problem, schedule_problem, split_problem
 
 
 class ConfigError(UserError, ValueError):
@@ -496,7 +496,7 @@ def _check(cond: bool, key: str, msg: str) -> None:
 
 
 def _problem(found: tuple[str, str] | None) -> None:
-    """Raise the (key, message) a layout rule of parallel/stages.py found, if any."""
+    """Raise the (key, message) a layout rule of layout_rules.py found, if any."""
     if found is not None:
         _check(False, *found)
 
@@ -593,7 +593,7 @@ def validate(cfg: Config) -> None:
            f"{p.tp} does not divide the attention heads ({m.n_heads} q, {m.kv_heads} kv)")
     _check(m.ffn_dim % p.tp == 0, "parallel.tp", f"{p.tp} does not divide model.ffn_dim={m.ffn_dim}")
     _check(m.vocab_size % p.tp == 0, "parallel.tp", f"{p.tp} does not divide model.vocab_size={m.vocab_size}")
-    _problem(schedule_problem(p.schedule, p.pp, p.vpp))  # the schedule table (parallel/stages.py)
+    _problem(schedule_problem(p.schedule, p.pp, p.vpp))  # the schedule table (layout_rules.py)
     if isinstance(p.dp, int):  # (dp: auto is checked with the world size, by mesh.resolve_layout)
         _problem(microbatch_problem(t.global_batch_size, t.micro_batch_size, p.dp, p.pp, p.vpp, p.schedule))
     # transformer-engine (models/te.py): FP8 runs through it; it composes with dp (FSDP2) and pp, not with our TP

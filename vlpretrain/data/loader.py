@@ -33,9 +33,9 @@ import numpy as np
 import torch
 
 from vlpretrain.config import Config
-from vlpretrain.data.planner import MAX_CONSECUTIVE_BAD, Slot, StepPlan, StepPlanner  # noqa: F401 (re-exported)
+from vlpretrain.data.step_plan import MAX_CONSECUTIVE_BAD, Slot, StepPlan, StepPlanner  # noqa: F401 (re-exported)
 from vlpretrain.data.preprocess import resize_and_pad
-from vlpretrain.data.samples import IGNORE, EncodedSample, SampleEncoder, count_labels
+from vlpretrain.data.encoding import IGNORE, EncodedSample, SampleEncoder, count_labels
 from vlpretrain.data.shards import BadSample
 from vlpretrain.data.sources import Source
 from vlpretrain.data.tokenizer import TextTokenizer

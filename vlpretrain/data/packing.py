@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from vlpretrain.data.samples import IGNORE, EncodedSample
+from vlpretrain.data.encoding import IGNORE, EncodedSample
 
 
 @dataclass

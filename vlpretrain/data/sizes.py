@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from vlpretrain.data.samples import SampleEncoder, count_labels
+from vlpretrain.data.encoding import SampleEncoder, count_labels
 
 log = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ import torch
 
 from vlpretrain.config import Config
 from vlpretrain.data.loader import Microbatch
-from vlpretrain.data.samples import IGNORE
+from vlpretrain.data.encoding import IGNORE
 
 
 def synthetic_microbatches(cfg: Config, seed: int, images_per_sample: int = 2, pad_id: int = 3,

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 import torch
 
 from vlpretrain.data.loader import Microbatch
-from vlpretrain.data.samples import IGNORE
+from vlpretrain.data.encoding import IGNORE
 
 
 @dataclass

@@ -17,10 +17,10 @@ from torch import nn
 from torch.distributed.pipelining import PipelineStage
 from torch.distributed.pipelining import schedules as S
 
-from vlpretrain.parallel import stages
+from vlpretrain import layout_rules
 
-# name -> torch class (None where this torch lacks it), from the one schedule table (parallel/stages.py)
-SCHEDULES = {name: getattr(S, info.torch_class, None) for name, info in stages.SCHEDULES.items()}
+# name -> torch class (None where this torch lacks it), from the one schedule table (layout_rules.py)
+SCHEDULES = {name: getattr(S, info.torch_class, None) for name, info in layout_rules.SCHEDULES.items()}
 
 
 @dataclass(frozen=True)
@@ -45,7 +45,7 @@ def stage_specs(split: list[int]) -> list[StageSpec]:
 
 def stages_of_rank(pp_rank: int, pp: int, vpp: int, schedule: str) -> list[int]:
     """Virtual stages of ``pp_rank``: the schedule table's placement (the one the partitioner plans)."""
-    return stages.stages_of_rank(pp_rank, pp, vpp, schedule)
+    return layout_rules.stages_of_rank(pp_rank, pp, vpp, schedule)
 
 
 def cut_stage(model: nn.Module, spec: StageSpec) -> nn.Module:

@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 
 from vlpretrain.config import Config
-from vlpretrain.models.peaks import CPU_DEFAULT_PEAK, device_peak_tflops  # noqa: F401 - re-exported
+from vlpretrain.hardware import CPU_DEFAULT_PEAK, device_peak_tflops  # noqa: F401 - re-exported
 
 
 def format_duration(seconds: float) -> str:

@@ -24,13 +24,13 @@ from vlpretrain.errors import UserError
 from vlpretrain.eval.evaluator import Evaluator
 from vlpretrain.eval.mcppl import check_eval_file
 from vlpretrain.models.flops import step_flops
-from vlpretrain.models.pretrained import load_pretrained_parts
+from vlpretrain.checkpoint.pretrained import load_pretrained_parts
 from vlpretrain.parallel.engine import ParallelModel
 from vlpretrain.parallel.mesh import init_parallel, local_device, resolve_layout, world_size_from_env
-from vlpretrain.parallel.weights_io import write_full_weights
-from vlpretrain.train.checkpoint import find_weights, load_weights, verified
-from vlpretrain.train.checkpointer import TRAIN_STATE, Checkpointer, find_resumable
-from vlpretrain.train.integrity import check_checkpoint_room
+from vlpretrain.checkpoint.sharded_weights import write_full_weights
+from vlpretrain.checkpoint.weights import find_weights, load_weights, verified
+from vlpretrain.checkpoint.dcp import TRAIN_STATE, Checkpointer, find_resumable
+from vlpretrain.checkpoint.integrity import check_checkpoint_room
 from vlpretrain.train import faults
 from vlpretrain.train.metrics import MetricsLogger, PeakMemory, device_peak_tflops
 from vlpretrain.train.optim import build_optimizer, lr_multiplier
@@ -253,7 +253,7 @@ def _step_mix(cfg: Config):
     p = cfg.parallel
     if p.pp == 1 or p.layer_split != "auto":
         return None
-    from vlpretrain.parallel.mix import measured_mix
+    from vlpretrain.data.step_mix import measured_mix
 
     try:
         return measured_mix(cfg)

@@ -14,11 +14,11 @@ from vlpretrain.config import Config, ConfigError, trainable_parts
 from vlpretrain.data.synthetic import synthetic_microbatches
 from vlpretrain.models.vlm import build_model, set_trainable
 from vlpretrain.errors import UserError
-from vlpretrain.parallel.balance import (EFFICIENCY, PartCost, part_costs, part_names, part_parameters,
+from vlpretrain.parallel.pipeline_cost import (EFFICIENCY, PartCost, part_costs, part_names, part_parameters,
                                          partition_details, peak_tflops, predict, stage_style, uniform_split)
-from vlpretrain.parallel.balance_mix import mix_costs, partition_mix
+from vlpretrain.parallel.pipeline_split_mix import mix_costs, partition_mix
 from vlpretrain.parallel.mesh import resolve_layout
-from vlpretrain.parallel.mix import StepType, assumed_mix, measured_mix
+from vlpretrain.data.step_mix import StepType, assumed_mix, measured_mix
 
 
 # ---------------------------------------------------------------------------------------------------------------

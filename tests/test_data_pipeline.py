@@ -23,8 +23,8 @@ from PIL import Image
 
 from vlpretrain.config import ConfigError, LanguageRatioConfig, load_config
 from vlpretrain.data.loader import DataPipeline
-from vlpretrain.data.sampler import FeistelPermutation, ModalitySchedule, SamplePlanner, WeightedChooser
-from vlpretrain.data.samples import IGNORE
+from vlpretrain.data.sample_order import FeistelPermutation, ModalitySchedule, SamplePlanner, WeightedChooser
+from vlpretrain.data.encoding import IGNORE
 from vlpretrain.data.shards import ShardWriter, index_path
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny"

@@ -24,7 +24,7 @@ import numpy as np
 
 from vlpretrain.config import Config, ConfigError
 from vlpretrain.data.packing import FirstFit
-from vlpretrain.data.sampler import ModalitySchedule, SamplePlanner
+from vlpretrain.data.sample_order import ModalitySchedule, SamplePlanner
 from vlpretrain.data.sizes import SizeTable
 from vlpretrain.data.sources import IndexedSource, Source, load_manifest, open_source
 from vlpretrain.data.tokenizer import TextTokenizer

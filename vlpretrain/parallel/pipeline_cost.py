@@ -4,7 +4,7 @@ The model is a chain of parts ``embed`` (vision towers + adaptor + text embeddin
 ``head``. A layout has ``pp`` ranks x ``vpp`` virtual stages = V virtual stages; virtual stage 0 starts with
 ``embed``, stage V-1 ends with ``head``, and a split is the list of decoder-layer counts per virtual stage
 (sum = n_layers; a 0 only where the stage still holds embed or head, so no stage is empty). Which rank runs
-which virtual stage is the schedule table's placement (``parallel/stages.py``): r, r+pp, ... (looped) or r and
+which virtual stage is the schedule table's placement (``layout_rules.py``): r, r+pp, ... (looped) or r and
 2pp-1-r (V-shaped: ``zbv``, ``dualpipev``), the same table the runtime places stages by.
 
 Megatron and torchtitan split the decoder layers evenly (``uniform_split``) and ignore the first stage's
@@ -54,7 +54,7 @@ from typing import Optional
 from vlpretrain.config import Config, ConfigError, ModelConfig, trainable_parts
 from vlpretrain.models.flops import (adaptor_flops, decoder_layer_flops, head_flops, sam_flops, siglip_flops,
                                      step_flops)
-from vlpretrain.parallel.stages import placement_rank, schedule_info, split_problem
+from vlpretrain.layout_rules import placement_rank, schedule_info, split_problem
 
 EFFICIENCY = 0.4  # fraction of peak FLOP/s the time model assumes for every part (MFU guess)
 NO_GPU_PEAK_TFLOPS = 989.0  # H100 dense bf16: the assumed target when planning on a host without a GPU
@@ -429,7 +429,7 @@ def peak_tflops(cfg: Config) -> float:
     import torch
 
     if torch.cuda.is_available():
-        from vlpretrain.models.peaks import device_peak_tflops
+        from vlpretrain.hardware import device_peak_tflops
 
         return device_peak_tflops(cfg, torch.device("cuda"))
     return NO_GPU_PEAK_TFLOPS

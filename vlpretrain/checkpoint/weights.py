@@ -1,7 +1,7 @@
 """Weight checkpoints in safetensors, written atomically (temp dir -> verify -> rename -> ``latest`` last).
 
 Used for ``init_from`` between stages and for the weights a run leaves behind (multi-process runs stream them
-tensor by tensor: ``parallel/weights_io.py``); ``meta.json`` carries the data state beside them.
+tensor by tensor: ``checkpoint/sharded_weights.py``); ``meta.json`` carries the data state beside them.
 """
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from vlpretrain.errors import CheckpointError
-from vlpretrain.paths import DCP_METADATA, WEIGHTS, find_weights  # noqa: F401  (re-exported)
-from vlpretrain.train.integrity import (MANIFEST, SafeReader, check_file, check_manifest,
+from vlpretrain.checkpoint.paths import DCP_METADATA, WEIGHTS, find_weights  # noqa: F401  (re-exported)
+from vlpretrain.checkpoint.integrity import (MANIFEST, SafeReader, check_file, check_manifest,
                                         hash_files, read_manifest, write_manifest)
 
 
@@ -81,7 +81,7 @@ def verified(found: Path) -> Path:
     if key in _verified:
         return found
     if found.is_dir():
-        from vlpretrain.train.checkpointer import TRAIN_STATE, verify
+        from vlpretrain.checkpoint.dcp import TRAIN_STATE, verify
 
         problem = verify(found) if (found / TRAIN_STATE).is_file() else check_manifest(found)
     else:
@@ -111,7 +111,7 @@ def load_weights(model: nn.Module, path: str | Path) -> list[str]:
     """Load every parameter ``model`` holds (a whole model or one pipeline stage, plain or sharded) from the
     weights at ``path``; returns the checkpoint keys the model does not hold. From DCP shards the load is a
     collective over all ranks (each rank reads what its shards need: any layout)."""
-    from vlpretrain.models.pretrained import TensorSource, copy_checked
+    from vlpretrain.checkpoint.pretrained import TensorSource, copy_checked
 
     file = verified(find_weights(path))
     own = model.state_dict()

@@ -56,7 +56,7 @@ image tag).
 
 Every export is written to a temporary directory beside ``out_dir``, read back (keys and shapes) and then renamed
 into place (an existing ``out_dir`` is replaced only after the new one is complete). The source is a model, a
-state dict in our names, or our weights file / checkpoint dir (``train/checkpoint.py``, read lazily); tensors are
+state dict in our names, or our weights file / checkpoint dir (``checkpoint/weights.py``, read lazily); tensors are
 gathered (DTensor), cast (optional ``dtype``) and written one shard at a time, so a 7B export never holds a second
 copy of the model. Call it on one process with full tensors (DTensors gather collectively).
 """
@@ -77,9 +77,9 @@ from torch import nn
 
 from vlpretrain.config import ModelConfig, config_from_dict
 from vlpretrain.errors import UserError
-from vlpretrain.paths import find_weights
-from vlpretrain.safetensors_stream import save_streaming
-from vlpretrain.models.pretrained import (
+from vlpretrain.checkpoint.paths import find_weights
+from vlpretrain.checkpoint.safetensors_stream import save_streaming
+from vlpretrain.checkpoint.pretrained import (
     TensorSource,
     check_shapes,
     copy_checked,
@@ -330,7 +330,7 @@ def _dcp_entries(step_dir: Path) -> dict[str, _Entry]:
     when it is written: the export never holds more than one tensor."""
     import torch.distributed.checkpoint as dcp
 
-    from vlpretrain.train.integrity import SafeReader
+    from vlpretrain.checkpoint.integrity import SafeReader
 
     meta = SafeReader(str(step_dir)).read_metadata()
 

@@ -29,10 +29,10 @@ import math
 from typing import Optional
 
 from vlpretrain.config import Config, ConfigError
-from vlpretrain.parallel.balance import (PartCost, counts_from_cuts, cuts_from_counts, part_costs, partition,
+from vlpretrain.parallel.pipeline_cost import (PartCost, counts_from_cuts, cuts_from_counts, part_costs, partition,
                                          prefix_sums, stage_bounds, uniform_split, validate_split)
-from vlpretrain.parallel.mix import StepType, assumed_mix
-from vlpretrain.parallel.stages import placement_rank, schedule_info
+from vlpretrain.data.step_mix import StepType, assumed_mix
+from vlpretrain.layout_rules import placement_rank, schedule_info
 
 MAX_NODES = 100_000  # branch-and-bound nodes for vpp > 1 (about a second in Python)
 _TOL = 1e-12

@@ -19,7 +19,7 @@ from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 from vlpretrain.parallel.mesh import ParallelContext
-from vlpretrain.safetensors_stream import StreamingSafetensors
+from vlpretrain.checkpoint.safetensors_stream import StreamingSafetensors
 
 Region = tuple[slice, ...]
 

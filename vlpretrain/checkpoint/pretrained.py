@@ -28,7 +28,7 @@ from safetensors import safe_open
 from torch import nn
 
 from vlpretrain.config import ModelConfig
-from vlpretrain.parallel.weights_io import load_local_
+from vlpretrain.checkpoint.sharded_weights import load_local_
 
 SIGLIP_PREFIX = "embed.vision.siglip.vit."
 SAM_PREFIX = "embed.vision.sam."
