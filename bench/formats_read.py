@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from vlpretrain.config import SourceConfig  # noqa: E402
 from vlpretrain.data.shards import IMAGE_PLACEHOLDER, ShardWriter  # noqa: E402
-from vlpretrain.data.sources import open_source  # noqa: E402
+from vlpretrain.data.manifest import open_source  # noqa: E402
 
 
 def photo(i: int) -> bytes:

@@ -27,7 +27,7 @@ from vlpretrain.config import ConfigError, load_config
 from vlpretrain.data.indexed import IndexedDatasetWriter
 from vlpretrain.data.loader import DataPipeline
 from vlpretrain.data.shards import BadSample, ShardReader, ShardWriter, fingerprint, index_path
-from vlpretrain.data.sources import load_manifest
+from vlpretrain.data.manifest import load_manifest
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "tiny"

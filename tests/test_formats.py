@@ -21,7 +21,8 @@ from vlpretrain.config import SourceConfig, load_config
 from vlpretrain.data import formats
 from vlpretrain.data.loader import DataPipeline
 from vlpretrain.data.shards import decode_image, index_path
-from vlpretrain.data.sources import JsonlSource, ShardSource, open_source
+from vlpretrain.data.manifest import open_source
+from vlpretrain.data.sources import JsonlSource, ShardSource
 from vlpretrain.errors import UserError
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny"

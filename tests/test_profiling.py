@@ -12,7 +12,8 @@ import pytest
 
 from conftest import REPO, TINY
 from vlpretrain.config import ConfigError, load_config
-from vlpretrain.train.profiling import extract_blocks, instrument, theoretical_bubble, uninstrument
+from vlpretrain.layout_rules import theoretical_bubble
+from vlpretrain.train.profiling import extract_blocks, instrument, uninstrument
 
 
 def test_theoretical_bubble():

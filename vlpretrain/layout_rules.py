@@ -110,3 +110,19 @@ def split_problem(split: list, n_layers: int, n_stages: int) -> Optional[str]:
         if c == 0 and 0 < k < n_stages - 1:
             return f"virtual stage {k} has no layer and holds neither embed nor head (split {split})"
     return None
+
+def theoretical_bubble(schedule: str, pp: int, vpp: int, m: int) -> float:
+    """Idle share of a pipeline step in the textbook model (equal stages, no communication cost):
+    1F1B / GPipe (pp-1)/(m+pp-1); interleaved 1F1B (pp-1)/(vpp m+pp-1); zero-bubble (ZB-H1, F = I = W)
+    (pp-1)/(3 vpp m+pp-1); ZB-V and DualPipeV are bubble-free once m >= 2 pp (F = I = W)."""
+    if pp <= 1:
+        return 0.0
+    if schedule in ("1f1b", "gpipe"):
+        return (pp - 1) / (m + pp - 1)
+    if schedule == "interleaved_1f1b":
+        return (pp - 1) / (vpp * m + pp - 1)
+    if schedule == "zero_bubble":
+        return (pp - 1) / (3 * vpp * m + pp - 1)
+    if schedule in ("zbv", "dualpipev"):
+        return 0.0 if m >= 2 * pp else (pp - 1) / (3 * vpp * m + pp - 1)
+    return float("nan")

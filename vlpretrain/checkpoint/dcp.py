@@ -28,7 +28,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_optimizer_state_dict)
 
 from vlpretrain.errors import CheckpointError
-from vlpretrain.checkpoint.weights import WEIGHTS
+from vlpretrain.checkpoint.paths import WEIGHTS
 from vlpretrain.checkpoint.integrity import (MANIFEST, METADATA, SafeReader, check_manifest, describe_write_error,
                                         hash_files, rank_files, read_manifest, write_manifest)
 

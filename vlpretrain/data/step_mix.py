@@ -31,7 +31,7 @@ class StepType:
 
 def _modality_weights(cfg: Config) -> tuple[float, float] | None:
     """(text weight, multimodal weight) of the configured sources, or None when they cannot be read."""
-    from vlpretrain.data.sources import load_manifest
+    from vlpretrain.data.manifest import load_manifest
 
     try:
         sources = load_manifest(cfg.data).sources

@@ -15,7 +15,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
-from vlpretrain.train.profiling import theoretical_bubble
+from vlpretrain.layout_rules import theoretical_bubble
 
 KINDS = {"F": ("forward", "#4c72b0"), "B": ("backward", "#dd8452"), "I": ("backward (input grad)", "#c44e52"),
          "W": ("backward (weight grad)", "#8172b3"), "L": ("loss", "#55a868")}

@@ -25,21 +25,6 @@ _LABEL = re.compile(r"^vlp:([FBIWL]) (\d+) (\d+)$")
 _STEP = re.compile(r"^vlp:step (\d+)$")
 
 
-def theoretical_bubble(schedule: str, pp: int, vpp: int, m: int) -> float:
-    """Idle share of a pipeline step in the textbook model (equal stages, no communication cost):
-    1F1B / GPipe (pp-1)/(m+pp-1); interleaved 1F1B (pp-1)/(vpp m+pp-1); zero-bubble (ZB-H1, F = I = W)
-    (pp-1)/(3 vpp m+pp-1); ZB-V and DualPipeV are bubble-free once m >= 2 pp (F = I = W)."""
-    if pp <= 1:
-        return 0.0
-    if schedule in ("1f1b", "gpipe"):
-        return (pp - 1) / (m + pp - 1)
-    if schedule == "interleaved_1f1b":
-        return (pp - 1) / (vpp * m + pp - 1)
-    if schedule == "zero_bubble":
-        return (pp - 1) / (3 * vpp * m + pp - 1)
-    if schedule in ("zbv", "dualpipev"):
-        return 0.0 if m >= 2 * pp else (pp - 1) / (3 * vpp * m + pp - 1)
-    return float("nan")
 
 
 def pipeline_stages(schedule) -> list:
