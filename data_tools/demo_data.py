@@ -20,6 +20,8 @@ from typing import Any, Iterable
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from vlpretrain.files import write_text_atomic
+
 from .tokenizer import DEFAULT_VOCAB_SIZE, IMAGE_PLACEHOLDER, SPECIAL_TOKEN_IDS, SPECIAL_TOKENS, TOKENIZER_FILE
 from .tokenizer import iter_training_texts, train_tokenizer
 
@@ -380,14 +382,8 @@ def _qa_pairs(meta: Meta) -> list[tuple[str, str, str]]:
 # ----------------------------------------------------------------------------- writing
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    _write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode("utf-8"))
+    write_text_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
 def _save_png(image: Image.Image, path: Path) -> None:
@@ -592,7 +588,7 @@ def generate_demo(out_dir: str | os.PathLike, seed: int = 0, scale: float = 1.0,
                 "images": {"train": len(written) - len(eval_rows), "eval": len(eval_rows)},
                 "image_size": IMAGE_SIZE, "tokenizer": TOKENIZER_FILE, "vocab_size": tokenizer.get_vocab_size(),
                 "special_tokens": dict(SPECIAL_TOKENS), "special_token_ids": dict(SPECIAL_TOKEN_IDS)}
-    _write_atomic(manifest_path, (json.dumps(manifest, ensure_ascii=False, indent=2) + "\n").encode("utf-8"))
+    write_text_atomic(manifest_path, json.dumps(manifest, ensure_ascii=False, indent=2) + "\n")
     if verbose:
         print(f"done: {out} in {time.perf_counter() - t0:.1f}s")
     return manifest

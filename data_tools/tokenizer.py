@@ -12,16 +12,11 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Iterator
 
+from vlpretrain.data.special_tokens import SPECIAL_TOKENS
+
 if TYPE_CHECKING:  # keep `import data_tools` light; tokenizers is imported lazily
     from tokenizers import Tokenizer
 
-# DeepSeek-LLM's bos/eos strings: fullwidth bar U+FF5C and U+2581 (lower one-eighth block).
-SPECIAL_TOKENS: dict[str, str] = {
-    "bos": "<\uff5cbegin\u2581of\u2581sentence\uff5c>",
-    "eos": "<\uff5cend\u2581of\u2581sentence\uff5c>",
-    "image": "<image_placeholder>",
-    "pad": "<pad>",
-}
 SPECIAL_TOKEN_IDS: dict[str, int] = {name: i for i, name in enumerate(SPECIAL_TOKENS)}
 IMAGE_PLACEHOLDER = SPECIAL_TOKENS["image"]
 DEFAULT_VOCAB_SIZE = 2048

@@ -19,7 +19,7 @@ from conftest import TINY
 from vlpretrain.cli import main
 from vlpretrain.config import load_config
 from vlpretrain.errors import CheckpointError
-from vlpretrain.checkpoint.weights import load_weights, read_weights, save_weights
+from vlpretrain.checkpoint.weights import read_weights, save_weights
 from vlpretrain.checkpoint.dcp import Checkpointer, find_resumable, verify
 from vlpretrain.checkpoint.integrity import KEY, MANIFEST, check_checkpoint_room, crc32_file
 from vlpretrain.train.trainer import train

@@ -3,7 +3,6 @@ to do. Each fires through the ``faults`` hook (once per job) or the run dir itse
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import socket
 import subprocess

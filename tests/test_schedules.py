@@ -15,7 +15,7 @@ from vlpretrain.parallel import pipeline_cost
 from vlpretrain import layout_rules
 from vlpretrain.parallel.pipeline_split_mix import expected_step_time, partition_mix, resolve_layer_split
 from vlpretrain.parallel.mesh import resolve_layout
-from vlpretrain.data.step_mix import StepType, assumed_mix
+from vlpretrain.data.step_mix import assumed_mix
 
 
 def test_config_names_every_schedule_in_the_table():

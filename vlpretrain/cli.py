@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 
 from vlpretrain.config import Config, ConfigError, load_config, trainable_parts
 from vlpretrain.errors import UserError
+from vlpretrain.parallel.launch_env import global_rank
 
 
 def _add_config_args(p: argparse.ArgumentParser, positional: bool = False) -> None:
@@ -27,7 +27,7 @@ def cmd_train(args: argparse.Namespace, cfg: Config) -> int:
     from vlpretrain.train.trainer import train
 
     summary = train(cfg)
-    if int(os.environ.get("RANK", "0")) != 0:  # one summary line per job, from rank 0
+    if global_rank() != 0:  # one summary line per job, from rank 0
         return 0
     evals = {k: v for k, v in summary.get("eval", {}).items() if k in ("mcppl_accuracy", "text_bpb", "text_ppl")}
     print(json.dumps({"train": "done", **{k: v for k, v in summary.items() if k != "eval"}, **evals}))
@@ -92,7 +92,7 @@ def cmd_eval(args: argparse.Namespace, cfg: Config) -> int:
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
-    if int(os.environ.get("RANK", "0")) == 0:  # one line per job
+    if global_rank() == 0:  # one line per job
         print(json.dumps({"eval": "mcppl" if "mcppl" in result else "text", "weights": args.weights or "random-init",
                           **result.get("mcppl", {}), **({"text": result["text"]} if "text" in result else {}),
                           "eval_time_s": result["eval_time_s"]}))

@@ -17,6 +17,7 @@ from vlpretrain.errors import UserError
 from vlpretrain.parallel.pipeline_cost import (EFFICIENCY, PartCost, part_costs, part_names, part_parameters,
                                          partition_details, peak_tflops, predict, stage_style, uniform_split)
 from vlpretrain.parallel.pipeline_split_mix import mix_costs, partition_mix
+from vlpretrain.parallel.engine import use_bf16
 from vlpretrain.parallel.mesh import resolve_layout
 from vlpretrain.data.step_mix import StepType, assumed_mix, measured_mix
 
@@ -46,7 +47,7 @@ def measure_part_times(cfg: Config, steps: int = 3, device: str = "cpu", images_
     (mb,), _ = synthetic_microbatches(cfg, seed, images_per_sample, num_samples=cfg.train.micro_batch_size)
     tokens, labels = mb.tokens.to(dev), mb.labels.to(dev)
     images = mb.images.to(dev) if mb.images is not None else None
-    use_bf16 = cfg.train.dtype == "bf16" or (cfg.train.dtype == "auto" and dev.type == "cuda")
+    bf16 = use_bf16(cfg, dev)
     ckpt = cfg.parallel.activation_checkpointing == "full"
     names = part_names(cfg.model.n_layers)
 
@@ -76,7 +77,7 @@ def measure_part_times(cfg: Config, steps: int = 3, device: str = "cpu", images_
             inputs.append(x)
             sync()
             t0 = time.perf_counter()
-            with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=use_bf16):
+            with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=bf16):
                 y = run_part(name, x)
             sync()
             fwd.append(time.perf_counter() - t0)

@@ -27,6 +27,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      get_optimizer_state_dict, set_model_state_dict,
                                                      set_optimizer_state_dict)
 
+from vlpretrain.files import write_text_atomic
 from vlpretrain.errors import CheckpointError
 from vlpretrain.checkpoint.paths import WEIGHTS
 from vlpretrain.checkpoint.integrity import (MANIFEST, METADATA, SafeReader, check_manifest, describe_write_error,
@@ -236,7 +237,7 @@ class Checkpointer:
         if self.is_main and problem is None:
             try:
                 files = {name: entry for _, part in gathered for name, entry in part.items()}
-                _write_atomic(tmp / TRAIN_STATE, json.dumps({"step": step, **train_state}, indent=1))
+                write_text_atomic(tmp / TRAIN_STATE, json.dumps({"step": step, **train_state}, indent=1))
                 files.update(hash_files([tmp / METADATA, tmp / TRAIN_STATE] + ([tmp / WEIGHTS] if weights else [])))
                 write_manifest(tmp, files)
                 bad = verify(tmp, checksums=False)  # just hashed: sizes, names and metadata suffice
@@ -249,7 +250,7 @@ class Checkpointer:
                         shutil.rmtree(old, ignore_errors=True)
                         os.replace(final, old)
                     os.replace(tmp, final)
-                    _write_atomic(self.dir / "latest", final.name)
+                    write_text_atomic(self.dir / "latest", final.name)
                     if old is not None:
                         shutil.rmtree(old, ignore_errors=True)
                     self._prune(final)
@@ -329,7 +330,3 @@ def _check_matches(path: Path, saved: dict, state: dict) -> None:
             f"the same stage: to start a new stage from these weights, set train.init_from={path}")
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from torch.distributed.checkpoint import FileSystemReader
 
+from vlpretrain.files import write_json_atomic
 from vlpretrain.errors import CheckpointError
 
 log = logging.getLogger(__name__)
@@ -97,9 +98,7 @@ def rank_files(step_dir: Path, rank: int) -> list[Path]:
 
 
 def write_manifest(step_dir: Path, files: dict[str, dict]) -> None:
-    tmp = step_dir / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps({"version": 1, "files": dict(sorted(files.items()))}, indent=0))
-    os.replace(tmp, step_dir / MANIFEST)
+    write_json_atomic(step_dir / MANIFEST, {"version": 1, "files": dict(sorted(files.items()))}, compact=False)
 
 
 def read_manifest(step_dir: Path) -> dict[str, dict] | None:

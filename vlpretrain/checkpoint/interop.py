@@ -75,9 +75,10 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from vlpretrain.data.special_tokens import IMAGE_PLACEHOLDER
 from vlpretrain.config import ModelConfig, config_from_dict
 from vlpretrain.errors import UserError
-from vlpretrain.checkpoint.paths import find_weights
+from vlpretrain.checkpoint.paths import WEIGHTS, WEIGHTS_INDEX, find_weights
 from vlpretrain.checkpoint.safetensors_stream import save_streaming
 from vlpretrain.checkpoint.pretrained import (
     TensorSource,
@@ -92,8 +93,7 @@ from vlpretrain.checkpoint.pretrained import (
     sam_key_to_ours,
 )
 
-HF_WEIGHTS = "model.safetensors"
-HF_INDEX = "model.safetensors.index.json"
+HF_WEIGHTS, HF_INDEX = WEIGHTS, WEIGHTS_INDEX
 HINT_KEY = "vlpretrain_model"
 
 DS_HIGH = "vision_model.vision_tower_high.vision_tower."
@@ -518,7 +518,7 @@ PROCESSOR_CONFIG = "processor_config.json"
 TOKENIZER_FILE = "tokenizer.json"
 TOKENIZER_CONFIG = "tokenizer_config.json"
 SPECIAL_TOKENS_MAP = "special_tokens_map.json"
-IMAGE_TAG = "<image_placeholder>"
+IMAGE_TAG = IMAGE_PLACEHOLDER  # the processor's "image_tag"
 
 
 def _tower_normalises(cfg: ModelConfig) -> bool:

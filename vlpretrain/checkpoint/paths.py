@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-WEIGHTS = "model.safetensors"
+WEIGHTS = "model.safetensors"  # ours, and the HF name of a single-file checkpoint
+WEIGHTS_INDEX = "model.safetensors.index.json"  # HF's index of a sharded checkpoint
 DCP_METADATA = ".metadata"
 
 

@@ -27,6 +27,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from vlpretrain.checkpoint.paths import WEIGHTS, WEIGHTS_INDEX
 from vlpretrain.config import ModelConfig
 from vlpretrain.checkpoint.sharded_weights import load_local_
 
@@ -120,11 +121,11 @@ class TensorSource:
         sharded ``model.safetensors.index.json``."""
         p = Path(path)
         if p.is_dir():
-            index = p / "model.safetensors.index.json"
+            index = p / WEIGHTS_INDEX
             if index.is_file():
                 return _open_sharded(index)
-            if (p / "model.safetensors").is_file():
-                return cls.from_safetensors([p / "model.safetensors"], str(p / "model.safetensors"))
+            if (p / WEIGHTS).is_file():
+                return cls.from_safetensors([p / WEIGHTS], str(p / WEIGHTS))
             cands = sorted(p.glob("*.safetensors")) or sorted(
                 [*p.glob("*.bin"), *p.glob("*.pth"), *p.glob("*.pt")])
             if len(cands) != 1:
@@ -286,12 +287,12 @@ def load_hf_llm(model: nn.Module, path: str | Path) -> dict:
     if not cfg_file.is_file():
         raise FileNotFoundError(f"{d}: no config.json (expected a HF LLaMA model directory)")
     check_hf_llm_config(json.loads(cfg_file.read_text()), cfg, str(cfg_file))
-    if (d / "model.safetensors.index.json").is_file():
-        src = _open_sharded(d / "model.safetensors.index.json")
-    elif (d / "model.safetensors").is_file():
-        src = TensorSource.from_safetensors([d / "model.safetensors"], str(d / "model.safetensors"))
+    if (d / WEIGHTS_INDEX).is_file():
+        src = _open_sharded(d / WEIGHTS_INDEX)
+    elif (d / WEIGHTS).is_file():
+        src = TensorSource.from_safetensors([d / WEIGHTS], str(d / WEIGHTS))
     else:
-        raise FileNotFoundError(f"{d}: no model.safetensors or model.safetensors.index.json")
+        raise FileNotFoundError(f"{d}: no {WEIGHTS} or {WEIGHTS_INDEX}")
 
     key_map = hf_llama_key_map(cfg.n_layers)
     ignored = sorted(k for k in src.keys() if k.endswith("rotary_emb.inv_freq"))

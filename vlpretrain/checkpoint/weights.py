@@ -16,17 +16,12 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from vlpretrain.files import write_text_atomic
 from vlpretrain.errors import CheckpointError
 from vlpretrain.checkpoint.paths import DCP_METADATA, WEIGHTS, find_weights  # noqa: F401  (re-exported)
 from vlpretrain.checkpoint.integrity import (MANIFEST, SafeReader, check_file, check_manifest,
                                         hash_files, read_manifest, write_manifest)
 
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _state(model_or_state: nn.Module | dict) -> dict[str, torch.Tensor]:
@@ -63,7 +58,7 @@ def save_checkpoint(model: nn.Module | dict, ckpt_dir: Path, step: int, meta: di
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
-    _atomic_write_text(ckpt_dir / "latest", final.name)
+    write_text_atomic(ckpt_dir / "latest", final.name)
     older = sorted(p for p in ckpt_dir.iterdir() if re.fullmatch(r"step_\d{8}", p.name) and p.name < final.name)
     for p in older[:max(0, len(older) - (keep_last - 1))]:
         shutil.rmtree(p, ignore_errors=True)

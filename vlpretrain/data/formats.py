@@ -43,9 +43,10 @@ from vlpretrain.config import SourceConfig
 from vlpretrain.data.shards import (IMAGE_EXTENSIONS, IMAGE_PLACEHOLDER, BadSample, count_placeholders,
                                     decode_image, fingerprint)
 from vlpretrain.data.sizes import (SizeTable, announce, compute_entries, size_encoder, sizes_key,
-                                   table_from_entries, write_json_atomic)
+                                   table_from_entries, try_write_json_atomic)
 from vlpretrain.data.sources import ShardSource, Source, json_member
 from vlpretrain.errors import UserError
+
 
 LLAVA_ROLES = {"human": "User", "user": "User", "gpt": "Assistant", "assistant": "Assistant"}
 LLAVA_IMAGE = "<image>"
@@ -136,7 +137,7 @@ def _cached_sizes(side: Path, key: str, content: str, n: int) -> SizeTable | Non
 
 
 def _store_sizes(side: Path, key: str, content: str, entries: list) -> None:
-    write_json_atomic(side, {"format": "vlpretrain.sizes", "key": key, "file_hash": content, "samples": entries})
+    try_write_json_atomic(side, {"format": "vlpretrain.sizes", "key": key, "file_hash": content, "samples": entries})
 
 
 def _tagged_key(tokenizer, system_prompt: str, *parts: str) -> str:

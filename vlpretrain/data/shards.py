@@ -49,13 +49,14 @@ import os
 import re
 import tarfile
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Iterable, Iterator, Sequence
 
+from vlpretrain.data.special_tokens import IMAGE_PLACEHOLDER
+from vlpretrain.files import write_json_atomic
 from vlpretrain.errors import UserError
 
 log = logging.getLogger(__name__)
 
-IMAGE_PLACEHOLDER = "<image_placeholder>"  # == vlpretrain.data.tokenizer.IMAGE (not imported: no tokenizers needed)
 INDEX_SUFFIX = ".idx.json"
 INDEX_FORMAT = "vlpretrain.shard-index"
 INDEX_VERSION = 1
@@ -123,12 +124,6 @@ def _split_member(name: str) -> tuple[str | None, str | None]:
     if not match:
         return None, None
     return match.group(1), match.group(2).lower()
-
-
-def _write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # ranks refreshing the same index never collide
-    tmp.write_text(json.dumps(obj, ensure_ascii=False, separators=(",", ":")) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def expand_shards(paths: str | os.PathLike | Iterable[str | os.PathLike]) -> list[Path]:
@@ -261,7 +256,7 @@ def build_index(shard: str | os.PathLike, write: bool = True) -> dict:
     if not index["complete"]:
         log.warning("%s: %s", shard, index["problem"])
     if write:
-        _write_json_atomic(index_path(shard), index)
+        write_json_atomic(index_path(shard), index)
     return index
 
 
@@ -296,7 +291,7 @@ def _load_index(shard: Path, build: bool, write: bool) -> tuple[dict, bool]:
     index = build_index(shard, write=write)
     if stale and not write:
         try:
-            _write_json_atomic(ipath, index)
+            write_json_atomic(ipath, index)
         except OSError:
             pass
     return index, True
@@ -372,7 +367,7 @@ class ShardWriter:
         os.replace(self._tmp, final)
         index = {"format": INDEX_FORMAT, "version": INDEX_VERSION, "shard": final.name, **_stamp(final),
                  "complete": True, "problem": None, "samples": self._index}
-        _write_json_atomic(index_path(final), index)
+        write_json_atomic(index_path(final), index)
         self.bytes_written += index["shard_bytes"]
         self.shards.append(final)
         self._tar = self._file = self._tmp = None

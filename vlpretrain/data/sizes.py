@@ -24,7 +24,6 @@ directory just recomputes them at every start):
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import time
@@ -33,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
+from vlpretrain.files import write_json_atomic
 from vlpretrain.data.encoding import SampleEncoder, count_labels
 
 log = logging.getLogger(__name__)
@@ -98,15 +98,12 @@ def compute_entries(n: int, read_record, encoder: SampleEncoder) -> list:
     return out
 
 
-def write_json_atomic(path: Path, obj) -> bool:
+def try_write_json_atomic(path: Path, obj) -> bool:
     """Best effort (a read-only data directory keeps what it has): True if written."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        tmp.write_text(json.dumps(obj, ensure_ascii=False, separators=(",", ":")) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
+        write_json_atomic(path, obj)
         return True
     except OSError:
-        tmp.unlink(missing_ok=True)
         return False
 
 

@@ -27,9 +27,8 @@ from vlpretrain.data.indexed import IndexedDataset
 from vlpretrain.data.preprocess import load_image
 from vlpretrain.data.shards import BadSample, ShardReader, decode_image, index_path
 from vlpretrain.data.sizes import (SizeTable, announce, chunk_id_range, compute_entries, idx_fingerprint,
-                                   size_encoder, sizes_key, table_from_entries, write_json_atomic)
+                                   size_encoder, sizes_key, table_from_entries, try_write_json_atomic)
 from vlpretrain.errors import UserError
-
 
 
 def json_member(reader: ShardReader, i: int, shard, key: str) -> dict:
@@ -98,7 +97,7 @@ class JsonlSource(Source):
             pass
         t0 = time.perf_counter()
         entries = compute_entries(len(self), self.record, size_encoder(tokenizer, system_prompt))
-        write_json_atomic(side, {"format": "vlpretrain.sizes", "key": key, "file_hash": self.content_hash,
+        try_write_json_atomic(side, {"format": "vlpretrain.sizes", "key": key, "file_hash": self.content_hash,
                                  "samples": entries})
         announce(self.name, len(self), t0)
         return table_from_entries(entries)
@@ -166,7 +165,7 @@ class ShardSource(Source):
             part = compute_entries(n, lambda j: self.record(start + j), encoder)
             entries += part
             computed += n
-            write_json_atomic(index_path(reader.paths[s]), {**index, "sizes": {"key": key, "samples": part}})
+            try_write_json_atomic(index_path(reader.paths[s]), {**index, "sizes": {"key": key, "samples": part}})
         if computed:
             announce(self.name, computed, t0)
         return table_from_entries(entries)

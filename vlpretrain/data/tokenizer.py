@@ -6,12 +6,9 @@ from pathlib import Path
 
 from tokenizers import Tokenizer
 
+from vlpretrain.data.special_tokens import BOS, EOS, PAD
+from vlpretrain.data.special_tokens import IMAGE_PLACEHOLDER as IMAGE
 from vlpretrain.errors import UserError
-
-BOS = "<｜begin▁of▁sentence｜>"
-EOS = "<｜end▁of▁sentence｜>"
-IMAGE = "<image_placeholder>"
-PAD = "<pad>"
 
 
 class TextTokenizer:

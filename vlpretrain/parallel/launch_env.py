@@ -105,6 +105,12 @@ def _int(v: str | None) -> int:
     return int(v) if v and v.isdigit() else 0
 
 
+def global_rank() -> int:
+    """This process's global rank before (or without) a process group: torchrun's RANK, else srun's
+    SLURM_PROCID, else 0 (one process)."""
+    return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
+
+
 def apply_launch_env() -> None:
     """Fill torchrun's variables from Slurm's when this process was started by srun without them (idempotent)."""
     if "RANK" in os.environ or not in_slurm_step():

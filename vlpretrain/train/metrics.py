@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -11,6 +10,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from vlpretrain.files import write_text_atomic
 from vlpretrain.config import Config
 from vlpretrain.hardware import CPU_DEFAULT_PEAK, device_peak_tflops  # noqa: F401 - re-exported
 
@@ -39,9 +39,7 @@ def truncate_after(path: Path, step: int) -> None:
         keep.append(line if line.endswith("\n") else line + "\n")
     if len(keep) == len(lines) and all(a == b for a, b in zip(keep, lines)):
         return
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(keep), encoding="utf-8")
-    os.replace(tmp, path)
+    write_text_atomic(path, "".join(keep))
 
 
 def eval_record(step: int, results: dict) -> dict:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import base64
 import json
 import math
-import os
 import time
 from pathlib import Path
 
@@ -26,6 +25,7 @@ from vlpretrain.eval.mcppl import check_eval_file
 from vlpretrain.models.flops import step_flops
 from vlpretrain.checkpoint.pretrained import load_pretrained_parts
 from vlpretrain.parallel.engine import ParallelModel
+from vlpretrain.parallel.launch_env import global_rank
 from vlpretrain.parallel.mesh import init_parallel, local_device, resolve_layout, world_size_from_env
 from vlpretrain.checkpoint.sharded_weights import write_full_weights
 from vlpretrain.checkpoint.weights import find_weights, load_weights, verified
@@ -62,7 +62,7 @@ def _check_inputs(cfg: Config) -> tuple[TextTokenizer, tuple[Path | None, Path |
     resume = None
     if cfg.checkpoint.resume:  # checked on every rank alike (a shared file system): the same answer everywhere
         resume = find_resumable(checkpoint_dir(cfg), cfg.checkpoint.resume,
-                                move_damaged=_global_rank() == 0)  # one rank moves them aside
+                                move_damaged=global_rank() == 0)  # one rank moves them aside
     check_checkpoint_room(cfg, checkpoint_dir(cfg), Path(tc.run_dir))  # writable, room: not at the first save
     for key in ("llm", "siglip", "sam"):
         path = getattr(tc.pretrained, key)
@@ -81,16 +81,12 @@ def train(cfg: Config) -> dict:
         tokenizer, eval_paths, init_file, resume = _check_inputs(cfg)
         run_dir = Path(cfg.train.run_dir)
         lock = RunDirLock(run_dir)
-        if _global_rank() == 0:  # before any process group: a second job on this run dir stops here
+        if global_rank() == 0:  # before any process group: a second job on this run dir stops here
             lock.acquire()
         try:
             return _train(cfg, tokenizer, eval_paths, init_file, resume, lock)
         finally:
             lock.release()
-
-
-def _global_rank() -> int:
-    return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
 
 
 def _train(cfg: Config, tokenizer, eval_paths, init_file, resume, lock: RunDirLock) -> dict:
