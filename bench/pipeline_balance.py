@@ -11,14 +11,14 @@ explicit ``parallel.layer_split`` lists, each running its own pipeline schedule 
 
 * ``uniform``: the Megatron/torchtitan split;
 * ``mm_only``: the previous ``auto``, balancing one multimodal step (``balance.partition_details``);
-* ``mix``: the mix-aware ``auto`` (``balance_mix.partition_mix``) over this run's step types, the images per
+* ``mix``: the mix-aware ``auto`` (``pipeline_split_mix.partition_mix``) over this run's step types, the images per
   microbatch counted from the very rows the bench runs.
 
 After a warm-up (one text and one multimodal step each), the splits run interleaved (A B C A B C ...); a
 repeat is the same 10 steps (fixed order, 7 text and 3 multimodal) for every split; we time forward + backward
 of the whole pipeline step (the optimizer step is not part of the cost model and is left out). Reported per
 split: the median and min-max over repeats of the mean step time, the predicted expected step time
-(``balance_mix.expected_step_time`` on the part costs, calibrated with ONE factor: the uniform run's measured /
+(``pipeline_split_mix.expected_step_time`` on the part costs, calibrated with ONE factor: the uniform run's measured /
 predicted), and the prediction error. The part costs are measured on this machine first (``--costs measured``,
 what ``vlpretrain plan --measure`` does; the default) or the FLOP model (``--costs flops``: its flat efficiency
 overprices the large head against small CPU matmuls, so its splits are not the best ones here).
@@ -102,7 +102,7 @@ def plan_splits(pp: int, costs: str = "measured") -> dict:
     (H100 peak, uncalibrated: only ratios matter). The multimodal-only and mix-aware splits use the same costs."""
     from vlpretrain.config import config_from_dict
     from vlpretrain.data.synthetic import synthetic_microbatches
-    from vlpretrain.parallel.pipeline_cost import partition_details, stage_style, uniform_split
+    from vlpretrain.parallel.pipeline_split import partition_details, stage_style, uniform_split
     from vlpretrain.parallel.pipeline_split_mix import expected_step_time, mix_costs, partition_mix
     from vlpretrain.parallel.mesh import resolve_layout
     from vlpretrain.data.step_mix import StepType

@@ -17,8 +17,9 @@ from vlpretrain.cli import main
 from vlpretrain.config import ConfigError, load_config, trainable_parts
 from vlpretrain.models.flops import step_flops
 from vlpretrain.models.vlm import build_model  # noqa: F401 - import timm before anything is timed
-from vlpretrain.parallel import pipeline_cost
-from vlpretrain.parallel.pipeline_cost import part_costs, partition, partition_details, predict, uniform_split, validate_split
+from vlpretrain.parallel import pipeline_cost, pipeline_split
+from vlpretrain.parallel.pipeline_cost import part_costs, predict
+from vlpretrain.parallel.pipeline_split import partition, partition_details, uniform_split, validate_split
 from vlpretrain.parallel.pipeline_split_mix import resolve_layer_split as _resolve
 from vlpretrain.parallel.mesh import resolve_layout
 from vlpretrain.plan import measure_part_times, plan
@@ -66,7 +67,7 @@ def _brute(costs: list[float], n_stages: int, pp: int, style: str = "loop") -> t
 
 def _rank_max(costs, split, pp, style="loop"):
     loads = [0.0] * pp
-    for k, (a, e) in enumerate(pipeline_cost.stage_bounds(split)):
+    for k, (a, e) in enumerate(pipeline_split.stage_bounds(split)):
         loads[placement_rank(k, pp, style)] += sum(costs[a:e])
     return max(loads)
 
@@ -239,7 +240,7 @@ def test_explicit_split_passthrough_and_validation():
 
 def test_measured_times_override_model():
     cfg = load_config(TINY / "stage2.yaml", ["parallel.pp=2"])
-    names = pipeline_cost.part_names(cfg.model.n_layers)
+    names = pipeline_split.part_names(cfg.model.n_layers)
     measured = {n: 1.0 for n in names}
     measured["embed"] = 3.0
     costs = part_costs(cfg, measured=measured)
@@ -262,8 +263,8 @@ def test_predict_schedules():
     p64 = _predict(cfg, split, costs, world_size=64)  # dp = 64 / 4 = 16
     assert p64["dp"] == 16 and p64["n_microbatches"] == n_mb // 16
     # 1F1B: rank r keeps pp - r microbatches in flight
-    act = [sum(c.activation_bytes for c in costs[a:e]) for a, e in pipeline_cost.stage_bounds(split)]
-    static = [sum(c.static_bytes for c in costs[a:e]) for a, e in pipeline_cost.stage_bounds(split)]
+    act = [sum(c.activation_bytes for c in costs[a:e]) for a, e in pipeline_split.stage_bounds(split)]
+    static = [sum(c.static_bytes for c in costs[a:e]) for a, e in pipeline_split.stage_bounds(split)]
     assert p["stage_memory"] == pytest.approx([static[r] + (4 - r) * act[r] for r in range(4)])
     gp = _predict(_cfg(2, "parallel.pp=4", "parallel.schedule=gpipe"), split, costs, world_size=64)
     assert all(g > m for g, m in zip(gp["stage_memory"], p64["stage_memory"]))
@@ -275,7 +276,7 @@ def test_predict_schedules():
     icfg = _cfg(2, "parallel.pp=2", "parallel.vpp=2", "parallel.schedule=interleaved_1f1b",
                 "model.n_layers=10", "train.global_batch_size=16")
     flat = [pipeline_cost.PartCost(name=n, time_s=1.0, memory_bytes=0.0, flops=0.0)
-            for n in pipeline_cost.part_names(10)]
+            for n in pipeline_split.part_names(10)]
     ip = _predict(icfg, [2, 3, 3, 2], flat)  # every virtual stage costs 3
     assert ip["stage_time"] == [6.0, 6.0]
     assert ip["step_time"] == pytest.approx((16 + 1 / 2) * 6.0)
@@ -323,7 +324,7 @@ def one_thread():
 def test_measure_part_times_tiny(one_thread):
     cfg = load_config(TINY / "stage2.yaml", ["train.micro_batch_size=2", "train.seq_len=64", "parallel.pp=2"])
     times = measure_part_times(cfg, steps=1)
-    assert list(times) == pipeline_cost.part_names(cfg.model.n_layers)
+    assert list(times) == pipeline_split.part_names(cfg.model.n_layers)
     assert all(t > 0 for t in times.values())
     assert len({times[n] for n in times if n.startswith("layers.")}) == 1  # identical blocks: one pooled time
     result = plan(cfg, measured=times)

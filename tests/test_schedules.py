@@ -1,5 +1,5 @@
 """One schedule table (layout_rules.py) for config checks, layout, partitioner and runtime; the mix-aware
-partitioner (balance_mix.py) against brute force; the V-shaped placement bug of the old partitioner."""
+partitioner (pipeline_split_mix.py) against brute force; the V-shaped placement bug of the old partitioner."""
 from __future__ import annotations
 
 import itertools
@@ -11,7 +11,7 @@ import pytest
 from conftest import TINY
 from vlpretrain.config import ParallelConfig, load_config
 from vlpretrain.parallel import pipeline
-from vlpretrain.parallel import pipeline_cost
+from vlpretrain.parallel import pipeline_cost, pipeline_split
 from vlpretrain import layout_rules
 from vlpretrain.parallel.pipeline_split_mix import expected_step_time, partition_mix, resolve_layer_split
 from vlpretrain.parallel.mesh import resolve_layout
@@ -34,19 +34,19 @@ def test_partitioner_loads_equal_runtime_placement(schedule):
                                              f"parallel.schedule={schedule}"])
     lay = resolve_layout(cfg, pp)
     costs = [pipeline_cost.PartCost(name=n, time_s=t, memory_bytes=0.0, flops=0.0)
-             for n, t in zip(pipeline_cost.part_names(4), [5.0, 1.0, 1.5, 2.0, 2.5, 2.0])]
+             for n, t in zip(pipeline_split.part_names(4), [5.0, 1.0, 1.5, 2.0, 2.5, 2.0])]
     times = [c.time_s for c in costs]
     split = list(lay.split)
-    runtime = [sum(sum(times[a:e]) for k, (a, e) in enumerate(pipeline_cost.stage_bounds(split))
+    runtime = [sum(sum(times[a:e]) for k, (a, e) in enumerate(pipeline_split.stage_bounds(split))
                    if k in pipeline.stages_of_rank(r, pp, vpp, schedule)) for r in range(pp)]
     assert [lay.stages_of_rank(r) for r in range(pp)] == [pipeline.stages_of_rank(r, pp, vpp, schedule)
                                                           for r in range(pp)]
     pred = pipeline_cost.predict(cfg, split, costs, lay.n_microbatches)
     assert pred["stage_time"] == pytest.approx(runtime)
-    det = pipeline_cost.partition_details(times, pp * vpp, pp, pipeline_cost.stage_style(schedule))
-    planned = [sum(sum(times[a:e]) for k, (a, e) in enumerate(pipeline_cost.stage_bounds(det["split"]))
+    det = pipeline_split.partition_details(times, pp * vpp, pp, pipeline_split.stage_style(schedule))
+    planned = [sum(sum(times[a:e]) for k, (a, e) in enumerate(pipeline_split.stage_bounds(det["split"]))
                    if layout_rules.rank_of_stage(k, pp, schedule) == r) for r in range(pp)]
-    runtime = [sum(sum(times[a:e]) for k, (a, e) in enumerate(pipeline_cost.stage_bounds(det["split"]))
+    runtime = [sum(sum(times[a:e]) for k, (a, e) in enumerate(pipeline_split.stage_bounds(det["split"]))
                    if k in pipeline.stages_of_rank(r, pp, vpp, schedule)) for r in range(pp)]
     assert planned == pytest.approx(runtime) and max(runtime) == pytest.approx(det["value"])
 
@@ -56,9 +56,9 @@ def test_v_schedules_planned_as_v():
     looped and picked [0, 3, 3, 2] (V loads 9 and 6); [0, 3, 4, 1] gives 8 and 7."""
     costs = [5.0] + [1.0] * 8 + [2.0]
     for schedule in ("zbv", "dualpipev"):
-        assert pipeline_cost.partition(costs, 4, 2, pipeline_cost.stage_style(schedule)) == [0, 3, 4, 1]
+        assert pipeline_split.partition(costs, 4, 2, pipeline_split.stage_style(schedule)) == [0, 3, 4, 1]
         assert partition_mix([costs], [1.0], 4, 2, schedule, 8)["split"] == [0, 3, 4, 1]
-    assert pipeline_cost.partition(costs, 4, 2, pipeline_cost.stage_style("interleaved_1f1b")) == [0, 3, 3, 2]
+    assert pipeline_split.partition(costs, 4, 2, pipeline_split.stage_style("interleaved_1f1b")) == [0, 3, 3, 2]
 
 
 def _brute_mix(types, shares, v, pp, schedule, n_mb):
@@ -105,7 +105,7 @@ def test_mix_aware_beats_max_of_expected_loads():
     shares = [0.7, 0.3]
     det = partition_mix([text, mm], shares, 2, 2, "1f1b", 8)
     mean = [0.7 * a + 0.3 * b for a, b in zip(text, mm)]
-    for other in (pipeline_cost.partition(mean, 2, 2), pipeline_cost.partition(mm, 2, 2), pipeline_cost.partition(text, 2, 2)):
+    for other in (pipeline_split.partition(mean, 2, 2), pipeline_split.partition(mm, 2, 2), pipeline_split.partition(text, 2, 2)):
         assert det["value"] <= expected_step_time(other, [text, mm], shares, 2, "1f1b", 8) + 1e-9
 
 

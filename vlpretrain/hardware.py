@@ -1,5 +1,5 @@
 """Dense bf16 peak TFLOP/s per device (vendor datasheets): the MFU denominator and the pipeline cost model's
-time scale. Below both train/ (metrics) and parallel/ (balance), so neither imports the other for it."""
+time scale. Below both train/ (metrics) and parallel/ (pipeline_cost), so neither imports the other for it."""
 from __future__ import annotations
 
 import torch

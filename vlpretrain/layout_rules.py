@@ -3,7 +3,7 @@
 A schedule is named in ``parallel.schedule``; the table says which ``torch.distributed.pipelining`` class runs
 it, how virtual stages are placed on ranks, how many virtual stages per rank it takes and how large its
 fill/drain bubble is. Config checks (``config.validate``), the layout (``mesh.resolve_layout``), the
-partitioner and the predictor (``balance``) and the runtime (``pipeline.stages_of_rank``) all read it, so the
+partitioner and the predictor (``pipeline_split``, ``pipeline_cost``) and the runtime (``pipeline.stages_of_rank``) all read it, so the
 placement the partitioner plans is the placement that runs.
 
 Placements (V = pp x vpp virtual stages):

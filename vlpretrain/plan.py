@@ -1,6 +1,6 @@
 """``vlpretrain plan``: the uniform split, the multimodal-only balance and the mix-aware one (``layer_split:
 auto``) side by side, over the run's step mix (read from the data when it is there), from the cost model of
-``balance.py`` or from per-part times measured on this machine (``--measure``)."""
+``pipeline_cost.py`` or from per-part times measured on this machine (``--measure``)."""
 from __future__ import annotations
 
 import statistics
@@ -14,8 +14,8 @@ from vlpretrain.config import Config, ConfigError, trainable_parts
 from vlpretrain.data.synthetic import synthetic_microbatches
 from vlpretrain.models.vlm import build_model, set_trainable
 from vlpretrain.errors import UserError
-from vlpretrain.parallel.pipeline_cost import (EFFICIENCY, PartCost, part_costs, part_names, part_parameters,
-                                         partition_details, peak_tflops, predict, stage_style, uniform_split)
+from vlpretrain.parallel.pipeline_cost import EFFICIENCY, PartCost, part_costs, part_parameters, peak_tflops, predict
+from vlpretrain.parallel.pipeline_split import part_names, partition_details, stage_style, uniform_split
 from vlpretrain.parallel.pipeline_split_mix import mix_costs, partition_mix
 from vlpretrain.parallel.engine import use_bf16
 from vlpretrain.parallel.mesh import resolve_layout

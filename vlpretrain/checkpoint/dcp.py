@@ -166,7 +166,7 @@ class Checkpointer:
 
     def save(self, step: int, train_state: dict, weights: Callable[[Path], Exception | None] | None = None) -> Path:
         """Collective. ``weights(path)``: a collective that writes the full weights beside the shards as
-        model.safetensors (``weights_io.write_full_weights``) and returns this rank's write error or None.
+        model.safetensors (``sharded_weights.write_full_weights``) and returns this rank's write error or None.
         With ``async_save`` the shards are staged in memory and written in the background while training goes
         on; the checkpoint is verified and published (renamed, ``latest``) by the next save or ``wait()``.
         A write failure (disk full, not writable) raises CheckpointError on every rank after the partial

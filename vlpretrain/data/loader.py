@@ -1,6 +1,6 @@
 """From sources to fixed-shape global steps: one modality per step, layout-independent, resumable.
 
-Every rank plans the whole global step with the same deterministic ``StepPlanner`` (``planner.py``), from
+Every rank plans the whole global step with the same deterministic ``StepPlanner`` (``step_plan.py``), from
 per-sample SIZES only (``sizes.py``: tokens, supervised labels, images, or why the sample is bad): which
 samples, in which order, in which packed row, which draws are skipped. So the global sample sequence, the loss
 denominator and the sample digest are the same for any dp size and worker count, and planning never reads

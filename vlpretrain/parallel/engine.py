@@ -1,8 +1,8 @@
 """This rank's share of the model under a (dp, tp, pp, vpp) layout, and one optimizer step's forward/backward.
 
 Order of application, as in torchtitan: cut pipeline stages (meta device), then ``parallelize_part`` on each:
-tensor parallel (+ image split) -> activation checkpointing -> compile -> FSDP2 -> materialise and initialise. With every degree 1 this is the plain
-single-process model and loop: the same code path, no collective.
+tensor parallel (+ image split) -> activation checkpointing -> compile -> FSDP2 -> materialise and initialise.
+With every degree 1 this is the plain single-process model and loop: the same code path, no collective.
 """
 from __future__ import annotations
 
@@ -18,7 +18,8 @@ from vlpretrain.config import Config, trainable_parts
 from vlpretrain.models.init import initial_values
 from vlpretrain.models.te import enable_fp8
 from vlpretrain.models.vlm import build_model, set_trainable
-from vlpretrain.parallel.fsdp import (apply_activation_checkpointing, apply_fsdp, keep_gathered_between_microbatches,
+from vlpretrain.parallel.activation_checkpointing import apply_activation_checkpointing
+from vlpretrain.parallel.fsdp import (apply_fsdp, keep_gathered_between_microbatches,
                                       prepare_unsharded_params, reshard_all)
 from vlpretrain.parallel.mesh import ParallelContext
 from vlpretrain.parallel.pipeline import PackedStage, build_schedule, cut_stage, run_microbatches, stage_specs

@@ -54,7 +54,7 @@ def _fail(key: str, msg: str) -> None:
 def resolve_layout(cfg: Config, world_size: int | None = None, mix=None) -> Layout:
     """Check the parallel layout against the world size and derive it: ``dp: auto``, the microbatch count and
     the layer split (``parallel.layer_split``: ``auto`` balances the expected step over ``mix``, a list of
-    ``balance.StepType``, default ``balance.assumed_mix(cfg)``). ``world_size`` None: planning without a job
+    ``step_mix.StepType``, default ``step_mix.assumed_mix(cfg)``). ``world_size`` None: planning without a job
     (dp: auto counts as 1). Raises ConfigError."""
     p, t = cfg.parallel, cfg.train
     if world_size is None:

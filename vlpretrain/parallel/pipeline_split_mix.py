@@ -1,6 +1,6 @@
 """Layer splits balanced over the run's step mix: ``layer_split: auto``.
 
-A run sees several step types (``mix.StepType``): with modality grouping, text-only steps (no vision work in
+A run sees several step types (``step_mix.StepType``): with modality grouping, text-only steps (no vision work in
 the first stage) and multimodal ones; their per-part costs differ only in ``embed``. The expected step time of
 a split is the share-weighted sum of each type's ``predict`` step time,
 
@@ -29,8 +29,9 @@ import math
 from typing import Optional
 
 from vlpretrain.config import Config, ConfigError
-from vlpretrain.parallel.pipeline_cost import (PartCost, counts_from_cuts, cuts_from_counts, part_costs, partition,
-                                         prefix_sums, stage_bounds, uniform_split, validate_split)
+from vlpretrain.parallel.pipeline_cost import PartCost, part_costs
+from vlpretrain.parallel.pipeline_split import (counts_from_cuts, cuts_from_counts, partition, prefix_sums,
+                                                stage_bounds, uniform_split, validate_split)
 from vlpretrain.data.step_mix import StepType, assumed_mix
 from vlpretrain.layout_rules import placement_rank, schedule_info
 
@@ -234,7 +235,7 @@ def partition_mix(type_times: list[list[float]], shares: list[float], n_stages: 
 def resolve_layer_split(cfg: Config, n_microbatches: int, mix: Optional[list[StepType]] = None,
                         measured: dict[str, float] | None = None, images_per_sample: float = 1.0) -> list[int]:
     """``parallel.layer_split`` -> decoder-layer counts per virtual stage. ``auto``: ``partition_mix`` over
-    ``mix`` (default ``mix.assumed_mix(cfg, images_per_sample)``)."""
+    ``mix`` (default ``step_mix.assumed_mix(cfg, images_per_sample)``)."""
     par, n = cfg.parallel, cfg.model.n_layers
     v = par.pp * par.vpp
     ls = par.layer_split
