@@ -147,3 +147,22 @@ def test_every_figure_loads_in_chromium(long_report, tmp_path):
     (broken / "lr.png").unlink()
     widths = _loaded_widths(chromium, broken / "index.html", tmp_path / "profile2")
     assert widths["lr.png"] == 0 and widths["loss.png"] > 0
+
+
+def test_language_share_drawn_only_for_runs_that_schedule_it(tmp_path):
+    """A mixed-modality run (stage 1 or 3: no language:multimodal schedule, target logged as null) gets no
+    target line; a report of such runs alone has no language-share figure."""
+    from vlpretrain.report.data import load_run
+    from vlpretrain.report.figures import fig_language_share
+
+    grouped, mixed = tmp_path / "stage2", tmp_path / "stage3"
+    write_synthetic_run(grouped, 50, evals=False)
+    write_synthetic_run(mixed, 50, evals=False)
+    lines = [json.loads(x) for x in (mixed / "metrics.jsonl").read_text().splitlines()]
+    (mixed / "metrics.jsonl").write_text("".join(json.dumps({**r, "language_ratio_target": None}) + "\n"
+                                                 for r in lines))
+    assert fig_language_share([load_run(mixed)]) is None
+    fig = fig_language_share([load_run(grouped), load_run(mixed)])
+    labels = [line.get_label() for line in fig.axes[0].get_lines()]
+    assert any(lbl.startswith("stage2 target") for lbl in labels)
+    assert not any(lbl.startswith("stage3") for lbl in labels), labels

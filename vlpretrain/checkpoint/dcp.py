@@ -30,7 +30,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 from vlpretrain.files import write_text_atomic
 from vlpretrain.errors import CheckpointError
 from vlpretrain.checkpoint.paths import WEIGHTS
-from vlpretrain.checkpoint.integrity import (MANIFEST, METADATA, SafeReader, check_manifest, describe_write_error,
+from vlpretrain.checkpoint.integrity import (MANIFEST, load_dcp, single_process_quiet, METADATA, SafeReader, check_manifest, describe_write_error,
                                         hash_files, rank_files, read_manifest, write_manifest)
 
 log = logging.getLogger(__name__)
@@ -184,12 +184,14 @@ class Checkpointer:
         self._raise_any([problem], tmp)
         no_dist = not dist.is_initialized()
         if self.async_save and weights is None:
-            future = dcp.async_save(self._state(), storage_writer=_writer(tmp), process_group=self._group,
-                                    no_dist=no_dist)
+            with single_process_quiet():
+                future = dcp.async_save(self._state(), storage_writer=_writer(tmp), process_group=self._group,
+                                        no_dist=no_dist)
             self._pending = (future, step, train_state, tmp, final)
             return final
         try:
-            dcp.save(self._state(), storage_writer=_writer(tmp), no_dist=no_dist)
+            with single_process_quiet():
+                dcp.save(self._state(), storage_writer=_writer(tmp), no_dist=no_dist)
             problem = None
         except (Exception, CheckpointException) as e:  # noqa: BLE001 - one line, after cleaning up, below
             problem = describe_write_error(e, tmp)
@@ -284,7 +286,7 @@ class Checkpointer:
         meta = SafeReader(str(path)).read_metadata()  # checksum, then the restricted unpickler
         state = self._state()  # templates in this layout: DCP fills them, resharding as needed
         _check_matches(path, meta.state_dict_metadata, state)
-        dcp.load(state, storage_reader=SafeReader(str(path)), no_dist=not dist.is_initialized())
+        load_dcp(state, path)
         for m, opt in zip(self.modules, self.optimizers):
             own_model = get_model_state_dict(m)
             set_model_state_dict(m, {k: v for k, v in state["model"].items() if k in own_model})

@@ -10,17 +10,21 @@ only the few classes DCP metadata is made of, after its checksum matched.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import logging
 import os
 import pickle
 import shutil
+import warnings
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader
 
 from vlpretrain.files import write_json_atomic
@@ -231,6 +235,23 @@ class SafeReader(FileSystemReader):
 
 def read_metadata(step_dir: Path):
     return SafeReader(str(step_dir)).read_metadata()
+
+
+@contextlib.contextmanager
+def single_process_quiet():
+    """DCP without a process group warns on every call that it assumes one process: that is our single-process
+    path by design (tests, ``ckpt`` tools, one-process runs), so the warning is not shown to users."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"torch\.distributed is (disabled, )?unavailable or uninitialized")
+        yield
+
+
+def load_dcp(state: dict, step_dir: str | Path, no_dist: bool | None = None) -> None:
+    """Fill ``state`` (templates in this layout) from a DCP checkpoint through ``SafeReader`` (checksums, no
+    code run). ``no_dist`` None: without a process group only."""
+    no_dist = not dist.is_initialized() if no_dist is None else no_dist
+    with single_process_quiet():
+        dcp.load(state, storage_reader=SafeReader(str(step_dir)), no_dist=no_dist)
 
 
 # ---- disk: room at start-up, one line for write failures

@@ -19,7 +19,7 @@ from torch import nn
 from vlpretrain.files import write_text_atomic
 from vlpretrain.errors import CheckpointError
 from vlpretrain.checkpoint.paths import DCP_METADATA, WEIGHTS, find_weights  # noqa: F401  (re-exported)
-from vlpretrain.checkpoint.integrity import (MANIFEST, SafeReader, check_file, check_manifest,
+from vlpretrain.checkpoint.integrity import (MANIFEST, load_dcp, SafeReader, check_file, check_manifest,
                                         hash_files, read_manifest, write_manifest)
 
 
@@ -90,7 +90,6 @@ def verified(found: Path) -> Path:
 
 def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
     """Full weights (CPU tensors, our parameter names) from a safetensors file or a DCP checkpoint; one process."""
-    import torch.distributed.checkpoint as dcp
 
     found = verified(find_weights(path))
     if found.is_file():
@@ -98,7 +97,7 @@ def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
     meta = SafeReader(str(found)).read_metadata()
     template = {k: torch.empty(m.size, dtype=m.properties.dtype)
                 for k, m in meta.state_dict_metadata.items() if k.startswith("model.") and hasattr(m, "size")}
-    dcp.load(template, storage_reader=SafeReader(str(found)), no_dist=True)
+    load_dcp(template, found, no_dist=True)
     return {k[len("model."):]: v for k, v in template.items()}
 
 
@@ -125,8 +124,6 @@ def load_weights(model: nn.Module, path: str | Path) -> list[str]:
 
 
 def _load_dcp_weights(model: nn.Module, step_dir: Path) -> list[str]:
-    import torch.distributed as dist
-    import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 
     meta = SafeReader(str(step_dir)).read_metadata()
@@ -141,6 +138,6 @@ def _load_dcp_weights(model: nn.Module, step_dir: Path) -> list[str]:
             raise CheckpointError(f"{step_dir}: shape mismatch for {k}: {tuple(m.size)} in the checkpoint, "
                                   f"{tuple(v.shape)} here")
     state = {"model": own}
-    dcp.load(state, storage_reader=SafeReader(str(step_dir)), no_dist=not dist.is_initialized())
+    load_dcp(state, step_dir)
     set_model_state_dict(model, state["model"])
     return sorted(keys - set(own))

@@ -88,7 +88,7 @@ class GlobalBatch:
     num_tokens: int  # non-pad input tokens in the whole global batch
     num_images: int
     num_samples: int  # documents in the global step (= sequences unless packed)
-    language_ratio_target: float
+    language_ratio_target: float | None  # None: the run groups no modalities, so no schedule applies
     language_ratio_realized: float
     samples_digest: str  # hash of the ordered sample keys of the global step: equal across layouts
     source_counts: dict[str, int] = field(default_factory=dict)

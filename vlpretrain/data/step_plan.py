@@ -286,7 +286,8 @@ class StepPlanner:
         return dict(
             num_label_tokens=int(table[:, 3].sum()), num_tokens=int(table[:, 2].sum()),
             num_images=int(table[:, 4].sum()), num_samples=len(table),
-            language_ratio_target=self.schedule.ratio(step),
+            # the schedule applies to grouped steps only; mixed steps have no language:multimodal target
+            language_ratio_target=self.schedule.ratio(step) if self.cfg.data.group_by_modality else None,
             language_ratio_realized=self.planner.language_steps / step,
             samples_digest=hashlib.sha1("\n".join(keys).encode()).hexdigest()[:16],
             source_counts=counts, bad_samples=bad, data_state=self.state_dict())

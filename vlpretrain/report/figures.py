@@ -87,11 +87,13 @@ def fig_lr(runs: list[Run]) -> Figure | None:
 
 
 def fig_language_share(runs: list[Run]) -> Figure | None:
-    if not any(np.isfinite(r.cols["language_ratio_target"]).any() for r in runs):
+    """Only runs whose config schedules a language share (grouped modalities: the target is logged) are drawn."""
+    scheduled = [(i, r) for i, r in enumerate(runs) if np.isfinite(r.cols["language_ratio_target"]).any()]
+    if not scheduled:
         return None
     fig, (ax,) = _figure(1, "language-only share of steps so far: realised vs the schedule's target")
     fig.set_size_inches(9, 3.8)
-    for i, r in enumerate(runs):
+    for i, r in scheduled:
         target = np.nan_to_num(r.cols["language_ratio_target"])
         # the planner keeps the language steps so far within one of the summed target: compare the realised
         # share with the target's running mean (the schedule's value at each step is the thin dashed line)
