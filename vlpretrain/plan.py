@@ -26,81 +26,94 @@ from vlpretrain.data.step_mix import StepType, assumed_mix, measured_mix
 # Measurement
 
 
+class _PartTimer:
+    """One synthetic microbatch through the model part by part: each part's forward and backward timed alone."""
+
+    def __init__(self, cfg: Config, dev: torch.device, seed: int, images_per_sample: int):
+        self.dev, self.names = dev, part_names(cfg.model.n_layers)
+        self.model = build_model(cfg.model, dev, seed=seed)
+        set_trainable(self.model, trainable_parts(cfg))
+        self.model.train()
+        (mb,), _ = synthetic_microbatches(cfg, seed, images_per_sample, num_samples=cfg.train.micro_batch_size)
+        self.tokens, self.labels = mb.tokens.to(dev), mb.labels.to(dev)
+        self.images = mb.images.to(dev) if mb.images is not None else None
+        self.bf16 = use_bf16(cfg, dev)
+        self.ckpt = cfg.parallel.activation_checkpointing == "full"
+
+    def _sync(self) -> None:
+        if self.dev.type == "cuda":
+            torch.cuda.synchronize(self.dev)
+
+    def _run_part(self, name: str, x):
+        if name == "embed":
+            return self.model.embed(self.tokens, self.images)
+        if name == "head":
+            logits = self.model.head(x)
+            return F.cross_entropy(logits.float().flatten(0, 1), self.labels.flatten(), ignore_index=-100)
+        layer = self.model.layers[name.split(".", 1)[1]]
+        if self.ckpt and torch.is_grad_enabled() and x.requires_grad:
+            return checkpoint(layer, x, use_reentrant=False)
+        return layer(x)
+
+    def _forward(self) -> tuple[list, list, list[float]]:
+        """Each part's input is the previous output detached (requiring grad when that did)."""
+        inputs, outputs, seconds, x = [], [], [], None
+        for name in self.names:
+            if x is not None:
+                x = x.detach().requires_grad_(x.requires_grad)
+            inputs.append(x)
+            self._sync()
+            t0 = time.perf_counter()
+            with torch.autocast(device_type=self.dev.type, dtype=torch.bfloat16, enabled=self.bf16):
+                x = self._run_part(name, x)
+            self._sync()
+            seconds.append(time.perf_counter() - t0)
+            outputs.append(x)
+        return inputs, outputs, seconds
+
+    def _backward(self, inputs: list, outputs: list) -> list[float]:
+        """From the end, each part with the grad of the next part's input (a part whose output needs no grad
+        runs no backward)."""
+        seconds, grad = [0.0] * len(self.names), None
+        for i in range(len(self.names) - 1, -1, -1):
+            if outputs[i].requires_grad:
+                self._sync()
+                t0 = time.perf_counter()
+                torch.autograd.backward(outputs[i], grad)
+                self._sync()
+                seconds[i] = time.perf_counter() - t0
+            inp = inputs[i]
+            grad = inp.grad if inp is not None else None
+            if inp is not None and grad is None and inp.requires_grad:
+                grad = torch.zeros_like(inp)
+        return seconds
+
+    def step(self) -> list[float]:
+        """Forward + backward seconds per part."""
+        self.model.zero_grad(set_to_none=True)
+        inputs, outputs, fwd = self._forward()
+        bwd = self._backward(inputs, outputs)
+        self.model.zero_grad(set_to_none=True)
+        return [f + b for f, b in zip(fwd, bwd)]
+
+
 def measure_part_times(cfg: Config, steps: int = 3, device: str = "cpu", images_per_sample: int = 1,
                        seed: int = 0, max_cpu_params: int = 500_000_000) -> dict[str, float]:
     """Measured forward+backward seconds per part for one synthetic microbatch, median of ``steps`` after one
     warm-up (decoder layers: the median over all layers' samples, since every block costs the same). Parts run
-    one at a time: each part's input is the previous output detached (requiring grad when the previous output
-    did), the loss is part of ``head``; backward runs part by part from the end with the grad of the next part's
-    input, so every part is timed alone. Frozen parts follow ``trainable_parts`` (a part
-    whose output needs no grad runs no backward). ``full`` activation checkpointing wraps decoder layers in
-    ``torch.utils.checkpoint``. Real model weights are built: on CPU, models over ``max_cpu_params`` parameters
-    are refused (ValueError). Measured times are used as they are (no division by tp)."""
+    one at a time (``_PartTimer``), so every part is timed alone. Frozen parts follow ``trainable_parts``.
+    ``full`` activation checkpointing wraps decoder layers in ``torch.utils.checkpoint``. Real model weights are
+    built: on CPU, models over ``max_cpu_params`` parameters are refused (ValueError). Measured times are used as
+    they are (no division by tp)."""
     dev = torch.device(device)
     n_params = sum(sum(g.values()) for g in part_parameters(cfg.model).values())
     if dev.type == "cpu" and n_params > max_cpu_params:
         raise ValueError(f"measuring {cfg.model.name} ({n_params / 1e9:.1f}B parameters) on CPU would build the full "
                          f"model in memory: measure on a GPU, or a smaller config (e.g. --set model.n_layers=2)")
-    model = build_model(cfg.model, dev, seed=seed)
-    set_trainable(model, trainable_parts(cfg))
-    model.train()
-    (mb,), _ = synthetic_microbatches(cfg, seed, images_per_sample, num_samples=cfg.train.micro_batch_size)
-    tokens, labels = mb.tokens.to(dev), mb.labels.to(dev)
-    images = mb.images.to(dev) if mb.images is not None else None
-    bf16 = use_bf16(cfg, dev)
-    ckpt = cfg.parallel.activation_checkpointing == "full"
-    names = part_names(cfg.model.n_layers)
-
-    def sync():
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
-
-    def run_part(name: str, x):
-        if name == "embed":
-            return model.embed(tokens, images)
-        if name == "head":
-            logits = model.head(x)
-            return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
-        layer = model.layers[name.split(".", 1)[1]]
-        if ckpt and torch.is_grad_enabled() and x.requires_grad:
-            return checkpoint(layer, x, use_reentrant=False)
-        return layer(x)
-
-    samples: dict[str, list[float]] = {n: [] for n in names}
-    for it in range(steps + 1):
-        model.zero_grad(set_to_none=True)
-        inputs, outputs, fwd = [], [], []
-        x = None
-        for name in names:
-            if x is not None:
-                x = x.detach().requires_grad_(x.requires_grad)
-            inputs.append(x)
-            sync()
-            t0 = time.perf_counter()
-            with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=bf16):
-                y = run_part(name, x)
-            sync()
-            fwd.append(time.perf_counter() - t0)
-            outputs.append(y)
-            x = y
-        bwd = [0.0] * len(names)
-        grad = None
-        for i in range(len(names) - 1, -1, -1):
-            y = outputs[i]
-            if y.requires_grad:
-                sync()
-                t0 = time.perf_counter()
-                torch.autograd.backward(y, grad)
-                sync()
-                bwd[i] = time.perf_counter() - t0
-            inp = inputs[i]
-            grad = inp.grad if inp is not None else None
-            if inp is not None and grad is None and inp.requires_grad:
-                grad = torch.zeros_like(inp)
-        if it > 0:
-            for i, name in enumerate(names):
-                samples[name].append(fwd[i] + bwd[i])
-    model.zero_grad(set_to_none=True)
+    timer = _PartTimer(cfg, dev, seed, images_per_sample)
+    timer.step()  # warm-up
+    runs = [timer.step() for _ in range(steps)]
+    samples = {name: [r[i] for r in runs] for i, name in enumerate(timer.names)}
     times = {n: statistics.median(v) for n, v in samples.items()}
     # decoder blocks are the same computation: one median over all their samples, so that timer noise on one
     # block (a few ms on CPU) does not move the split
