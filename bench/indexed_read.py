@@ -143,6 +143,89 @@ def import_seconds(module: str, repeats: int, after: str = "numpy") -> float:
     return statistics.median(out)
 
 
+def bench_writes(args, root: Path, tokens: np.ndarray, lengths: np.ndarray) -> tuple[bool, dict[str, float]]:
+    """Documents/s of each writer (interleaved repeats, median) and whether all wrote the same bytes."""
+    writers = {"ours add_document": write_ours, "ours add_packed": write_ours_packed,
+               "megatron add_item+end_document": write_megatron}
+    wtimes: dict[str, list[float]] = {k: [] for k in writers}
+    identical = True
+    for r in range(max(3, args.repeats // 2)):
+        names = list(writers) if r % 2 == 0 else list(reversed(writers))
+        for name in names:
+            prefix = root / name.split()[0] / f"w{list(writers).index(name)}"
+            prefix.parent.mkdir(exist_ok=True)
+            t = time.perf_counter()
+            writers[name](prefix, tokens, lengths)
+            wtimes[name].append(time.perf_counter() - t)
+        identical &= same_files(root / "ours" / "w0", root / "megatron" / "w2")
+        identical &= same_files(root / "ours" / "w1", root / "megatron" / "w2")
+    print(f"writers byte-identical (.bin and .idx, ours add_document and add_packed vs megatron's): {identical}")
+    write_rate = {k: args.documents / statistics.median(v) for k, v in wtimes.items()}
+    for k, v in write_rate.items():
+        print(f"  write {k:32s} {v:12,.0f} documents/s")
+    return identical, write_rate
+
+
+def open_readers(args, prefix: str, mi) -> tuple[dict, dict[str, float]]:
+    """The three readers of one corpus, and each one's median open time."""
+    opening = {"ours": lambda: IndexedDataset(prefix),
+               "ours+mcore": lambda: OursOverMegatron(prefix),
+               "megatron": lambda: mi.IndexedDataset(prefix)}
+    opens: dict[str, list[float]] = {k: [] for k in opening}
+    for _ in range(args.repeats):
+        for name, fn in opening.items():
+            t = time.perf_counter()
+            fn()
+            opens[name].append(time.perf_counter() - t)
+    return {k: fn() for k, fn in opening.items()}, {k: statistics.median(v) for k, v in opens.items()}
+
+
+def read_patterns(args, ours) -> dict:
+    """random_chunk (IndexedSource's chunking: sequence s of n tokens gives ceil(n / chunk) chunks),
+    random_doc and sequential reads: pattern -> (function of a reader, documents read)."""
+    rng = np.random.default_rng(1)
+    n_seq = len(ours)
+    seq_lengths = ours.sequence_lengths.astype(np.int64)
+    per_seq = (seq_lengths + args.chunk - 1) // args.chunk
+    seq_of_chunk = np.repeat(np.arange(n_seq), per_seq)
+    first = np.concatenate([[0], np.cumsum(per_seq)[:-1]])
+    off_of_chunk = (np.arange(seq_of_chunk.size) - np.repeat(first, per_seq)) * args.chunk
+    pick = rng.integers(0, seq_of_chunk.size, args.reads)
+    c_seq = seq_of_chunk[pick]
+    c_off = off_of_chunk[pick]
+    c_len = np.minimum(args.chunk, seq_lengths[c_seq] - c_off)
+    chunk_args = (c_seq.tolist(), c_off.tolist(), c_len.tolist())
+    random_docs = rng.integers(0, n_seq, args.reads).tolist()
+    sequential = list(range(n_seq))
+    return {
+        "random_chunk": (lambda ds: read_chunks(ds, *chunk_args), args.reads),
+        "random_doc": (lambda ds: read_items(ds, random_docs), args.reads),
+        "sequential": (lambda ds: read_items(ds, sequential), n_seq),
+    }
+
+
+def bench_reads(args, readers: dict, patterns: dict) -> dict[str, dict[str, float]]:
+    """Documents/s per pattern and reader: each reader goes first in turn, medians; all must read the same."""
+    rates: dict[str, dict[str, float]] = {}
+    for pname, (fn, count) in patterns.items():
+        times: dict[str, list[float]] = {k: [] for k in readers}
+        sums = set()
+        for r in range(args.repeats):
+            names = list(readers)
+            for name in names[r % 3:] + names[:r % 3]:
+                t = time.perf_counter()
+                sums.add(fn(readers[name]))
+                times[name].append(time.perf_counter() - t)
+        assert len(sums) == 1, f"{pname}: the readers returned different tokens"
+        rates[pname] = {k: count / statistics.median(v) for k, v in times.items()}
+        spread = {k: (max(v) - min(v)) / statistics.median(v) for k, v in times.items()}
+        o, m, w = (rates[pname][k] for k in ("ours", "megatron", "ours+mcore"))
+        print(f"  read {pname:13s} ours {o:10,.0f}  megatron-core {m:10,.0f}  ours+mcore {w:10,.0f} docs/s   "
+              f"megatron/ours {m / o:.3f}  ours+mcore/ours {w / o:.3f}   (spread "
+              + ", ".join(f"{k} {v:.0%}" for k, v in spread.items()) + ")")
+    return rates
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--documents", type=int, default=200_000)
@@ -162,83 +245,12 @@ def main(argv=None) -> int:
     tokens, lengths = make_docs(args.documents, args.mean_tokens)
     print(f"corpus: {args.documents} documents, {tokens.size} tokens ({tokens.nbytes / 2**20:.0f} MiB int32), "
           f"megatron-core {megatron.core.__version__}, numpy {np.__version__}")
-
-    # ---------------------------------------------------------------- writing: bytes and documents/s
-    writers = {"ours add_document": write_ours, "ours add_packed": write_ours_packed,
-               "megatron add_item+end_document": write_megatron}
-    wtimes: dict[str, list[float]] = {k: [] for k in writers}
-    identical = True
-    for r in range(max(3, args.repeats // 2)):
-        names = list(writers) if r % 2 == 0 else list(reversed(writers))
-        for name in names:
-            prefix = root / name.split()[0] / f"w{list(writers).index(name)}"
-            prefix.parent.mkdir(exist_ok=True)
-            t = time.perf_counter()
-            writers[name](prefix, tokens, lengths)
-            wtimes[name].append(time.perf_counter() - t)
-        identical &= same_files(root / "ours" / "w0", root / "megatron" / "w2")
-        identical &= same_files(root / "ours" / "w1", root / "megatron" / "w2")
-    print(f"writers byte-identical (.bin and .idx, ours add_document and add_packed vs megatron's): {identical}")
-    write_rate = {k: args.documents / statistics.median(v) for k, v in wtimes.items()}
-    for k, v in write_rate.items():
-        print(f"  write {k:32s} {v:12,.0f} documents/s")
-
-    # ---------------------------------------------------------------- reading
-    prefix = str(root / "ours" / "w0")
-    opening = {"ours": lambda: IndexedDataset(prefix),
-               "ours+mcore": lambda: OursOverMegatron(prefix),
-               "megatron": lambda: mi.IndexedDataset(prefix)}
-    opens: dict[str, list[float]] = {k: [] for k in opening}
-    for _ in range(args.repeats):
-        for name, fn in opening.items():
-            t = time.perf_counter()
-            fn()
-            opens[name].append(time.perf_counter() - t)
-    readers = {k: fn() for k, fn in opening.items()}
-    ours = readers["ours"]
-
-    rng = np.random.default_rng(1)
-    n_seq = len(ours)
-    seq_lengths = ours.sequence_lengths.astype(np.int64)
-    # IndexedSource's chunking: sequence s of n tokens gives ceil(n / chunk) chunks.
-    per_seq = (seq_lengths + args.chunk - 1) // args.chunk
-    seq_of_chunk = np.repeat(np.arange(n_seq), per_seq)
-    first = np.concatenate([[0], np.cumsum(per_seq)[:-1]])
-    off_of_chunk = (np.arange(seq_of_chunk.size) - np.repeat(first, per_seq)) * args.chunk
-    pick = rng.integers(0, seq_of_chunk.size, args.reads)
-    c_seq = seq_of_chunk[pick]
-    c_off = off_of_chunk[pick]
-    c_len = np.minimum(args.chunk, seq_lengths[c_seq] - c_off)
-    chunk_args = (c_seq.tolist(), c_off.tolist(), c_len.tolist())
-    random_docs = rng.integers(0, n_seq, args.reads).tolist()
-    sequential = list(range(n_seq))
-
-    patterns = {
-        "random_chunk": (lambda ds: read_chunks(ds, *chunk_args), args.reads),
-        "random_doc": (lambda ds: read_items(ds, random_docs), args.reads),
-        "sequential": (lambda ds: read_items(ds, sequential), n_seq),
-    }
-    rates: dict[str, dict[str, float]] = {}
-    for pname, (fn, count) in patterns.items():
-        times: dict[str, list[float]] = {k: [] for k in readers}
-        sums = set()
-        for r in range(args.repeats):
-            names = list(readers)
-            for name in names[r % 3:] + names[:r % 3]:  # each reader goes first in turn
-                t = time.perf_counter()
-                sums.add(fn(readers[name]))
-                times[name].append(time.perf_counter() - t)
-        assert len(sums) == 1, f"{pname}: the readers returned different tokens"
-        rates[pname] = {k: count / statistics.median(v) for k, v in times.items()}
-        spread = {k: (max(v) - min(v)) / statistics.median(v) for k, v in times.items()}
-        o, m, w = (rates[pname][k] for k in ("ours", "megatron", "ours+mcore"))
-        print(f"  read {pname:13s} ours {o:10,.0f}  megatron-core {m:10,.0f}  ours+mcore {w:10,.0f} docs/s   "
-              f"megatron/ours {m / o:.3f}  ours+mcore/ours {w / o:.3f}   (spread "
-              + ", ".join(f"{k} {v:.0%}" for k, v in spread.items()) + ")")
+    identical, write_rate = bench_writes(args, root, tokens, lengths)
+    readers, open_s = open_readers(args, str(root / "ours" / "w0"), mi)
+    rates = bench_reads(args, readers, read_patterns(args, readers["ours"]))
 
     imports = {"ours": import_seconds("vlpretrain.data.indexed", 3),
                "megatron": import_seconds("megatron.core.datasets.indexed_dataset", 3, after="torch")}
-    open_s = {k: statistics.median(v) for k, v in opens.items()}
     print("  open   " + "   ".join(f"{k} {v * 1e3:.2f} ms" for k, v in open_s.items()))
     print(f"  import ours {imports['ours']:.3f} s   megatron-core {imports['megatron']:.2f} s "
           "(fresh interpreter, numpy / torch already imported)")
@@ -253,7 +265,6 @@ def main(argv=None) -> int:
                       "worst_random_ratio_vs_ours": round(slowest, 3)}))
     shutil.rmtree(root, ignore_errors=True)
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())
