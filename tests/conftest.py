@@ -28,6 +28,32 @@ def run_script_ok(code: str, timeout: int = 300) -> None:
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
 
 
+# Markers by module, in one place (pytest -m "not multiprocess", -m slurm, ...): modules that launch several
+# ranks (torchrun or a process per rank over gloo; run one at a time on a small machine), that need the Slurm
+# cluster or headless Chromium (they skip with the reason without it); "slow": tests over ~30 s on 2 cores.
+MODULE_MARKS = {
+    "test_eval_layouts": ("multiprocess",), "test_mixed_precision": ("multiprocess",),
+    "test_multinode": ("multiprocess",), "test_parallel_equivalence": ("multiprocess",),
+    "test_parallel_train": ("multiprocess",), "test_profiling": ("multiprocess",), "test_resume": ("multiprocess",),
+    "test_weights_stream": ("multiprocess",), "test_slurm": ("slurm", "multiprocess"),
+}
+TEST_MARKS = {"test_every_figure_loads_in_chromium": ("browser",)}
+SLOW = ("test_resume_across_layouts", "test_eval_in_layouts_equals_single_process",
+        "test_resume_in_the_same_3d_layout_is_bitwise", "test_pretrained_parts_load_into_layouts_and_stream_back_out",
+        "test_preempted_job_requeues_and_resumes", "test_layouts_match_single_process",
+        "test_layouts_agree_within_bf16_noise")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        for mark in MODULE_MARKS.get(item.module.__name__.rpartition(".")[2], ()):
+            item.add_marker(mark)
+        for mark in TEST_MARKS.get(item.originalname, ()):
+            item.add_marker(mark)
+        if item.originalname in SLOW:
+            item.add_marker("slow")
+
+
 @pytest.fixture(autouse=True)
 def _no_leaked_signal_handlers():
     """A test that ran the trainer or the CLI in this process must leave the signal handlers as it found them
