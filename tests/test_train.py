@@ -142,6 +142,42 @@ def test_metrics_lr_follows_the_schedule(tiny_train_cfg):
     assert lrs == pytest.approx([5e-4, 1e-3, 1e-3, 5e-4, 5e-4], rel=1e-12)
 
 
+def test_training_steps_the_scheduler_build_optimizer_returns(tiny_train_cfg, monkeypatch):
+    """The trainer trains with build_optimizer's optimizer and scheduler as returned (nothing rebuilt): every
+    update uses the logged LR, also after a resume from a step where the cosine schedule is below 1."""
+    from vlpretrain.train import trainer
+
+    built, seen = [], []  # (optimizer, scheduler) pairs; the LR of every optimizer step
+
+    def recording(params, tc):
+        opt, sched = build_optimizer(params, tc)
+        opt.register_step_pre_hook(lambda o, args, kwargs: seen.append(o.param_groups[0]["lr"]))
+        built.append((opt, sched))
+        return opt, sched
+
+    monkeypatch.setattr(trainer, "build_optimizer", recording)
+    common = ["train.steps=4", "train.lr=1.0e-3", "train.warmup_steps=1", "train.lr_schedule=cosine",
+              "checkpoint.interval=2", "checkpoint.keep_last=2"]
+    cfg = tiny_train_cfg(2, *common, run="full")
+    train(cfg)
+    full = _metrics(Path(cfg.train.run_dir))
+    lrs = [r["lr"] for r in full]
+    assert lrs == [1.0e-3 * lr_multiplier(i, cfg.train) for i in range(4)] and lrs[2] < 1.0e-3
+    assert seen == lrs
+    assert [sched.last_epoch for _, sched in built] == [4]
+
+    built.clear()
+    seen.clear()
+    step2 = Path(cfg.train.run_dir) / "checkpoints" / "step_00000002"
+    cfg = tiny_train_cfg(2, *common, f"checkpoint.resume={step2}", run="resumed")
+    train(cfg)
+    resumed = _metrics(Path(cfg.train.run_dir))
+    assert [r["step"] for r in resumed] == [3, 4] and [r["lr"] for r in resumed] == lrs[2:]
+    assert [lr for lr in seen if lr != 0.0] == lrs[2:]  # the checkpoint load steps a fresh optimizer at lr 0
+    assert [sched.last_epoch for _, sched in built] == [4]
+    assert [r["loss"] for r in resumed] == [r["loss"] for r in full[2:]]  # step 4's loss follows step 3's LR
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # gradient accumulation
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 
 import torch
+from torch.optim.lr_scheduler import LambdaLR
 
 from vlpretrain.config import TrainConfig
 
@@ -31,8 +32,10 @@ def kernel_options(params: list[torch.Tensor]) -> dict[str, bool]:
     return {"fused": True} if on_gpu else {"foreach": True}
 
 
-def build_optimizer(params: list[torch.Tensor], cfg: TrainConfig) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
-    """AdamW over ``params`` (the trainable ones: frozen parameters get no optimizer state)."""
+def build_optimizer(params: list[torch.Tensor], cfg: TrainConfig) -> tuple[torch.optim.Optimizer, LambdaLR]:
+    """AdamW over ``params`` (the trainable ones: frozen parameters get no optimizer state) and its LR schedule:
+    the trainer steps the scheduler once after every optimizer step, so the (i+1)-th update uses
+    ``cfg.lr * lr_multiplier(i, cfg)``."""
     if not params:
         raise ValueError("no trainable parameter: check train.stage / train.trainable")
     # the multi-tensor and fused kernels need one tensor kind per call: under TP without FSDP the first stage's
@@ -44,5 +47,5 @@ def build_optimizer(params: list[torch.Tensor], cfg: TrainConfig) -> tuple[torch
     opt = torch.optim.AdamW([{"params": group} for group in kinds.values()], lr=cfg.lr,
                             betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, weight_decay=cfg.weight_decay,
                             **kernel_options(params))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_multiplier(s, cfg))
+    sched = LambdaLR(opt, lambda s: lr_multiplier(s, cfg))
     return opt, sched

@@ -4,6 +4,10 @@ check layout + data -> start processes -> this rank's model share (pipeline stag
 stage's weights -> optimizer over trainable parameters -> for each step: forward/backward over the
 microbatches, clip by the global norm, step, log, checkpoint -> evaluate.
 The same code runs a single process (every degree 1, no collective) and any torchrun layout.
+
+``train`` checks the inputs and holds the run dir; ``_build`` makes a ``Run`` (everything one run holds);
+``_loop`` does ``_train_step`` (one optimizer step) -> log -> preemption check (save, exit 42) -> checkpoint ->
+evaluate for every step; ``_finish`` writes the final checkpoint, evaluation and summary.
 """
 from __future__ import annotations
 
@@ -11,31 +15,34 @@ import base64
 import json
 import math
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.optim.lr_scheduler import LRScheduler
 
-from vlpretrain.config import Config, ConfigError, trainable_parts
-from vlpretrain.data.loader import DataPipeline, resolve
+from vlpretrain.checkpoint.dcp import TRAIN_STATE, Checkpointer, find_resumable
+from vlpretrain.checkpoint.integrity import check_checkpoint_room
+from vlpretrain.checkpoint.pretrained import load_pretrained_parts
+from vlpretrain.checkpoint.sharded_weights import write_full_weights
+from vlpretrain.checkpoint.weights import find_weights, load_weights, verified
+from vlpretrain.config import Config, ConfigError, TrainConfig, trainable_parts
+from vlpretrain.data.loader import DataPipeline, GlobalBatch, resolve
 from vlpretrain.data.tokenizer import TextTokenizer
 from vlpretrain.errors import UserError
 from vlpretrain.eval.evaluator import Evaluator
 from vlpretrain.eval.mcppl import check_eval_file
 from vlpretrain.models.flops import step_flops
-from vlpretrain.checkpoint.pretrained import load_pretrained_parts
 from vlpretrain.parallel.engine import ParallelModel
 from vlpretrain.parallel.launch_env import global_rank
-from vlpretrain.parallel.mesh import init_parallel, local_device, resolve_layout, world_size_from_env
-from vlpretrain.checkpoint.sharded_weights import write_full_weights
-from vlpretrain.checkpoint.weights import find_weights, load_weights, verified
-from vlpretrain.checkpoint.dcp import TRAIN_STATE, Checkpointer, find_resumable
-from vlpretrain.checkpoint.integrity import check_checkpoint_room
+from vlpretrain.parallel.mesh import ParallelContext, init_parallel, local_device, resolve_layout, world_size_from_env
 from vlpretrain.train import faults
 from vlpretrain.train.metrics import MetricsLogger, PeakMemory, device_peak_tflops
 from vlpretrain.train.optim import build_optimizer, lr_multiplier
-from vlpretrain.train.profiling import StepProfiler
 from vlpretrain.train.preemption import EXIT_PREEMPTED, PREEMPTED_MARKER, PREEMPTION, Deadline
+from vlpretrain.train.profiling import StepProfiler
 from vlpretrain.train.rundir import RunDirLock
 
 
@@ -84,37 +91,92 @@ def train(cfg: Config) -> dict:
         if global_rank() == 0:  # before any process group: a second job on this run dir stops here
             lock.acquire()
         try:
-            return _train(cfg, tokenizer, eval_paths, init_file, resume, lock)
+            t_start = time.perf_counter()
+            run = _build(cfg, tokenizer, eval_paths, init_file, resume, lock)
+            _loop(run)
+            return _finish(run, t_start)
         finally:
             lock.release()
 
 
-def _train(cfg: Config, tokenizer, eval_paths, init_file, resume, lock: RunDirLock) -> dict:
-    t_start = time.perf_counter()
+@dataclass
+class Run:
+    """What one run holds: built once by ``_build``; ``_record`` advances the progress fields after each step."""
+    cfg: Config
+    ctx: ParallelContext
+    device: torch.device
+    run_dir: Path
+    lock: RunDirLock
+    data: DataPipeline
+    batches: Iterator[GlobalBatch]
+    model: ParallelModel
+    evaluator: Evaluator
+    optimizers: list[torch.optim.Optimizer | None]  # one per model part; None where the part trains nothing
+    schedulers: list[LRScheduler]  # the ones build_optimizer returned, one per optimizer
+    ckpt: Checkpointer
+    resumed: bool  # restored from a checkpoint of step ``start``
+    deadline: Deadline
+    trainable: list[str]
+    peak_tflops: float
+    logger: MetricsLogger
+    memory: PeakMemory
+    profiler: StepProfiler
+    start: int = 0  # the step the run starts after
+    consumed: int = 0  # samples consumed by all steps so far
+    data_state: dict = field(default_factory=dict)  # the planner's state after the last step (checkpoints)
+    first_loss: float | None = None
+    loss: float | None = None
+
+
+def _build(cfg: Config, tokenizer, eval_paths, init_file, resume, lock: RunDirLock) -> Run:
+    """Processes, data, this rank's model share and its weights, optimizers, checkpointer (restored when
+    resuming), loggers. Every rank builds the same things in the same order: several steps are collectives."""
     tc = cfg.train
     resumed = json.loads((resume / TRAIN_STATE).read_text()) if resume else None
     device = local_device(cfg)
     ctx = init_parallel(cfg, device, mix=_step_mix(cfg))
     torch.manual_seed(tc.seed)  # weights and data order do not use it (they hash the seed); other randomness does
-    lay = ctx.layout
     run_dir = Path(tc.run_dir)
     if ctx.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(cfg.to_yaml())
         (run_dir / PREEMPTED_MARKER).unlink(missing_ok=True)
 
-    # ---- data: every rank follows the same global sample sequence and keeps its dp slice
-    data = DataPipeline(cfg, tokenizer, dp_rank=ctx.dp_rank, dp_size=lay.dp,  # opens every source now
+    # data: every rank follows the same global sample sequence and keeps its dp slice
+    data = DataPipeline(cfg, tokenizer, dp_rank=ctx.dp_rank, dp_size=ctx.layout.dp,  # opens every source now
                         state=resumed["data_state"] if resumed else None)
     model = ParallelModel(cfg, ctx)
     evaluator = Evaluator(cfg, tokenizer, *eval_paths)  # MCPPL + held-out text, in this layout
     data.load_images = model.has_first  # only ranks that run the vision encoder decode images
     if cfg.parallel.vision_split == "images":  # and each TP rank only the images it encodes
-        data.image_split = (ctx.tp_rank, lay.tp)
+        data.image_split = (ctx.tp_rank, ctx.layout.tp)
     batches = data.steps(pin_memory=device.type == "cuda")
 
-    # ---- weights, optimizer
-    # each rank reads only the tensors of its stages, and of those only the TP / FSDP slices it holds
+    _load_weights(model, tc, init_file)
+    optimizers, schedulers = _build_optimizers(model, tc)
+    ckpt = Checkpointer(checkpoint_dir(cfg), model.modules, optimizers, cfg.checkpoint.keep_last, ctx.is_main,
+                        async_save=cfg.checkpoint.async_save)
+    start, consumed = _resume(ckpt, resume, schedulers, ctx.is_main)
+    run = Run(cfg=cfg, ctx=ctx, device=device, run_dir=run_dir, lock=lock, data=data, batches=batches, model=model,
+              evaluator=evaluator, optimizers=optimizers, schedulers=schedulers, ckpt=ckpt,
+              resumed=resume is not None, start=start, consumed=consumed,
+              deadline=Deadline(tc.max_wall_time, tc.exit_margin_s, PREEMPTION.t0),
+              trainable=trainable_parts(cfg), peak_tflops=device_peak_tflops(cfg, device),
+              logger=MetricsLogger(cfg, run_dir, tc.steps, is_main=ctx.is_main, resume_step=start),
+              memory=PeakMemory(device, cfg.logging.log_interval),  # GPU only: peak memory per log interval
+              profiler=StepProfiler(cfg, run_dir, ctx, model))  # train.profile.steps: traces + pipeline timeline
+    if ctx.is_main:
+        lay = ctx.layout
+        print(f"training stage {tc.stage} ({'+'.join(run.trainable)}) of {cfg.model.name} on {device}: "
+              f"{tc.steps} steps x {tc.global_batch_size} samples x {tc.seq_len} tokens; layout dp={lay.dp} "
+              f"tp={lay.tp} pp={lay.pp} vpp={lay.vpp} split={model.split}", flush=True)
+    run.data_state = data.state_dict()
+    return run
+
+
+def _load_weights(model: ParallelModel, tc: TrainConfig, init_file: Path | None) -> None:
+    """The previous stage's weights and the pretrained towers / LLM: each rank reads only the tensors of its
+    stages, and of those only the TP / FSDP slices it holds."""
     if init_file is not None:
         for m in model.modules:
             load_weights(m, init_file)
@@ -122,121 +184,153 @@ def _train(cfg: Config, tokenizer, eval_paths, init_file, resume, lock: RunDirLo
     if pre.llm or pre.siglip or pre.sam:
         for m in model.modules:
             load_pretrained_parts(m, llm=pre.llm or None, siglip=pre.siglip or None, sam=pre.sam or None)
-    # one optimizer per model part (pipeline stages of this rank), so that checkpoints key every state by
-    # parameter name and load into any layout; a part without trainable parameters has none
-    optimizers = [build_optimizer([p for p in m.parameters() if p.requires_grad], tc)[0]
-                  if any(p.requires_grad for p in m.parameters()) else None for m in model.modules]
-    ckpt = Checkpointer(checkpoint_dir(cfg), model.modules, optimizers, cfg.checkpoint.keep_last, ctx.is_main,
-                        async_save=cfg.checkpoint.async_save)
-    start, consumed = 0, 0
-    if resume is not None:
-        state = ckpt.load(resume)
-        start, consumed = state["step"], state["consumed_samples"]
-        _set_rng_state(state.get("rng"))
-        if ctx.is_main:
-            print(f"resumed from {resume} (step {start}, saved in layout {state['layout']})", flush=True)
-    schedulers = [torch.optim.lr_scheduler.LambdaLR(o, lambda i: lr_multiplier(i, tc), last_epoch=-1)
-                  for o in optimizers if o is not None]
-    for sch in schedulers:  # the schedule is a function of the step: resume by moving to it
-        for _ in range(start):
-            sch.step()
-    deadline = Deadline(tc.max_wall_time, tc.exit_margin_s, PREEMPTION.t0)
-    trainable = trainable_parts(cfg)
-    peak = device_peak_tflops(cfg, device)
-    logger = MetricsLogger(cfg, run_dir, tc.steps, is_main=ctx.is_main, resume_step=start)
-    memory = PeakMemory(device, cfg.logging.log_interval)  # GPU only: peak memory per log interval
-    profiler = StepProfiler(cfg, run_dir, ctx, model)  # train.profile.steps: traces + pipeline timeline
+
+
+def _build_optimizers(model: ParallelModel, tc: TrainConfig) -> tuple[list, list]:
+    """One optimizer and LR schedule per model part (the pipeline stages of this rank), so that checkpoints key
+    every state by parameter name and load into any layout; a part without trainable parameters has none."""
+    optimizers, schedulers = [], []
+    for m in model.modules:
+        params = [p for p in m.parameters() if p.requires_grad]
+        opt, sched = build_optimizer(params, tc) if params else (None, None)
+        optimizers.append(opt)
+        if sched is not None:
+            schedulers.append(sched)
+    return optimizers, schedulers
+
+
+def _resume(ckpt: Checkpointer, resume: Path | None, schedulers: list, is_main: bool) -> tuple[int, int]:
+    """Restore the checkpoint ``resume`` (if any): weights, optimizer states, RNG, and the LR schedules moved
+    to its step. Returns (step, consumed samples)."""
+    if resume is None:
+        return 0, 0
+    state = ckpt.load(resume)
+    _set_rng_state(state.get("rng"))
+    for sched in schedulers:  # the schedule is a function of the step: resume by moving to it
+        for _ in range(state["step"]):
+            sched.step()
+    if is_main:
+        print(f"resumed from {resume} (step {state['step']}, saved in layout {state['layout']})", flush=True)
+    return state["step"], state["consumed_samples"]
+
+
+def _loop(run: Run) -> None:
+    """For each step after ``start``: step -> log -> preemption check -> checkpoint -> evaluation. The last step
+    saves and evaluates in ``_finish`` instead."""
+    cfg, tc = run.cfg, run.cfg.train
+    if run.start >= tc.steps:
+        if run.ctx.is_main:
+            print(f"nothing to train: the checkpoint is at step {run.start} and train.steps is {tc.steps}",
+                  flush=True)
+    elif _preempted(run.ctx, run.deadline):  # a signal during start-up: a step-`start` checkpoint, then exit
+        _stop(run, run.start, save=not run.resumed)
+    for step in range(run.start + 1, tc.steps + 1):
+        batch, loss, grad_norm, dt = _train_step(run, step)
+        _record(run, step, batch, loss, grad_norm, dt)
+        run.lock.refresh()
+        run.deadline.observe(step_s=dt)
+        if step == tc.steps:  # the last step: _finish saves and evaluates it
+            break
+        if _preempted(run.ctx, run.deadline):  # a signal or the deadline: save this step, exit
+            _stop(run, step)
+        if cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0:
+            _save(run, step)
+        if run.evaluator and tc.eval_interval and step % tc.eval_interval == 0:
+            run.logger.log_eval(step, run.evaluator.run(run.model))
+
+
+def _train_step(run: Run, step: int) -> tuple[GlobalBatch, float, float, float]:
+    """One optimizer step: forward/backward over this rank's microbatches, clip by the global norm, step every
+    optimizer and its LR schedule. Returns the batch, the loss, the gradient norm and the step time (s)."""
+    t0 = time.perf_counter()
+    run.profiler.before(step)
+    batch = next(run.batches)
+    loss = run.model.forward_backward(batch.microbatches, batch.num_label_tokens)
+    faults.inject(step, run.ctx.rank, run.run_dir)  # after the backward, before the update
+    grad_norm = run.model.clip_grad_norm_(run.cfg.train.grad_clip)
+    for opt in run.optimizers:
+        if opt is not None:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    for sched in run.schedulers:
+        sched.step()
+    if run.device.type == "cuda":
+        torch.cuda.synchronize(run.device)
+    dt = time.perf_counter() - t0
+    run.profiler.after(step)
+    return batch, loss, grad_norm, dt
+
+
+def _record(run: Run, step: int, batch: GlobalBatch, loss: float, grad_norm: float, dt: float) -> None:
+    """Count the step into the run's progress and log its metrics line; a non-finite loss stops the run."""
+    cfg, tc = run.cfg, run.cfg.train
+    run.data_state = batch.data_state
+    run.consumed += batch.num_samples
+    run.first_loss = loss if run.first_loss is None else run.first_loss
+    run.loss = loss
+    flops = step_flops(cfg.model, tc.global_batch_size, tc.seq_len, batch.num_images, run.trainable).total
+    tflops_per_device = flops / run.ctx.layout.world_size / dt / 1e12
+    run.logger.log({
+        "step": step, "loss": loss, "modality": batch.modality, "lr": tc.lr * lr_multiplier(step - 1, tc),
+        "grad_norm": grad_norm, "tokens": batch.num_tokens, "tokens_per_s": batch.num_tokens / dt,
+        "step_time_s": dt, "model_tflops": tflops_per_device, "mfu": tflops_per_device / run.peak_tflops,
+        "consumed_samples": run.consumed, "images": batch.num_images,
+        "language_ratio_target": batch.language_ratio_target,
+        "language_ratio_realized": batch.language_ratio_realized, "samples_digest": batch.samples_digest,
+        "source_counts": batch.source_counts, "bad_samples": batch.bad_samples, "bad_images": batch.bad_images,
+        "skipped_samples": sum(run.data_state["bad_total"].values()), **run.memory.record(step),
+    })
+    if not math.isfinite(loss):
+        raise FloatingPointError(f"loss is {loss} at step {step}")
+
+
+def _save(run: Run, step: int) -> None:
+    """An interval checkpoint; its duration feeds the deadline. A preemption that arrived during the save finds
+    it complete: then just exit."""
+    t_save = time.perf_counter()
+    run.ckpt.save(step, _train_state(run))
+    run.deadline.observe(save_s=time.perf_counter() - t_save)
+    if _preempted(run.ctx, run.deadline):
+        _stop(run, step, save=False)
+
+
+def _stop(run: Run, step: int, save: bool = True) -> None:
+    """Preempted: every rank saves this step (unless it is saved already) and exits 42 together."""
+    if save:
+        run.ckpt.save(step, _train_state(run))
+    run.ckpt.wait()
+    run.logger.close()
+    reason = PREEMPTION.signal_name or "deadline"
+    if run.ctx.is_main:
+        (run.run_dir / PREEMPTED_MARKER).write_text(json.dumps({"step": step, "reason": reason, "time": time.time()}))
+        print(f"preempted ({reason}): saved step {step}; exiting with {EXIT_PREEMPTED}", flush=True)
+    if dist.is_initialized():
+        dist.barrier()  # the marker exists before any rank exits (srun --kill-on-bad-exit)
+        dist.destroy_process_group()
+    raise SystemExit(EXIT_PREEMPTED)
+
+
+def _train_state(run: Run) -> dict:
+    """What a checkpoint's train_state.json holds beside the step."""
+    lay = run.ctx.layout
+    return {"consumed_samples": run.consumed, "data_state": run.data_state, "config": run.cfg.to_dict(),
+            "layout": [lay.dp, lay.tp, lay.pp, lay.vpp], "split": run.model.split, "rng": _rng_state()}
+
+
+def _finish(run: Run, t_start: float) -> dict:
+    """The final checkpoint (with the full weights: init_from, eval, export) and evaluation, the summary."""
+    cfg, tc, ctx = run.cfg, run.cfg.train, run.ctx
+    if run.start < tc.steps:  # streamed: no rank holds more than its share + one tensor
+        run.ckpt.save(tc.steps, _train_state(run), weights=lambda path: write_full_weights(
+            run.model.modules, ctx, path, {"step": str(tc.steps)}))
+    summary = {"steps": tc.steps, "first_loss": run.first_loss, "final_loss": run.loss,
+               "wall_time_s": round(time.perf_counter() - t_start, 2),
+               "skipped_samples": run.data_state["bad_total"], "checkpoint": str(checkpoint_dir(cfg))}
+    if run.evaluator and run.start < tc.steps:
+        summary["eval"] = run.logger.log_eval(tc.steps, run.evaluator.run(run.model))
+    run.logger.close()
     if ctx.is_main:
-        print(f"training stage {tc.stage} ({'+'.join(trainable)}) of {cfg.model.name} on {device}: "
-              f"{tc.steps} steps x {tc.global_batch_size} samples x {tc.seq_len} tokens; layout dp={lay.dp} "
-              f"tp={lay.tp} pp={lay.pp} vpp={lay.vpp} split={model.split}", flush=True)
-
-    def train_state() -> dict:
-        return {"consumed_samples": consumed, "data_state": data_state, "config": cfg.to_dict(),
-                "layout": [lay.dp, lay.tp, lay.pp, lay.vpp], "split": model.split, "rng": _rng_state()}
-
-    def stop_here(step: int, save: bool = True):
-        """Preempted: every rank saves this step (unless it is saved already) and exits 42 together."""
-        if save:
-            ckpt.save(step, train_state())
-        ckpt.wait()
-        logger.close()
-        if ctx.is_main:
-            (run_dir / PREEMPTED_MARKER).write_text(json.dumps(
-                {"step": step, "reason": PREEMPTION.signal_name or "deadline", "time": time.time()}))
-            print(f"preempted ({PREEMPTION.signal_name or 'deadline'}): saved step {step}; exiting with "
-                  f"{EXIT_PREEMPTED}", flush=True)
-        if dist.is_initialized():
-            dist.barrier()  # the marker exists before any rank exits (srun --kill-on-bad-exit)
-            dist.destroy_process_group()
-        raise SystemExit(EXIT_PREEMPTED)
-
-    # ---- the loop
-    first_loss, loss, data_state = None, None, data.state_dict()
-    if start >= tc.steps and ctx.is_main:
-        print(f"nothing to train: the checkpoint is at step {start} and train.steps is {tc.steps}", flush=True)
-    elif _preempted(ctx, deadline):  # a signal during start-up: a step-`start` checkpoint, then exit
-        stop_here(start, save=resume is None)
-    for step in range(start + 1, tc.steps + 1):
-        t0 = time.perf_counter()
-        profiler.before(step)
-        batch = next(batches)
-        data_state = batch.data_state
-        loss = model.forward_backward(batch.microbatches, batch.num_label_tokens)
-        faults.inject(step, ctx.rank, run_dir)
-        grad_norm = model.clip_grad_norm_(tc.grad_clip)
-        lr = tc.lr * lr_multiplier(step - 1, tc)
-        for opt in optimizers:
-            if opt is not None:
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-        for sch in schedulers:
-            sch.step()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        dt = time.perf_counter() - t0
-        profiler.after(step)
-
-        consumed += batch.num_samples
-        first_loss = loss if first_loss is None else first_loss
-        flops = step_flops(cfg.model, tc.global_batch_size, tc.seq_len, batch.num_images, trainable).total
-        flops_per_device = flops / lay.world_size
-        logger.log({
-            "step": step, "loss": loss, "modality": batch.modality, "lr": lr, "grad_norm": grad_norm,
-            "tokens": batch.num_tokens, "tokens_per_s": batch.num_tokens / dt, "step_time_s": dt,
-            "model_tflops": flops_per_device / dt / 1e12, "mfu": flops_per_device / dt / 1e12 / peak,
-            "consumed_samples": consumed, "images": batch.num_images,
-            "language_ratio_target": batch.language_ratio_target,
-            "language_ratio_realized": batch.language_ratio_realized, "samples_digest": batch.samples_digest,
-            "source_counts": batch.source_counts, "bad_samples": batch.bad_samples, "bad_images": batch.bad_images,
-            "skipped_samples": sum(data_state["bad_total"].values()), **memory.record(step),
-        })
-        if not math.isfinite(loss):
-            raise FloatingPointError(f"loss is {loss} at step {step}")
-        lock.refresh()
-        deadline.observe(step_s=dt)
-        if step < tc.steps and _preempted(ctx, deadline):  # a signal or the deadline: save this step, exit
-            stop_here(step)
-        if cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0 and step < tc.steps:
-            t_save = time.perf_counter()
-            ckpt.save(step, train_state())
-            deadline.observe(save_s=time.perf_counter() - t_save)
-            if _preempted(ctx, deadline):  # arrived during the save: it is complete, so just exit
-                stop_here(step, save=False)
-        if evaluator and tc.eval_interval and step % tc.eval_interval == 0 and step < tc.steps:
-            logger.log_eval(step, evaluator.run(model))
-
-    if start < tc.steps:  # the final checkpoint also carries the full weights (init_from, eval, export)
-        ckpt.save(tc.steps, train_state(),  # streamed: no rank holds more than its share + one tensor
-                  weights=lambda path: write_full_weights(model.modules, ctx, path, {"step": str(tc.steps)}))
-    summary = {"steps": tc.steps, "first_loss": first_loss, "final_loss": loss,
-               "wall_time_s": round(time.perf_counter() - t_start, 2), "skipped_samples": data_state["bad_total"],
-               "checkpoint": str(checkpoint_dir(cfg))}
-    if evaluator and start < tc.steps:
-        summary["eval"] = logger.log_eval(tc.steps, evaluator.run(model))
-    logger.close()
-    if ctx.is_main:
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+        (run.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
