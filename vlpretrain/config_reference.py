@@ -18,6 +18,7 @@ import argparse
 import dataclasses
 import re
 import sys
+import textwrap
 import types
 import typing
 from pathlib import Path
@@ -208,7 +209,7 @@ def leaf_keys(cls: type = config.Config, prefix: str = "") -> list[str]:
 def _table(section: Section) -> list[str]:
     lines = [f"## `{section.key}`", ""]
     if section.doc:
-        lines += [section.doc, ""]
+        lines += [textwrap.fill(section.doc, 115), ""]
     lines += ["| key | type | default | allowed | meaning |", "|---|---|---|---|---|"]
     for r in section.rows:
         default = "`" + r.default.replace("|", "\\|") + "`" if r.default else ""  # code span: no entities
@@ -219,7 +220,7 @@ def _table(section: Section) -> list[str]:
 def render() -> str:
     """The whole page (markdown)."""
     all_sections = sections()
-    index = ["Sections: " + ", ".join(f"`{s.key}`" for s in all_sections) + ".", ""]
+    index = [textwrap.fill("Sections: " + ", ".join(f"`{s.key}`" for s in all_sections) + ".", 115), ""]
     lines = [_HEADER, *index]
     for s in all_sections:
         lines += _table(s)
