@@ -41,7 +41,8 @@ in `vlpretrain/config.py`, the single source of defaults and rules. How to read 
 - A config is YAML. A file may `include:` others (a stage file includes its `model.yaml`); later keys win.
 - `--set key=value` overrides any key; values are YAML: `--set parallel.layer_split=[8,8,7,7] train.lr=1e-4`.
   `vlpretrain config show CONFIG [--set ...]` prints the resolved config.
-- Unknown keys, wrong types, values outside the range below, duplicate YAML keys and duplicate source names
+- Every field's range is declared beside its default in `config.py` (`_f(32, ge=1, help="...")`): the "allowed"
+  column below. Unknown keys, wrong types, values outside that range, duplicate YAML keys and duplicate source names
   fail at once, before any process group, model or data work starts, with one line naming the key
   (`config error: unknown key 'train.lrr'`) and exit status 2.
 - Checks across keys come after the per-key rules: `validate` in `vlpretrain/config.py` (heads, FFN and
