@@ -72,12 +72,14 @@ def _check_duplicate_keys(node: yaml.Node, where: str, prefix: str, seen: set[in
             _check_duplicate_keys(v, where, f"{prefix}[{i}]", seen)
 
 
-def _f(default: Any = dataclasses.MISSING, *, factory: Any = dataclasses.MISSING, **rules: Any) -> Any:
+def _f(default: Any = dataclasses.MISSING, *, factory: Any = dataclasses.MISSING, help: str = "",
+       **rules: Any) -> Any:
     """A dataclass field with value rules that ``validate`` checks for every config (declared next to the
     default, so the dataclasses stay the one source of both): ``ge gt le lt`` bound a number or each number of
-    a list; ``len`` is a list's exact length; ``nonempty`` a string or list."""
+    a list; ``len`` is a list's exact length; ``nonempty`` a string or list. ``help`` is the key's one-line
+    meaning, rendered into docs/configuration.md by ``vlpretrain.config_reference``."""
     assert set(rules) <= {"ge", "gt", "le", "lt", "len", "nonempty"}, rules
-    return field(default=default, default_factory=factory, metadata=rules)
+    return field(default=default, default_factory=factory, metadata={**rules, "help": help})
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -88,63 +90,72 @@ def _f(default: Any = dataclasses.MISSING, *, factory: Any = dataclasses.MISSING
 class SigLIPConfig:
     """timm VisionTransformer (``vit_large_patch16_siglip_384`` at real size), no pooling head."""
 
-    image_size: int = _f(384, ge=1)
-    patch_size: int = _f(16, ge=1)
-    width: int = _f(1024, ge=1)
-    depth: int = _f(24, ge=1)
-    heads: int = _f(16, ge=1)
-    mlp_ratio: float = _f(4.0, gt=0)
-    mean: list[float] = _f(factory=lambda: [0.5, 0.5, 0.5], len=3, ge=0, le=1)
-    std: list[float] = _f(factory=lambda: [0.5, 0.5, 0.5], len=3, gt=0)
+    image_size: int = _f(384, ge=1, help="input resolution in pixels (the image resized from SAM's size when hybrid)")
+    patch_size: int = _f(16, ge=1, help="patch side in pixels; (image_size / patch_size)^2 tokens per image")
+    width: int = _f(1024, ge=1, help="embedding width")
+    depth: int = _f(24, ge=1, help="transformer blocks")
+    heads: int = _f(16, ge=1, help="attention heads")
+    mlp_ratio: float = _f(4.0, gt=0, help="MLP hidden width as a multiple of width")
+    mean: list[float] = _f(factory=lambda: [0.5, 0.5, 0.5], len=3, ge=0, le=1,
+                           help="per-channel mean the tower normalises its [0, 1] input with")
+    std: list[float] = _f(factory=lambda: [0.5, 0.5, 0.5], len=3, gt=0,
+                          help="per-channel std the tower normalises its [0, 1] input with")
 
 
 @dataclass
 class SAMConfig:
     """timm VisionTransformerSAM (``samvit_base_patch16``) + DeepSeek-VL's interpolate/downsample tail."""
 
-    enabled: bool = True
-    image_size: int = _f(1024, ge=1)
-    patch_size: int = _f(16, ge=1)
-    width: int = _f(768, ge=1)
-    depth: int = _f(12, ge=1)
-    heads: int = _f(12, ge=1)
-    window_size: int = _f(14, ge=1)
-    global_attn_indexes: list[int] = _f(factory=lambda: [2, 5, 8, 11], ge=0)  # and < depth (validate)
-    neck_chans: int = _f(256, ge=1)
-    # the neck output (64x64 at real size) is bilinearly resized to this grid before the stride-2 convs
-    interp_size: int = _f(96, ge=1)
-    downsample_channels: list[int] = _f(factory=lambda: [512, 1024], nonempty=True, ge=1)
-    # DeepSeek-VL's ``neck_hd`` side path from the first global-attention block, scaled by a learned scalar
-    hd_path: bool = False
-    mean: list[float] = _f(factory=lambda: [0.48145466, 0.4578275, 0.40821073], len=3, ge=0, le=1)
-    std: list[float] = _f(factory=lambda: [0.26862954, 0.26130258, 0.27577711], len=3, gt=0)
+    enabled: bool = _f(True, help="build the SAM-B high-resolution tower (the 7B's hybrid encoder); false: SigLIP only")
+    image_size: int = _f(1024, ge=1, help="input resolution in pixels; the preprocessed image size when enabled")
+    patch_size: int = _f(16, ge=1, help="patch side in pixels")
+    width: int = _f(768, ge=1, help="embedding width")
+    depth: int = _f(12, ge=1, help="transformer blocks")
+    heads: int = _f(12, ge=1, help="attention heads")
+    window_size: int = _f(14, ge=1, help="window side (patches) of the windowed-attention blocks")
+    global_attn_indexes: list[int] = _f(factory=lambda: [2, 5, 8, 11], ge=0,
+                                        help="blocks with global attention (each < depth)")
+    neck_chans: int = _f(256, ge=1, help="channels of the neck output")
+    interp_size: int = _f(96, ge=1, help="grid the neck output (64x64 at real size) is bilinearly resized to before "
+                                         "the stride-2 convs; halved per conv it must give SigLIP's grid")
+    downsample_channels: list[int] = _f(factory=lambda: [512, 1024], nonempty=True, ge=1,
+                                        help="output channels of each stride-2 downsample conv")
+    hd_path: bool = _f(False, help="DeepSeek-VL's neck_hd side path from the first global-attention block, scaled "
+                                   "by a learned scalar (starts at 0)")
+    mean: list[float] = _f(factory=lambda: [0.48145466, 0.4578275, 0.40821073], len=3, ge=0, le=1,
+                           help="per-channel mean (CLIP's) the tower normalises its [0, 1] input with")
+    std: list[float] = _f(factory=lambda: [0.26862954, 0.26130258, 0.27577711], len=3, gt=0,
+                          help="per-channel std (CLIP's) the tower normalises its [0, 1] input with")
 
 
 @dataclass
 class ModelConfig:
-    name: str = "custom"
+    """The model: a LLaMA-style decoder, the vision towers and the image placeholder token."""
+
+    name: str = _f("custom", help="a label in logs, `vlpretrain info` and `plan`")
     # LLaMA-style decoder
-    vocab_size: int = _f(102400, ge=1)
-    dim: int = _f(4096, ge=1)
-    n_layers: int = _f(30, ge=1)
-    n_heads: int = _f(32, ge=1)
-    n_kv_heads: Optional[int] = _f(None, ge=1)  # None: multi-head attention (n_kv_heads = n_heads)
-    ffn_dim: int = _f(11008, ge=1)
-    norm_eps: float = _f(1e-6, gt=0)
-    rope_theta: float = _f(10000.0, gt=0)
-    max_seq_len: int = _f(4096, ge=1)
-    init_std: float = _f(0.02, gt=0)
-    # attention of packed rows (document-causal): "flex" = FlexAttention with a block mask built from the
-    # document ids (compiled; no CPU backward), "varlen" = per-document flash attention (cu_seqlens), "sdpa_mask"
-    # = SDPA with a dense (B, 1, S, S) mask; "auto" = flex on GPU; on CPU sdpa_mask up to 1024 tokens per row,
-    # varlen above (models/attention.py). Unpacked rows: plain causal.
-    attention: Literal["auto", "flex", "varlen", "sdpa_mask"] = "auto"
-    # decoder block implementation: "torch" (models/llm.py) or "te" (transformer-engine modules, GPU only)
-    impl: Literal["torch", "te"] = "torch"
+    vocab_size: int = _f(102400, ge=1, help="vocabulary size (embedding rows, output head width)")
+    dim: int = _f(4096, ge=1, help="decoder hidden size")
+    n_layers: int = _f(30, ge=1, help="decoder blocks")
+    n_heads: int = _f(32, ge=1, help="query attention heads")
+    n_kv_heads: Optional[int] = _f(None, ge=1, help="key/value heads (grouped-query attention); null: n_heads")
+    ffn_dim: int = _f(11008, ge=1, help="SwiGLU hidden size")
+    norm_eps: float = _f(1e-6, gt=0, help="RMSNorm epsilon")
+    rope_theta: float = _f(10000.0, gt=0, help="rotary embedding base")
+    max_seq_len: int = _f(4096, ge=1, help="longest sequence (HF export: max_position_embeddings); train.seq_len <= it")
+    init_std: float = _f(0.02, gt=0, help="std of the initial decoder and adaptor weights (residual outputs scaled "
+                                          "down with depth)")
+    # flex and varlen never build the S x S mask; on CPU flex has no backward, and one SDPA call per document costs
+    # ~1 ms of dispatch, so auto keeps the small dense mask for short rows there (models/attention.py)
+    attention: Literal["auto", "flex", "varlen", "sdpa_mask"] = _f(
+        "auto", help="kernel for packed rows: flex (FlexAttention block mask), varlen (per document), sdpa_mask "
+                     "(dense mask); auto: flex on GPU, on CPU sdpa_mask up to 1024 tokens per row, varlen above")
+    impl: Literal["torch", "te"] = _f("torch", help="decoder blocks: torch, or te (transformer-engine modules, GPU "
+                                                    "only)")
     # vision side
-    siglip: SigLIPConfig = field(default_factory=SigLIPConfig)
-    sam: SAMConfig = field(default_factory=SAMConfig)
-    image_token_id: int = _f(100015, ge=0)  # id of <image_placeholder> in the tokenizer (< vocab_size)
+    siglip: SigLIPConfig = _f(factory=SigLIPConfig, help="the SigLIP tower (low resolution, semantics)")
+    sam: SAMConfig = _f(factory=SAMConfig, help="the SAM tower (high resolution, detail)")
+    image_token_id: int = _f(100015, ge=0, help="id of <image_placeholder> in the tokenizer (< vocab_size)")
 
     @property
     def kv_heads(self) -> int:
@@ -172,77 +183,98 @@ class ModelConfig:
 
 @dataclass
 class ParallelConfig:
-    dp: Union[int, Literal["auto"]] = _f("auto", ge=1)
-    tp: int = _f(1, ge=1)
-    pp: int = _f(1, ge=1)
-    vpp: int = _f(1, ge=1)  # virtual pipeline stages per pipeline rank
-    schedule: Literal["1f1b", "interleaved_1f1b", "gpipe", "zero_bubble", "zbv", "dualpipev"] = "1f1b"
-    sequence_parallel: bool = False
-    layer_split: Union[Literal["uniform", "auto"], list[int]] = _f("auto", ge=0)
-    activation_checkpointing: Literal["none", "selective", "full"] = "none"
-    # free a unit's gathered parameters after forward (ZeRO-3) or keep them to backward (ZeRO-2); auto: free
-    # only units of at least fsdp_keep_gathered_below_mb (compute dtype). Units kept gathered also stay gathered
-    # across a step's microbatches: small units' all-gathers are latency, not memory (DeepSpeed's persistence
-    # threshold)
-    fsdp_reshard_after_forward: Union[bool, Literal["auto"]] = "auto"
-    fsdp_keep_gathered_below_mb: float = _f(32.0, ge=0)
-    # the first stage's images: "images" splits them across the TP group (each rank encodes its share, the
-    # adaptor outputs are all-gathered); "replicate" recomputes every image on every TP rank (the paper)
-    vision_split: Literal["images", "replicate"] = "images"
-    # bound on every process-group wait and collective, seconds (0: VLP_PG_TIMEOUT_S, else 600); a timeout
-    # names the ranks that are missing
-    timeout_s: float = _f(0.0, ge=0)
-    # FP8 matmuls through transformer-engine (model.impl: te, Hopper or newer): delayed or current scaling
-    fp8: bool = False
-    fp8_recipe: Literal["delayed", "current"] = "delayed"
+    """The (pp, dp, tp) layout, the pipeline schedule and split, FSDP2 and FP8 settings."""
+
+    dp: Union[int, Literal["auto"]] = _f("auto", ge=1, help="data-parallel (FSDP2) degree; auto: the world size / "
+                                                           "(tp x pp)")
+    tp: int = _f(1, ge=1, help="tensor-parallel degree (decoder; the first stage's images split across it)")
+    pp: int = _f(1, ge=1, help="pipeline-parallel degree (pipeline ranks)")
+    vpp: int = _f(1, ge=1, help="virtual pipeline stages per pipeline rank (interleaved and V schedules)")
+    schedule: Literal["1f1b", "interleaved_1f1b", "gpipe", "zero_bubble", "zbv", "dualpipev"] = _f(
+        "1f1b", help="pipeline schedule (the table in layout_rules.py says which need vpp > 1 or a V placement)")
+    sequence_parallel: bool = _f(False, help="sequence parallelism on the decoder's norms (their activations "
+                                             "sharded over the sequence within the TP group)")
+    layer_split: Union[Literal["uniform", "auto"], list[int]] = _f(
+        "auto", ge=0, help="decoder layers per virtual stage: uniform, auto (balanced over the step mix by the cost "
+                           "model, as `vlpretrain plan` shows) or a list")
+    activation_checkpointing: Literal["none", "selective", "full"] = _f(
+        "none", help="recompute in backward: full (whole decoder blocks) or selective (keeps matmul and attention "
+                     "outputs)")
+    # small units' all-gathers are latency, not memory (DeepSpeed's persistence threshold), so auto keeps them
+    # gathered from forward to backward and across a step's microbatches
+    fsdp_reshard_after_forward: Union[bool, Literal["auto"]] = _f(
+        "auto", help="free a unit's gathered parameters after forward (true, ZeRO-3) or keep them to backward (false, "
+                     "ZeRO-2); auto: free only units of at least fsdp_keep_gathered_below_mb")
+    fsdp_keep_gathered_below_mb: float = _f(32.0, ge=0, help="auto's threshold: units smaller than this (MiB in the "
+                                                             "compute dtype) stay gathered")
+    vision_split: Literal["images", "replicate"] = _f(
+        "images", help="first stage under TP: images splits the images across the TP group (adaptor outputs "
+                       "all-gathered); replicate recomputes every image on every TP rank (the paper)")
+    timeout_s: float = _f(0.0, ge=0, help="bound in seconds on every process-group wait and collective (0: "
+                                          "VLP_PG_TIMEOUT_S, else 600); a timeout names the missing ranks")
+    fp8: bool = _f(False, help="FP8 matmuls through transformer-engine (needs model.impl: te; Hopper or newer)")
+    fp8_recipe: Literal["delayed", "current"] = _f("delayed", help="FP8 scaling: delayed (amax history) or current")
 
 
 @dataclass
 class LanguageRatioConfig:
     """Share of language-only global steps: warms down from ``start`` to ``end`` (paper: 1.0 -> 0.7)."""
 
-    start: float = _f(1.0, ge=0, le=1)
-    end: float = _f(0.7, ge=0, le=1)
-    warmup_steps: int = _f(0, ge=0)
-    shape: Literal["linear", "cosine", "step"] = "linear"
+    start: float = _f(1.0, ge=0, le=1, help="language share of the steps at the first step")
+    end: float = _f(0.7, ge=0, le=1, help="language share after the warm-up (the paper's 7:3)")
+    warmup_steps: int = _f(0, ge=0, help="steps from start to end (0: end from the first step)")
+    shape: Literal["linear", "cosine", "step"] = _f("linear", help="how the share moves from start to end")
 
 
 @dataclass
 class SourceConfig:
-    name: str = ""
-    path: str = _f("", nonempty=True)  # shards (dir / glob / brace pattern), corpus prefix (.bin/.idx) or .jsonl; relative to root
-    # auto: from the files (data/formats.py); webdataset / llava / parquet: read as users have them (README)
-    type: Literal["auto", "shards", "indexed", "jsonl", "webdataset", "llava", "parquet"] = "auto"
-    modality: Literal["text", "multimodal"] = "multimodal"
-    category: str = ""
-    weight: float = _f(1.0, gt=0)
-    image_root: str = ""  # llava / parquet: folder image paths are relative to (default: the data file's folder)
-    image_column: str = ""  # parquet: default the first of image, images, jpg, png, img
-    text_column: str = ""  # parquet: default the first of conversations, conversation, text, caption, txt
+    """One data source; a source's name defaults to its path."""
+
+    name: str = _f("", help="name in metrics (source_counts) and errors; empty: from the path")
+    path: str = _f("", nonempty=True, help="shards (dir / glob / brace pattern), a .bin/.idx prefix, a file or folder, "
+                                           "relative to data.root")
+    # webdataset / llava / parquet are read as users have them (docs/data.md)
+    type: Literal["auto", "shards", "indexed", "jsonl", "webdataset", "llava", "parquet"] = _f(
+        "auto", help="format; auto: told from the files (data/formats.py)")
+    modality: Literal["text", "multimodal"] = _f("multimodal", help="which steps draw from it (language-only or "
+                                                                    "multimodal)")
+    category: str = _f("", help="a label (the paper's data categories in configs/data/); training does not read it")
+    weight: float = _f(1.0, gt=0, help="share within its modality, relative to the other sources' weights")
+    image_root: str = _f("", help="llava / parquet: folder image paths are relative to (default: the data file's "
+                                  "folder)")
+    image_column: str = _f("", help="parquet: image column (default: the first of image, images, jpg, png, img)")
+    text_column: str = _f("", help="parquet: text column (default: the first of conversations, conversation, text, "
+                                   "caption, txt)")
 
 
 @dataclass
 class DataConfig:
-    root: str = "demo_data"
-    tokenizer: str = _f("tokenizer.json", nonempty=True)  # relative to root unless absolute
-    manifest: str = ""  # a YAML file listing the sources (relative to root); else data.sources
-    sources: list[SourceConfig] = field(default_factory=list)
-    group_by_modality: bool = True
-    packing: bool = False  # pack several samples per sequence (stage 2); positions restart per document
-    document_causal: bool = True  # with packing: no attention across packed documents
-    language_ratio: LanguageRatioConfig = field(default_factory=LanguageRatioConfig)
-    system_prompt: str = ""
-    num_workers: int = _f(0, ge=0)  # DataLoader worker processes (each prepares whole steps)
-    prefetch_steps: int = _f(2, ge=1)
+    """Where the samples come from and how global steps are made of them."""
+
+    root: str = _f("demo_data", help="data folder; source paths, the tokenizer and eval files are relative to it")
+    tokenizer: str = _f("tokenizer.json", nonempty=True, help="HF tokenizers file, relative to root unless absolute")
+    manifest: str = _f("", help="a YAML file listing the sources (relative to root); else data.sources")
+    sources: list[SourceConfig] = _f(factory=list, help="the sources, inline (when no manifest)")
+    group_by_modality: bool = _f(True, help="every global step all-language or all-multimodal (the paper); false: "
+                                            "mixed steps")
+    packing: bool = _f(False, help="pack several samples per sequence, first fit (stage 2); positions restart per "
+                                   "document")
+    document_causal: bool = _f(True, help="with packing: no attention across packed documents")
+    language_ratio: LanguageRatioConfig = _f(factory=LanguageRatioConfig, help="the language share of the steps "
+                                                                                "and its warm-down")
+    system_prompt: str = _f("", help="text put before every SFT conversation")
+    num_workers: int = _f(0, ge=0, help="DataLoader worker processes (each prepares whole steps); 0: the main "
+                                        "process")
+    prefetch_steps: int = _f(2, ge=1, help="steps each worker prepares ahead")
 
 
 @dataclass
 class PretrainedConfig:
     """Local pretrained weights for stage 1 (later stages use ``train.init_from``)."""
 
-    llm: str = ""  # HF LLaMA / DeepSeek-LLM directory (config.json + safetensors)
-    siglip: str = ""  # timm ViT state dict (safetensors or torch file)
-    sam: str = ""  # segment-anything / timm samvit / DeepSeek-VL state dict
+    llm: str = _f("", help="HF LLaMA / DeepSeek-LLM directory (config.json + safetensors)")
+    siglip: str = _f("", help="timm ViT state dict (safetensors or torch file)")
+    sam: str = _f("", help="segment-anything / timm samvit / DeepSeek-VL state dict")
 
 
 @dataclass
@@ -250,77 +282,94 @@ class ProfileConfig:
     """torch.profiler over a window of steps: a Chrome trace per rank and a pipeline timeline in
     ``<run_dir>/profile`` (train/profiling.py)."""
 
-    steps: list[int] = _f(factory=list, ge=1)  # [first, last], inclusive; empty: off
+    steps: list[int] = _f(factory=list, ge=1, help="[first, last] steps profiled, inclusive; empty: off")
 
 
 @dataclass
 class TrainConfig:
-    stage: Literal[1, 2, 3] = 1
-    # which parts learn; empty = the paper's choice for the stage (S1 adaptor; S2 + llm; S3 + siglip)
-    trainable: list[Literal["siglip", "sam", "adaptor", "llm"]] = field(default_factory=list)
-    steps: int = _f(100, ge=1)
-    global_batch_size: int = _f(8, ge=1)
-    micro_batch_size: int = _f(8, ge=1)
-    seq_len: int = _f(4096, ge=1)
-    seed: int = _f(0, ge=0)
-    lr: float = _f(1e-3, gt=0)
-    min_lr_ratio: float = _f(0.1, ge=0, le=1)  # cosine floor, as a fraction of lr
-    lr_schedule: Literal["cosine", "step", "constant"] = "cosine"
-    warmup_steps: int = _f(0, ge=0)
-    step_milestones: list[float] = _f(factory=lambda: [0.8, 0.9], gt=0, lt=1)  # fractions of steps
-    step_gamma: float = _f(0.316, gt=0, le=1)  # LR multiplier at each milestone (DeepSeek-LLM: 31.6%, then 10%)
-    weight_decay: float = _f(0.0, ge=0)
-    beta1: float = _f(0.9, ge=0, lt=1)
-    beta2: float = _f(0.95, ge=0, lt=1)
-    eps: float = _f(1e-8, gt=0)
-    grad_clip: float = _f(1.0, ge=0)  # 0 disables clipping
-    # auto: bf16 on GPU, fp32 on CPU. bf16 = one policy in every layout: bf16 compute, fp32 master weights,
-    # optimizer state and gradient reduction (FSDP2's MixedPrecisionPolicy, over a 1-rank mesh at dp = 1)
-    dtype: Literal["auto", "bf16", "fp32"] = "auto"
-    compile: Union[bool, Literal["auto"]] = "auto"  # torch.compile each decoder block; auto: on GPU only
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    init_from: str = ""  # weights of a previous stage (checkpoint dir or .safetensors file)
-    pretrained: PretrainedConfig = field(default_factory=PretrainedConfig)
-    run_dir: str = _f("runs/default", nonempty=True)
-    eval_interval: int = _f(0, ge=0)  # 0: only at the end
-    eval_file: str = ""  # multi-choice eval set (jsonl), relative to data.root
-    eval_text: str = ""  # held-out text (JSONL with "text", or a .bin/.idx prefix): bits per byte, perplexity
-    # preemption: these signals (and a first Ctrl-C) make every rank save at the end of the step and exit 42
-    preempt_signals: list[Literal["SIGTERM", "SIGUSR1", "SIGUSR2", "SIGHUP"]] = field(
-        default_factory=lambda: ["SIGTERM", "SIGUSR1", "SIGUSR2"])
-    # seconds; > 0: save and exit 42 before it runs out (a Slurm job's end counts too)
-    max_wall_time: float = _f(0.0, ge=0)
-    # kept for the last save before a deadline; 0: 2 x slowest step + 2 x slowest save
-    exit_margin_s: float = _f(0.0, ge=0)
-    profile: ProfileConfig = field(default_factory=ProfileConfig)
+    """One training stage: trainable parts, batch, optimizer and schedule, run dir, evaluation, preemption."""
+
+    stage: Literal[1, 2, 3] = _f(1, help="paper stage: 1 adaptor warm-up, 2 joint VL pretraining, 3 SFT")
+    trainable: list[Literal["siglip", "sam", "adaptor", "llm"]] = _f(
+        factory=list, help="parts that learn; empty: the paper's for the stage (1: adaptor; 2: + llm; 3: + siglip)")
+    steps: int = _f(100, ge=1, help="optimizer steps of the run")
+    global_batch_size: int = _f(8, ge=1, help="sequences per optimizer step, over all dp ranks and microbatches")
+    micro_batch_size: int = _f(8, ge=1, help="sequences per microbatch per dp rank; global = micro x "
+                                             "accumulation x dp")
+    seq_len: int = _f(4096, ge=1, help="tokens per sequence (every row padded or packed to it)")
+    seed: int = _f(0, ge=0, help="seed of the initial weights (per parameter name) and the data order")
+    lr: float = _f(1e-3, gt=0, help="peak learning rate")
+    min_lr_ratio: float = _f(0.1, ge=0, le=1, help="cosine floor, as a fraction of lr")
+    lr_schedule: Literal["cosine", "step", "constant"] = _f("cosine", help="LR after the warm-up: cosine to "
+                                                                          "min_lr_ratio, step, or constant")
+    warmup_steps: int = _f(0, ge=0, help="linear LR warm-up steps")
+    step_milestones: list[float] = _f(factory=lambda: [0.8, 0.9], gt=0, lt=1,
+                                      help="step schedule: where the LR drops, as fractions of steps")
+    step_gamma: float = _f(0.316, gt=0, le=1, help="step schedule: LR multiplier at each milestone (DeepSeek-LLM: "
+                                                   "31.6%, then 10%)")
+    weight_decay: float = _f(0.0, ge=0, help="AdamW weight decay (the paper: 0)")
+    beta1: float = _f(0.9, ge=0, lt=1, help="AdamW beta1")
+    beta2: float = _f(0.95, ge=0, lt=1, help="AdamW beta2")
+    eps: float = _f(1e-8, gt=0, help="AdamW epsilon")
+    grad_clip: float = _f(1.0, ge=0, help="clip the global gradient norm (over dp, tp and pp) to this; 0: off")
+    dtype: Literal["auto", "bf16", "fp32"] = _f(
+        "auto", help="auto: bf16 on GPU, fp32 on CPU; bf16: one policy in every layout (bf16 compute; fp32 master "
+                     "weights, optimizer state and gradient reduction, FSDP2's MixedPrecisionPolicy)")
+    compile: Union[bool, Literal["auto"]] = _f("auto", help="torch.compile each decoder block; auto: on GPU only "
+                                                            "(not TE blocks)")
+    device: Literal["auto", "cpu", "cuda"] = _f("auto", help="auto: cuda when a GPU is visible (cuda:LOCAL_RANK), "
+                                                             "else cpu")
+    init_from: str = _f("", help="weights of a previous stage (run dir, checkpoint or .safetensors), with a fresh "
+                                 "optimizer and schedule")
+    pretrained: PretrainedConfig = _f(factory=PretrainedConfig, help="pretrained parts from local files")
+    run_dir: str = _f("runs/default", nonempty=True, help="metrics, evaluations, logs, checkpoints and the lock")
+    eval_interval: int = _f(0, ge=0, help="evaluate every this many steps (0: only at the end)")
+    eval_file: str = _f("", help="multi-choice eval set (JSONL) for MCPPL, relative to data.root")
+    eval_text: str = _f("", help="held-out text (JSONL with \"text\", or a .bin/.idx prefix) for bits per byte and "
+                                 "perplexity, relative to data.root")
+    preempt_signals: list[Literal["SIGTERM", "SIGUSR1", "SIGUSR2", "SIGHUP"]] = _f(
+        factory=lambda: ["SIGTERM", "SIGUSR1", "SIGUSR2"],
+        help="signals (and a first Ctrl-C) that make every rank save at the end of the step and exit 42")
+    max_wall_time: float = _f(0.0, ge=0, help="seconds; > 0: save and exit 42 before it runs out (a Slurm job's "
+                                              "end counts too)")
+    exit_margin_s: float = _f(0.0, ge=0, help="seconds kept for the last save before a deadline; 0: 2 x slowest "
+                                              "step + 2 x slowest save")
+    profile: ProfileConfig = _f(factory=ProfileConfig, help="torch.profiler window")
 
 
 @dataclass
 class CheckpointConfig:
-    interval: int = _f(0, ge=0)  # 0: only at the end
-    dir: str = ""  # empty: <run_dir>/checkpoints
-    keep_last: int = _f(2, ge=1)
-    resume: str = ""  # "auto": the newest good checkpoint in dir (none: start fresh); or a checkpoint path
-    async_save: bool = False  # write interval checkpoints in the background while training continues
+    """Resumable DCP checkpoints (any layout) and the final weights."""
+
+    interval: int = _f(0, ge=0, help="checkpoint every this many steps (0: only at the end)")
+    dir: str = _f("", help="checkpoint folder; empty: <run_dir>/checkpoints")
+    keep_last: int = _f(2, ge=1, help="verified checkpoints kept (the newest good one is never pruned)")
+    resume: str = _f("", help="auto: the newest good checkpoint in dir (none: start fresh); or a checkpoint path")
+    async_save: bool = _f(False, help="write interval checkpoints in the background while training continues")
 
 
 @dataclass
 class LoggingConfig:
-    log_interval: int = _f(1, ge=1)
-    peak_tflops: float = _f(0.0, ge=0)  # per device; 0: guess from the device (H100/A100 bf16), CPU default 1.0
-    wandb: bool = False
-    wandb_project: str = "vlpretrain"
-    tensorboard: bool = False
+    """Console, metrics.jsonl and optional loggers."""
+
+    log_interval: int = _f(1, ge=1, help="console line every this many steps (metrics.jsonl gets every step)")
+    peak_tflops: float = _f(0.0, ge=0, help="per-device peak TFLOP/s for MFU and the pipeline cost model; 0: "
+                                            "the GPU's datasheet bf16 peak (hardware.py), 1.0 on CPU")
+    wandb: bool = _f(False, help="log to Weights & Biases when installed (.[logging])")
+    wandb_project: str = _f("vlpretrain", help="the wandb project")
+    tensorboard: bool = _f(False, help="log to TensorBoard when installed (.[logging])")
 
 
 @dataclass
 class Config:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    parallel: ParallelConfig = field(default_factory=ParallelConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    """The whole configuration: one section per concern."""
+
+    model: ModelConfig = _f(factory=ModelConfig, help="the model")
+    parallel: ParallelConfig = _f(factory=ParallelConfig, help="the parallel layout")
+    train: TrainConfig = _f(factory=TrainConfig, help="the training stage")
+    data: DataConfig = _f(factory=DataConfig, help="the data")
+    checkpoint: CheckpointConfig = _f(factory=CheckpointConfig, help="checkpoints")
+    logging: LoggingConfig = _f(factory=LoggingConfig, help="logging")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
