@@ -3,7 +3,7 @@ item) either fails at load time with ONE line ``config error: <key>...`` (librar
 or is legitimately accepted (``ALLOWED``, with the reason) and then survives cheap downstream use: the model
 built on the meta device, the layout, the LR and language-share schedules.
 
-A numeric field added to ``vlpretrain/config.py`` without a rule (``_f(..., ge=1)``) fails here.
+A numeric field added to ``vlpretrain/config/schema.py`` without a rule (``_f(..., ge=1)``) fails here.
 """
 from __future__ import annotations
 

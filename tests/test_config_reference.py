@@ -1,4 +1,4 @@
-"""docs/configuration.md is generated from vlpretrain/config.py (vlpretrain/config_reference.py) and must stay so:
+"""docs/configuration.md is generated from vlpretrain/config/schema.py (vlpretrain/config_reference.py) and must stay so:
 the committed page equals ``render()``, every key of ``Config`` is on it, and every field says what it means."""
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ def test_committed_page_is_current():
     expected = config_reference.render()
     assert PAGE.is_file(), f"{PAGE} is missing: run `{config_reference.REGENERATE}`"
     assert PAGE.read_text(encoding="utf-8") == expected, (
-        f"{PAGE.relative_to(REPO)} is stale (vlpretrain/config.py changed): run `{config_reference.REGENERATE}` "
+        f"{PAGE.relative_to(REPO)} is stale (vlpretrain/config/schema.py changed): run `{config_reference.REGENERATE}` "
         "and commit the page")
 
 
@@ -49,7 +49,7 @@ def test_every_leaf_key_is_on_the_page():
 def test_every_field_has_a_meaning():
     """A field added without ``help=`` fails here: the reference would have an empty meaning."""
     empty = [key for key, f, _ in _fields(Config) if not str(f.metadata.get("help", "")).strip()]
-    assert not empty, f"fields without help= in vlpretrain/config.py: {empty}"
+    assert not empty, f"fields without help= in vlpretrain/config/schema.py: {empty}"
     one_line = [key for key, f, _ in _fields(Config) if "\n" in f.metadata["help"]]
     assert not one_line, f"help= must be one line: {one_line}"
 

@@ -13,7 +13,7 @@ Placements (V = pp x vpp virtual stages):
 * ``v``: rank r holds r and 2 pp - 1 - r (ZB-V / DualPipeV, vpp = 2): the first and the last stage share
   rank 0.
 
-No torch import here (config.py reads this table); the torch classes are looked up by name at run time.
+No torch import here (the config rules read this table); the torch classes are looked up by name at run time.
 """
 from __future__ import annotations
 
