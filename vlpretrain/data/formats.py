@@ -40,13 +40,19 @@ import numpy as np
 import torch
 
 from vlpretrain.config import SourceConfig
-from vlpretrain.data.shards import (IMAGE_EXTENSIONS, IMAGE_PLACEHOLDER, BadSample, count_placeholders,
-                                    decode_image, fingerprint)
-from vlpretrain.data.sizes import (SizeTable, announce, compute_entries, size_encoder, sizes_key,
-                                   table_from_entries, try_write_json_atomic)
+from vlpretrain.data.shard_index import fingerprint
+from vlpretrain.data.shards import IMAGE_EXTENSIONS, IMAGE_PLACEHOLDER, BadSample, count_placeholders, decode_image
+from vlpretrain.data.sizes import (
+    SizeTable,
+    announce,
+    compute_entries,
+    size_encoder,
+    sizes_key,
+    table_from_entries,
+    try_write_json_atomic,
+)
 from vlpretrain.data.sources import ShardSource, Source, json_member
 from vlpretrain.errors import UserError
-
 
 LLAVA_ROLES = {"human": "User", "user": "User", "gpt": "Assistant", "assistant": "Assistant"}
 LLAVA_IMAGE = "<image>"
@@ -603,8 +609,8 @@ class ParquetSource(Source):
                 part = [reason if (reason := table.reasons.get(k)) is not None else
                         [int(table.text[k]), int(table.labels[k]), int(table.images[k])] for k in range(n)]
             else:
-                part = timed_entries(f"{self.name}/{f.name}", n, lambda k: self.record(first + k), tokenizer,
-                                     system_prompt)
+                part = timed_entries(f"{self.name}/{f.name}", n, lambda k, first=first: self.record(first + k),
+                                     tokenizer, system_prompt)
                 _store_sizes(side, key, content, part)
             entries += part
         return table_from_entries(entries)
