@@ -21,8 +21,8 @@ from vlpretrain.config import SourceConfig, load_config
 from vlpretrain.data import formats
 from vlpretrain.data.loader import DataPipeline
 from vlpretrain.data.manifest import open_source
+from vlpretrain.data.preprocess import decode_image
 from vlpretrain.data.shard_index import index_path
-from vlpretrain.data.shards import decode_image
 from vlpretrain.data.sources import JsonlSource, ShardSource
 from vlpretrain.errors import UserError
 

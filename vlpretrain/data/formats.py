@@ -40,8 +40,9 @@ import numpy as np
 import torch
 
 from vlpretrain.config import SourceConfig
+from vlpretrain.data.preprocess import decode_image
 from vlpretrain.data.shard_index import fingerprint
-from vlpretrain.data.shards import IMAGE_EXTENSIONS, IMAGE_PLACEHOLDER, BadSample, count_placeholders, decode_image
+from vlpretrain.data.shards import IMAGE_EXTENSIONS, IMAGE_PLACEHOLDER, BadSample, count_placeholders
 from vlpretrain.data.sizes import (
     SizeTable,
     announce,

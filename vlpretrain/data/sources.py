@@ -24,9 +24,9 @@ import torch
 
 from vlpretrain.config import SourceConfig
 from vlpretrain.data.indexed import IndexedDataset
-from vlpretrain.data.preprocess import load_image
+from vlpretrain.data.preprocess import decode_image, load_image
 from vlpretrain.data.shard_index import index_path
-from vlpretrain.data.shards import BadSample, ShardReader, decode_image
+from vlpretrain.data.shards import BadSample, ShardReader
 from vlpretrain.data.sizes import (
     SizeTable,
     announce,
