@@ -166,23 +166,10 @@ def _report(label: str, count: int, unit: str, n_bytes: int, t0: float) -> None:
     print(f"  {label:<18} {count:>6} {unit:<8} {n_bytes / 1e6:7.2f} MB  ({seconds:.1f}s)", flush=True)
 
 
-def generate_demo(out_dir: str | os.PathLike, seed: int = 0, scale: float = 1.0,
-                  vocab_size: int = DEFAULT_VOCAB_SIZE, verbose: bool = True) -> dict:
-    """Write the whole demo dataset (images, JSONL files, tokenizer, manifest) into out_dir.
-
-    Returns the manifest dict. manifest.json is written last, so its presence
-    means the directory is complete.
-    """
-    if seed < 0 or scale <= 0:
-        raise ValueError(f"need seed >= 0 and scale > 0, got seed={seed}, scale={scale}")
-    t0 = time.perf_counter()
-    out = Path(out_dir)
-    (out / "images").mkdir(parents=True, exist_ok=True)
-    manifest_path = out / "manifest.json"
-    if manifest_path.exists():  # the directory is incomplete until the new manifest is written
-        manifest_path.unlink()
-    words = word_list()
-
+def _write_images(out: Path, seed: int, scale: float, words: list[str], verbose: bool,
+                  t0: float) -> tuple[dict[str, Pool], list[dict], set[str]]:
+    """The training image pools and the held-out eval set (its rows too); PNGs of an earlier, larger run that this
+    one did not write are removed. Returns (pools, eval rows, every image path written)."""
     pools = {kind: _make_pool(out, kind, _count(n, scale, 4), _rng(seed, f"images/{kind}"), words)
              for kind, n in POOL_SIZES.items()}
     eval_rows = _eval_set(out, _count(BASE_COUNTS["eval_mc.jsonl"], scale, 4), _rng(seed, "eval"), words)
@@ -192,7 +179,11 @@ def generate_demo(out_dir: str | os.PathLike, seed: int = 0, scale: float = 1.0,
             stale.unlink()
     if verbose:
         _report("images/", len(written), "PNGs", sum((out / rel).stat().st_size for rel in written), t0)
+    return pools, eval_rows, written
 
+
+def _image_text_files(pools: dict[str, Pool], seed: int, scale: float) -> dict[str, list[dict]]:
+    """captions.jsonl, ocr.jsonl and interleaved.jsonl (each from its own random stream)."""
     files: dict[str, list[dict]] = {"captions.jsonl": [], "ocr.jsonl": [], "interleaved.jsonl": []}
     rng = _rng(seed, "captions")
     for i in range(_count(BASE_COUNTS["captions.jsonl"], scale)):
@@ -209,40 +200,39 @@ def generate_demo(out_dir: str | os.PathLike, seed: int = 0, scale: float = 1.0,
         images, text = _interleaved_doc(rng, pools)
         files["interleaved.jsonl"].append({"id": f"interleaved-{i:06d}", "kind": "interleaved",
                                            "images": images, "text": text})
+    return files
 
+
+def _text_files(scale: float) -> dict[str, list[dict]]:
+    """text.jsonl and eval_text.jsonl: every HELD_OUT_EVERY-th chunk is held out for the language evaluation
+    (train.eval_text), never trained on."""
     chunks = text_chunks()
     if scale < 1:
         chunks = chunks[:_count(len(chunks), scale)]
-    # every HELD_OUT_EVERY-th chunk is held out for the language evaluation (train.eval_text), never trained on
-    files["text.jsonl"] = [{"id": f"text-{i:06d}", "kind": "text", "text": c} for i, c in enumerate(chunks)
-                           if i % HELD_OUT_EVERY]
-    files["eval_text.jsonl"] = [{"id": f"text-{i:06d}", "kind": "text", "text": c}
-                                for i, c in enumerate(chunks) if i % HELD_OUT_EVERY == 0]
+    return {"text.jsonl": [{"id": f"text-{i:06d}", "kind": "text", "text": c} for i, c in enumerate(chunks)
+                           if i % HELD_OUT_EVERY],
+            "eval_text.jsonl": [{"id": f"text-{i:06d}", "kind": "text", "text": c}
+                                for i, c in enumerate(chunks) if i % HELD_OUT_EVERY == 0]}
 
+
+def _sft_rows(pools: dict[str, Pool], seed: int, scale: float) -> list[dict]:
+    """sft.jsonl: chats about an image (SFT_IMAGE_MIX) and, SFT_TEXT_FRACTION of them, text-only chats."""
     rng = _rng(seed, "sft")
     facts, sentences = text_chat_sources()
-    files["sft.jsonl"] = []
+    rows = []
     for i in range(_count(BASE_COUNTS["sft.jsonl"], scale)):
         if rng.random() < SFT_TEXT_FRACTION:
             images, conversation = [], text_conversation(rng, facts, sentences)
         else:
             rel, meta = _choose(rng, pools, SFT_IMAGE_MIX)
             images, conversation = [rel], image_conversation(rng, meta)
-        files["sft.jsonl"].append({"id": f"sft-{i:06d}", "kind": "sft", "images": images,
-                                   "conversation": conversation})
-    files["eval_mc.jsonl"] = eval_rows
+        rows.append({"id": f"sft-{i:06d}", "kind": "sft", "images": images, "conversation": conversation})
+    return rows
 
-    for name, rows in files.items():
-        _write_jsonl(out / name, rows)
-        if verbose:
-            _report(name, len(rows), "samples", (out / name).stat().st_size, t0)
 
-    tokenizer = train_tokenizer(iter_training_texts(out), vocab_size, out / TOKENIZER_FILE)
-    if verbose:
-        _report(TOKENIZER_FILE, tokenizer.get_vocab_size(), "vocab", (out / TOKENIZER_FILE).stat().st_size, t0)
-
-    # the training formats the trainer reads: webdataset shards for the multimodal files, a Megatron
-    # .bin/.idx corpus for the text
+def _write_training_formats(out: Path, verbose: bool, t0: float) -> None:
+    """The training formats the trainer reads: webdataset shards for the multimodal files, a Megatron
+    .bin/.idx corpus for the text."""
     from .convert import convert_demo
     from .tokenize_corpus import tokenize_corpus
 
@@ -251,6 +241,35 @@ def generate_demo(out_dir: str | os.PathLike, seed: int = 0, scale: float = 1.0,
                     workers=1, progress=False)
     if verbose:
         print(f"  shards/ and corpus/text.bin|idx written ({time.perf_counter() - t0:.1f}s)")
+
+
+def generate_demo(out_dir: str | os.PathLike, seed: int = 0, scale: float = 1.0,
+                  vocab_size: int = DEFAULT_VOCAB_SIZE, verbose: bool = True) -> dict:
+    """Write the whole demo dataset (images, JSONL files, tokenizer, manifest) into out_dir.
+
+    Returns the manifest dict. manifest.json is written last, so its presence
+    means the directory is complete.
+    """
+    if seed < 0 or scale <= 0:
+        raise ValueError(f"need seed >= 0 and scale > 0, got seed={seed}, scale={scale}")
+    t0 = time.perf_counter()
+    out = Path(out_dir)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    manifest_path = out / "manifest.json"
+    if manifest_path.exists():  # the directory is incomplete until the new manifest is written
+        manifest_path.unlink()
+    pools, eval_rows, written = _write_images(out, seed, scale, word_list(), verbose, t0)
+    files = {**_image_text_files(pools, seed, scale), **_text_files(scale),
+             "sft.jsonl": _sft_rows(pools, seed, scale), "eval_mc.jsonl": eval_rows}
+    for name, rows in files.items():
+        _write_jsonl(out / name, rows)
+        if verbose:
+            _report(name, len(rows), "samples", (out / name).stat().st_size, t0)
+
+    tokenizer = train_tokenizer(iter_training_texts(out), vocab_size, out / TOKENIZER_FILE)
+    if verbose:
+        _report(TOKENIZER_FILE, tokenizer.get_vocab_size(), "vocab", (out / TOKENIZER_FILE).stat().st_size, t0)
+    _write_training_formats(out, verbose, t0)
 
     manifest = {"seed": seed, "scale": scale, "files": {name: len(rows) for name, rows in files.items()},
                 "images": {"train": len(written) - len(eval_rows), "eval": len(eval_rows)},
