@@ -45,8 +45,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _ab  # noqa: E402
 
-from vlpretrain.data.preprocess import CLIP_MEAN, background_color, resize_and_pad  # noqa: E402
-from vlpretrain.data.shards import ShardReader, ShardWriter, decode_image, expand_shards  # noqa: E402
+from vlpretrain.data.preprocess import CLIP_MEAN, background_color, decode_image, resize_and_pad  # noqa: E402
+from vlpretrain.data.shards import ShardReader, ShardWriter, expand_shards  # noqa: E402
 
 BATCH = 8
 
@@ -153,7 +153,7 @@ def epoch_fn(name: str, loader, expected: int):
     def epoch() -> dict:
         t0 = time.perf_counter()
         n, hi, lo = 0, None, None
-        for hi, lo in loader:
+        for hi, lo in loader:  # noqa: B007 (the last batch's shapes are checked below)
             n += hi.shape[0]
         dt = time.perf_counter() - t0
         if n != expected:
@@ -244,7 +244,8 @@ def main(argv=None) -> int:
               f"webdataset {webdataset.__version__}, Pillow {Image.__version__}")
         low = f" -> bilinear antialiased {args.low} in the loader" if args.low > 0 else ""
         print(f"work per sample: decode -> bicubic longer side {args.size} -> pad (mean colour) (ours: uint8, "
-              f"webdataset+PIL: [0,1] float){low}; batch {BATCH}; epochs of ours and webdataset+PIL interleaved, {args.warmup} warm-up + "
+              f"webdataset+PIL: [0,1] float){low}; batch {BATCH}; epochs of ours and webdataset+PIL interleaved, "
+              f"{args.warmup} warm-up + "
               f"{args.repeats} timed each; median (min-max)")
         a, b = per_sample_ms(shards, args.size, args.low)
         print(f"  in-process, 1 thread, per sample (no collation): ours {a:.1f} ms | webdataset+PIL map {b:.1f} ms "

@@ -96,8 +96,7 @@ def image_cost(reps: int = 15) -> float:
     import torch
     from PIL import Image
 
-    from vlpretrain.data.preprocess import CLIP_MEAN, resize_and_pad
-    from vlpretrain.data.shards import decode_image
+    from vlpretrain.data.preprocess import CLIP_MEAN, decode_image, resize_and_pad
 
     torch.set_num_threads(1)
     rng = np.random.default_rng(0)

@@ -4,7 +4,10 @@
     python -m data_tools tokenizer --data DIR [--vocab-size 2048]
 """
 
-from .demo_data import IMAGE_SIZE, answer_text, generate_demo, text_chunks
+from .demo_corpus import text_chunks
+from .demo_data import generate_demo
+from .demo_images import IMAGE_SIZE
+from .demo_texts import answer_text
 from .tokenizer import (
     DEFAULT_VOCAB_SIZE,
     IMAGE_PLACEHOLDER,

@@ -16,10 +16,11 @@ import math
 import os
 import sys
 from collections import Counter
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
-from vlpretrain.data.shards import IMAGE_PLACEHOLDER, BadSample, ShardError, ShardReader
+from vlpretrain.data.shard_index import ShardError
+from vlpretrain.data.shards import IMAGE_PLACEHOLDER, BadSample, ShardReader
 
 DEFAULT_IMAGE_TOKENS = 576
 THUMB = 192  # grid cell width and thumbnail box height, pixels

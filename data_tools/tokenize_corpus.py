@@ -20,8 +20,8 @@ import os
 import sys
 import time
 from collections import deque
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
 
 import numpy as np
 
@@ -51,6 +51,16 @@ class TokenizeStats:
     @property
     def bad_lines(self) -> int:
         return sum(self.bad.values())
+
+    def count(self, tokens: np.ndarray, seq_lengths: np.ndarray, per_doc: np.ndarray, bad: dict[str, int]) -> None:
+        """Add the counts of one encoded chunk (what _encode_chunk returns)."""
+        self.documents += per_doc.size
+        self.sequences += seq_lengths.size
+        self.tokens += tokens.size
+        self.empty_documents += int(np.count_nonzero(per_doc == 0))
+        for k, v in bad.items():
+            self.bad[k] += v
+        self.lines += per_doc.size + sum(bad.values())
 
     def summary(self, prefix: str) -> str:
         rate = self.tokens / self.seconds if self.seconds > 0 else 0.0
@@ -174,6 +184,55 @@ class _Progress:
         self.stream.flush()
 
 
+def _check_tokenizer(tokenizer: str, append_eos: bool) -> tuple[int | None, np.dtype]:
+    """(eos id to append or None, token dtype) of a tokenizers JSON file; a missing or unreadable file, or
+    ``append_eos`` without an eos token, is an error here, before any work."""
+    from tokenizers import Tokenizer
+
+    from vlpretrain.data.indexed import best_dtype
+
+    if not os.path.isfile(tokenizer):
+        raise FileNotFoundError(f"tokenizer file not found: {tokenizer}")
+    try:
+        tok = Tokenizer.from_file(tokenizer)
+    except Exception as e:  # tokenizers raises a bare Exception
+        from vlpretrain.errors import UserError
+
+        raise UserError(f"tokenizer {tokenizer}: not a tokenizers JSON file ({(str(e).splitlines() or ['?'])[0]})") \
+            from None
+    eos_id = None
+    if append_eos:
+        eos_id = tok.token_to_id(EOS_TOKEN)
+        if eos_id is None:
+            raise ValueError(f"--append-eos: tokenizer {tokenizer} has no {EOS_TOKEN!r} token")
+    return eos_id, best_dtype(tok.get_vocab_size())
+
+
+def _encode_in_pool(chunks: Iterator[tuple[list[bytes], int]], workers: int, init_args: tuple, consume) -> None:
+    """``consume(encoded, nbytes)`` for every chunk, in input order, encoded by a pool of ``workers`` processes.
+
+    Pool.imap would read the whole input ahead (its feeder thread does not wait), so keep a bounded window of
+    ordered async results instead. The pool ends with close() + join(): workers leave at the end-of-work
+    sentinel, not by SIGTERM (terminate() only on an error, where a worker may be mid-chunk)."""
+    pool = multiprocessing.Pool(workers, initializer=_init_worker, initargs=init_args)
+    try:
+        pending: deque = deque()
+        for chunk, nbytes in chunks:
+            pending.append((pool.apply_async(_encode_chunk, (chunk,)), nbytes))
+            if len(pending) >= 4 * workers:
+                result, done = pending.popleft()
+                consume(result.get(), done)
+        while pending:
+            result, done = pending.popleft()
+            consume(result.get(), done)
+        pool.close()
+    except BaseException:
+        pool.terminate()
+        raise
+    finally:
+        pool.join()
+
+
 def tokenize_corpus(
     inputs: Sequence[str | os.PathLike],
     tokenizer: str | os.PathLike,
@@ -189,31 +248,14 @@ def tokenize_corpus(
     chunks in flight (memory stays flat however large the corpus). ``progress`` shows a \\r-updated
     line on stderr when it is a terminal, else a plain line every 30 s and at the end.
     """
-    from tokenizers import Tokenizer
-
-    from vlpretrain.data.indexed import IndexedDatasetWriter, best_dtype
+    from vlpretrain.data.indexed import IndexedDatasetWriter
 
     paths = [os.fspath(p) for p in inputs]
     for p in paths:
         if not os.path.isfile(p):
             raise FileNotFoundError(f"input file not found: {p}")
     tokenizer = os.fspath(tokenizer)
-    if not os.path.isfile(tokenizer):
-        raise FileNotFoundError(f"tokenizer file not found: {tokenizer}")
-    try:
-        tok = Tokenizer.from_file(tokenizer)
-    except Exception as e:  # tokenizers raises a bare Exception
-        from vlpretrain.errors import UserError
-
-        raise UserError(f"tokenizer {tokenizer}: not a tokenizers JSON file ({(str(e).splitlines() or ['?'])[0]})") \
-            from None
-    eos_id = None
-    if append_eos:
-        eos_id = tok.token_to_id(EOS_TOKEN)
-        if eos_id is None:
-            raise ValueError(f"--append-eos: tokenizer {tokenizer} has no {EOS_TOKEN!r} token")
-    dtype = best_dtype(tok.get_vocab_size())
-    del tok
+    eos_id, dtype = _check_tokenizer(tokenizer, append_eos)
     init_args = (tokenizer, json_key, eos_id, dtype.name)
 
     stats = TokenizeStats(dtype=dtype.name)
@@ -226,13 +268,7 @@ def tokenize_corpus(
             tokens, seq_lengths, per_doc, bad = result
             stats.bytes_read += nbytes
             writer.add_packed(tokens, seq_lengths, per_doc)
-            stats.documents += per_doc.size
-            stats.sequences += seq_lengths.size
-            stats.tokens += tokens.size
-            stats.empty_documents += int(np.count_nonzero(per_doc == 0))
-            for k, v in bad.items():
-                stats.bad[k] += v
-            stats.lines += per_doc.size + sum(bad.values())
+            stats.count(tokens, seq_lengths, per_doc, bad)
             bar.update(stats)
 
         if workers <= 1:
@@ -240,27 +276,7 @@ def tokenize_corpus(
             for chunk, nbytes in chunks:
                 consume(_encode_chunk(chunk), nbytes)
         else:
-            # Pool.imap would read the whole input ahead (its feeder thread does not wait), so keep
-            # a bounded window of ordered async results instead.
-            # The pool ends with close() + join(): workers leave at the end-of-work sentinel, not by SIGTERM
-            # (terminate() only on an error, where a worker may be mid-chunk).
-            pool = multiprocessing.Pool(workers, initializer=_init_worker, initargs=init_args)
-            try:
-                pending: deque = deque()
-                for chunk, nbytes in chunks:
-                    pending.append((pool.apply_async(_encode_chunk, (chunk,)), nbytes))
-                    if len(pending) >= 4 * workers:
-                        result, done = pending.popleft()
-                        consume(result.get(), done)
-                while pending:
-                    result, done = pending.popleft()
-                    consume(result.get(), done)
-                pool.close()
-            except BaseException:
-                pool.terminate()
-                raise
-            finally:
-                pool.join()
+            _encode_in_pool(chunks, workers, init_args, consume)
     stats.seconds = time.perf_counter() - start
     bar.update(stats, final=True)
     return stats

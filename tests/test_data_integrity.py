@@ -26,8 +26,9 @@ from vlpretrain.cli import main as cli_main
 from vlpretrain.config import ConfigError, load_config
 from vlpretrain.data.indexed import IndexedDatasetWriter
 from vlpretrain.data.loader import DataPipeline
-from vlpretrain.data.shards import BadSample, ShardReader, ShardWriter, fingerprint, index_path
 from vlpretrain.data.manifest import load_manifest
+from vlpretrain.data.shard_index import fingerprint, index_path
+from vlpretrain.data.shards import BadSample, ShardReader, ShardWriter
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "tiny"
@@ -66,13 +67,13 @@ def _stale_warnings(caplog) -> list[str]:
 
 def test_rewritten_shard_of_the_same_size_is_reindexed_at_open(rewritten, caplog):
     shard, _ = rewritten
-    with caplog.at_level(logging.WARNING, logger="vlpretrain.data.shards"):
+    with caplog.at_level(logging.WARNING, logger="vlpretrain.data.shard_index"):
         reader = ShardReader(shard)
         texts = [reader.read(i)["text"] for i in range(len(reader))]
     assert texts == [f"omega sample {i}" for i in range(300)]
     assert len(_stale_warnings(caplog)) == 1 and "stale index" in _stale_warnings(caplog)[0]
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="vlpretrain.data.shards"):  # the index file was refreshed
+    with caplog.at_level(logging.WARNING, logger="vlpretrain.data.shard_index"):  # the index file was refreshed
         assert ShardReader(shard).read(7)["text"] == "omega sample 7"
     assert not _stale_warnings(caplog)
 
@@ -102,7 +103,7 @@ def test_change_the_fingerprint_misses_is_caught_by_the_header_check(how, tmp_pa
         index_path(shard).write_text(json.dumps(index))
         assert shard.stat().st_size == new.stat().st_size
     shard.write_bytes(new.read_bytes())
-    with caplog.at_level(logging.WARNING, logger="vlpretrain.data.shards"):
+    with caplog.at_level(logging.WARNING, logger="vlpretrain.data"):
         reader = ShardReader(shard)
         assert not _stale_warnings(caplog)  # the open-time check cannot tell
         texts = [reader.read(i)["text"] for i in range(len(reader))]

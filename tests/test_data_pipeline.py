@@ -22,10 +22,11 @@ import torch
 from PIL import Image
 
 from vlpretrain.config import ConfigError, LanguageRatioConfig, load_config
+from vlpretrain.data.encoding import IGNORE
 from vlpretrain.data.loader import DataPipeline
 from vlpretrain.data.sample_order import FeistelPermutation, ModalitySchedule, SamplePlanner, WeightedChooser
-from vlpretrain.data.encoding import IGNORE
-from vlpretrain.data.shards import ShardWriter, index_path
+from vlpretrain.data.shard_index import index_path
+from vlpretrain.data.shards import ShardWriter
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny"
 GBS, MBS, SEQ = 8, 2, 128

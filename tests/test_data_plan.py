@@ -23,11 +23,11 @@ import torch
 from vlpretrain.config import load_config
 from vlpretrain.data.loader import DataPipeline, image_share
 from vlpretrain.data.packing import FirstFit
-from vlpretrain.data.step_plan import MAX_CONSECUTIVE_BAD, StepPlanner
 from vlpretrain.data.sample_order import FeistelPermutation, SamplePlanner, WeightedChooser
+from vlpretrain.data.shard_index import index_path
 from vlpretrain.data.sizes import SizeTable
-from vlpretrain.data.shards import index_path
 from vlpretrain.data.sources import JsonlSource, ShardSource
+from vlpretrain.data.step_plan import MAX_CONSECUTIVE_BAD, StepPlanner
 from vlpretrain.data.tokenizer import TextTokenizer
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny"

@@ -124,7 +124,8 @@ def test_eval_types_balanced_and_bar_answers_unambiguous(medium: Path) -> None:
 def test_shape_answers_only_answer_the_one_shape_question(medium: Path) -> None:
     # "Circle." answers only "what shape is shown?" about a one-shape image: a two-shape "what shape is in the
     # top left corner?" in the same answer form kept shape at 0.52 after stage 3 (0.66 without, issue 16).
-    from data_tools.demo_data import QUESTIONS, SHAPES
+    from data_tools.demo_images import SHAPES
+    from data_tools.demo_texts import QUESTIONS
 
     shape_answers = {f"{s.capitalize()}." for s in SHAPES}
     n_shape = 0

@@ -18,10 +18,11 @@ from PIL import Image
 
 from data_tools.convert import convert_llava
 from vlpretrain.config import SourceConfig, load_config
-from vlpretrain.data import formats
+from vlpretrain.data import formats, parquet
 from vlpretrain.data.loader import DataPipeline
-from vlpretrain.data.shards import decode_image, index_path
 from vlpretrain.data.manifest import open_source
+from vlpretrain.data.preprocess import decode_image
+from vlpretrain.data.shard_index import index_path
 from vlpretrain.data.sources import JsonlSource, ShardSource
 from vlpretrain.errors import UserError
 
@@ -269,7 +270,7 @@ def test_parquet_by_row_group(tmp_path, tokenizer, monkeypatch, binary):
     monkeypatch.setattr(pq.ParquetFile, "read_row_group", spy)
     monkeypatch.setattr(pq, "read_table", None)  # never a whole file
     src = _src(d)
-    assert isinstance(src, formats.ParquetSource) and len(src) == N and len(src.units) == 6
+    assert isinstance(src, parquet.ParquetSource) and len(src) == N and len(src.units) == 6
     sizes = _sizes(src, tokenizer)
     text = "conversations" if not binary else "caption"
     # sizing reads the text column of every row group, and the image column only of the one with a null image

@@ -10,9 +10,15 @@ import torch
 from PIL import Image
 
 from vlpretrain.data import preprocess as pp
-from vlpretrain.data.preprocess import (CLIP_MEAN, SIGLIP_MEAN, background_color, pad_to_square, preprocess_image,
-                                        resize_and_pad, resized_size)
-
+from vlpretrain.data.preprocess import (
+    CLIP_MEAN,
+    SIGLIP_MEAN,
+    background_color,
+    pad_to_square,
+    preprocess_image,
+    resize_and_pad,
+    resized_size,
+)
 
 # ------------------------------------------------------------------------------------------------ reference
 
@@ -225,7 +231,7 @@ def test_decode_image_fast_jpeg_path_equals_pil(kind, monkeypatch):
     """JPEGs decoded by torchvision give PIL's pixels exactly; other formats and modes take PIL's path."""
     import io
 
-    from vlpretrain.data import shards
+    from vlpretrain.data import preprocess, shards
 
     rng = np.random.default_rng(3)
     base = np.clip(rng.normal(128, 60, (61, 83, 3)).cumsum(1) / 20 + 60, 0, 255).astype(np.uint8)
@@ -242,13 +248,13 @@ def test_decode_image_fast_jpeg_path_equals_pil(kind, monkeypatch):
                  progressive=kind == "progressive")
     raw = buf.getvalue()
     calls = []
-    real = shards._decode_jpeg
-    monkeypatch.setattr(shards, "_decode_jpeg", lambda r: calls.append(1) or real(r))
-    fast = shards.decode_image(raw)
+    real = preprocess._decode_jpeg
+    monkeypatch.setattr(preprocess, "_decode_jpeg", lambda r: calls.append(1) or real(r))
+    fast = preprocess.decode_image(raw)
     with Image.open(io.BytesIO(raw)) as im:
         ref = torch.from_numpy(np.asarray(im.convert("RGB")).copy()).permute(2, 0, 1)
     assert fast.dtype == torch.uint8 and fast.shape == (3, 61, 83)
     assert torch.equal(fast, ref)
     assert bool(calls) == (kind not in ("cmyk", "png"))
     with pytest.raises(shards.BadSample, match="undecodable"):
-        shards.decode_image(raw[: len(raw) // 2] if kind != "png" else b"\x89PNG broken")
+        preprocess.decode_image(raw[: len(raw) // 2] if kind != "png" else b"\x89PNG broken")

@@ -14,14 +14,12 @@ from data_tools.__main__ import main as cli_main
 from data_tools.convert import DEMO_MANIFEST, convert_captions, convert_demo, convert_llava
 from data_tools.inspect_data import grid_size, inspect_shards
 from vlpretrain.data.encoding import SampleEncoder
+from vlpretrain.data.preprocess import decode_image
+from vlpretrain.data.shard_index import ShardError, build_index, index_path
 from vlpretrain.data.shards import (
     BadSample,
-    ShardError,
     ShardReader,
     ShardWriter,
-    build_index,
-    decode_image,
-    index_path,
 )
 
 PH = "<image_placeholder>"

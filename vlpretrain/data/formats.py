@@ -8,9 +8,8 @@
 * ``llava``: a LLaVA-style JSON list (or JSONL) ``[{"id", "image": "rel/path.jpg", "conversations": [{"from":
   "human"|"gpt", "value": "<image>\\n..."}]}]``; images relative to ``image_root`` (default: the file's folder).
   The file is parsed once at open for the byte span of every item; a sample is one positional read.
-* ``parquet``: local Parquet files (the Hugging Face datasets layout): an image column (struct {bytes, path},
-  binary, or a list of those) and a text column (a caption string, or LLaVA conversations), via pyarrow, one row
-  group at a time (a small per-process cache), never a whole file.
+* ``parquet``: local Parquet files (the Hugging Face datasets layout), in ``parquet.py``, mapped with the
+  record functions here.
 
 Mapping onto our samples (the same as ``data_tools convert``, so a converted copy gives the same tokens):
 captions become ``<image_placeholder> * n + caption`` (all supervised, like our caption samples), LLaVA
@@ -33,25 +32,28 @@ import hashlib
 import json
 import os
 import time
-from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from vlpretrain.config import SourceConfig
-from vlpretrain.data.shards import (IMAGE_EXTENSIONS, IMAGE_PLACEHOLDER, BadSample, count_placeholders,
-                                    decode_image, fingerprint)
-from vlpretrain.data.sizes import (SizeTable, announce, compute_entries, size_encoder, sizes_key,
-                                   table_from_entries, try_write_json_atomic)
+from vlpretrain.data.preprocess import decode_image
+from vlpretrain.data.shards import IMAGE_EXTENSIONS, IMAGE_PLACEHOLDER, BadSample, count_placeholders
+from vlpretrain.data.sizes import (
+    SizeTable,
+    announce,
+    compute_entries,
+    size_encoder,
+    sizes_key,
+    table_from_entries,
+    try_write_json_atomic,
+)
 from vlpretrain.data.sources import ShardSource, Source, json_member
 from vlpretrain.errors import UserError
 
-
 LLAVA_ROLES = {"human": "User", "user": "User", "gpt": "Assistant", "assistant": "Assistant"}
 LLAVA_IMAGE = "<image>"
-IMAGE_COLUMNS = ("image", "images", "jpg", "png", "img")
-TEXT_COLUMNS = ("conversations", "conversation", "text", "caption", "txt")
 CAPTION_FIELDS = ("caption", "text", "txt")
 
 
@@ -126,7 +128,11 @@ def llava_record(item) -> dict:
     return record
 
 
-def _cached_sizes(side: Path, key: str, content: str, n: int) -> SizeTable | None:
+# ----------------------------------------------------------------------------- sizes next to the file (llava, parquet)
+
+
+def cached_sizes(side: Path, key: str, content: str, n: int) -> SizeTable | None:
+    """The sizes stored in ``side`` if they were made with ``key`` from this ``content`` for ``n`` samples."""
     try:
         stored = json.loads(side.read_text(encoding="utf-8"))
         if (stored.get("key"), stored.get("file_hash")) == (key, content) and len(stored["samples"]) == n:
@@ -136,14 +142,28 @@ def _cached_sizes(side: Path, key: str, content: str, n: int) -> SizeTable | Non
     return None
 
 
-def _store_sizes(side: Path, key: str, content: str, entries: list) -> None:
+def store_sizes(side: Path, key: str, content: str, entries: list) -> None:
+    """Save the entries in ``side`` (best effort: a read-only data directory keeps what it has)."""
     try_write_json_atomic(side, {"format": "vlpretrain.sizes", "key": key, "file_hash": content, "samples": entries})
 
 
-def _tagged_key(tokenizer, system_prompt: str, *parts: str) -> str:
+def tagged_key(tokenizer, system_prompt: str, *parts: str) -> str:
     """``sizes_key`` plus what this format's mapping depends on (another format or option: other sizes)."""
     text = "\0".join([sizes_key(tokenizer, system_prompt), *parts])
     return hashlib.blake2b(text.encode(), digest_size=12).hexdigest()
+
+
+def timed_entries(name: str, n: int, read_record, tokenizer, system_prompt: str) -> list:
+    """The size entries of ``n`` samples (``read_record(k)``), announced with the time they took."""
+    t0 = time.perf_counter()
+    entries = compute_entries(n, read_record, size_encoder(tokenizer, system_prompt))
+    announce(name, n, t0)
+    return entries
+
+
+def content_hash(data: bytes) -> str:
+    """blake2b of a whole file's bytes."""
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
 
 
 # ----------------------------------------------------------------------------- webdataset tars
@@ -198,7 +218,7 @@ class WebDatasetSource(ShardSource):
         return webdataset_record(self.reader, i)
 
     def _sizes_key(self, tokenizer, system_prompt: str) -> str:
-        return _tagged_key(tokenizer, system_prompt, self.SIZES_TAG)
+        return tagged_key(tokenizer, system_prompt, self.SIZES_TAG)
 
 
 # ----------------------------------------------------------------------------- LLaVA JSON / JSONL
@@ -327,284 +347,11 @@ class LlavaSource(Source):
         return decode_image(raw, self.cfg.path, str(i))
 
     def size_table(self, tokenizer, system_prompt: str, vocab_size: int) -> SizeTable:
-        key = _tagged_key(tokenizer, system_prompt, self.SIZES_TAG, str(self.image_root.resolve()))
+        key = tagged_key(tokenizer, system_prompt, self.SIZES_TAG, str(self.image_root.resolve()))
         side = Path(f"{self.path}.sizes.json")
-        table = _cached_sizes(side, key, self.file_hash, len(self))
+        table = cached_sizes(side, key, self.file_hash, len(self))
         if table is None:
             entries = timed_entries(self.name, len(self), self._checked, tokenizer, system_prompt)
-            _store_sizes(side, key, self.file_hash, entries)
+            store_sizes(side, key, self.file_hash, entries)
             table = table_from_entries(entries)
         return table
-
-
-# ----------------------------------------------------------------------------- Parquet
-
-
-def parquet_files(path: Path) -> list[Path]:
-    """A .parquet file, a directory (its *.parquet, recursively, sorted) or a glob."""
-    import glob
-
-    if path.is_dir():
-        files = sorted(path.rglob("*.parquet"))
-        if not files:
-            raise FileNotFoundError(f"no *.parquet file in directory {path}")
-        return files
-    text = str(path)
-    if any(c in text for c in "*?[") and not path.exists():
-        files = sorted(Path(m) for m in glob.glob(text) if m.endswith(".parquet"))
-        if not files:
-            raise FileNotFoundError(f"no Parquet file matches {path}")
-        return files
-    if not path.is_file():
-        raise FileNotFoundError(f"file not found: {path}")
-    return [path]
-
-
-class RowGroupCache:
-    """The row groups' columns last read in this process, up to ``max_items`` and ``max_bytes`` (the newest one
-    is always kept). In a shuffled order a row group is read once per sample it holds unless it stays here."""
-
-    def __init__(self, max_items: int, max_bytes: int | None = None):
-        self.max_items, self.max_bytes, self.items, self.bytes = max_items, max_bytes, OrderedDict(), 0
-
-    def get(self, key, load):
-        if key in self.items:
-            self.items.move_to_end(key)
-            return self.items[key][0]
-        value = load()
-        size = int(getattr(value, "nbytes", 0))
-        self.items[key] = (value, size)
-        self.bytes += size
-        while len(self.items) > 1 and (len(self.items) > self.max_items
-                                       or (self.max_bytes is not None and self.bytes > self.max_bytes)):
-            self.bytes -= self.items.popitem(last=False)[1][1]
-        return value
-
-
-def image_value_kind(arrow_type) -> str:
-    """'struct' ({bytes, path}), 'binary', 'list-struct' or 'list-binary'; '' if not an image column."""
-    import pyarrow as pa
-
-    def single(t) -> str:
-        if pa.types.is_struct(t) and t.get_field_index("bytes") >= 0:
-            return "struct"
-        if pa.types.is_binary(t) or pa.types.is_large_binary(t):
-            return "binary"
-        return ""
-
-    if pa.types.is_list(arrow_type) or pa.types.is_large_list(arrow_type):
-        inner = single(arrow_type.value_type)
-        return f"list-{inner}" if inner else ""
-    return single(arrow_type)
-
-
-def image_bytes(value, image_root: Path, where: str, key: str) -> bytes:
-    """One image cell (bytes, or {bytes, path}) -> its encoded bytes (a path: a file under ``image_root``)."""
-    if isinstance(value, (bytes, bytearray)):
-        return bytes(value)
-    if isinstance(value, dict):
-        if value.get("bytes"):
-            return bytes(value["bytes"])
-        if value.get("path"):
-            p = Path(value["path"])
-            p = p if p.is_absolute() else image_root / p
-            try:
-                return p.read_bytes()
-            except OSError as e:
-                raise BadSample(f"image file {p}: {e.strerror or e}", where, key) from None
-    raise BadSample("empty image cell", where, key)
-
-
-def timed_entries(name: str, n: int, read_record, tokenizer, system_prompt: str) -> list:
-    t0 = time.perf_counter()
-    entries = compute_entries(n, read_record, size_encoder(tokenizer, system_prompt))
-    announce(name, n, t0)
-    return entries
-
-
-def content_hash(data: bytes) -> str:
-    return hashlib.blake2b(data, digest_size=16).hexdigest()
-
-
-def _count_images(value) -> int:
-    if value is None:
-        return 0
-    if isinstance(value, list):
-        return sum(_count_images(v) for v in value)
-    if isinstance(value, dict):
-        return int(bool(value.get("bytes") or value.get("path")))
-    return int(bool(value))
-
-
-class ParquetSource(Source):
-    """Rows of local Parquet files (in file order, then row order); each read touches one row group's column."""
-
-    SIZES_TAG = "parquet-1"
-    # per process: image columns of recent row groups (a big row group of big images is always kept alone)
-    IMAGE_CACHE_BYTES = 256 << 20
-
-    def __init__(self, cfg: SourceConfig, files: list[Path], image_root: Path | None):
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        super().__init__(cfg)
-        self.files, self.image_root = files, image_root
-        self.text_col = self.image_col = None
-        self.units: list[tuple[int, int]] = []  # (file, row group) in order
-        starts, file_first = [0], []
-        for f_i, f in enumerate(files):
-            try:
-                pf = pq.ParquetFile(f)
-            except (OSError, pa.ArrowException) as e:
-                raise UserError(f"{f}: not a readable Parquet file ({e})") from None
-            self._check_columns(f, pf.schema_arrow)
-            file_first.append(starts[-1])
-            for rg in range(pf.metadata.num_row_groups):
-                self.units.append((f_i, rg))
-                starts.append(starts[-1] + pf.metadata.row_group(rg).num_rows)
-        self.unit_starts = np.asarray(starts, np.int64)
-        self.file_first = file_first
-        self._init_caches()
-
-    def _check_columns(self, f: Path, schema) -> None:
-        import pyarrow as pa
-
-        names = schema.names
-
-        def pick(given: str, options: tuple[str, ...], what: str, required: bool) -> str | None:
-            if given:
-                if given not in names:
-                    raise UserError(f"{f}: no column '{given}' ({what}; the file has: {', '.join(names)})")
-                return given
-            found = next((c for c in options if c in names), None)
-            if found is None and required:
-                raise UserError(f"{f}: no {what} column (looked for {', '.join(options)}; the file has: "
-                                f"{', '.join(names)}); set the source's {what}_column")
-            return found
-
-        text = pick(self.cfg.text_column, TEXT_COLUMNS, "text", True)
-        image = pick(self.cfg.image_column, IMAGE_COLUMNS, "image", False)
-        if self.text_col is not None and (text, image) != (self.text_col, self.image_col):
-            raise UserError(f"{f}: columns differ from {self.files[0]} (text {text}, image {image})")
-        t = schema.field(text).type
-        if pa.types.is_string(t) or pa.types.is_large_string(t):
-            chat = text in ("conversations", "conversation")  # a JSON string of turns
-        elif pa.types.is_list(t) or pa.types.is_large_list(t):
-            chat = True
-        else:
-            raise UserError(f"{f}: column '{text}' is {t}, not text or a list of conversation turns")
-        kind = image_value_kind(schema.field(image).type) if image else ""
-        if image and not kind:
-            raise UserError(f"{f}: column '{image}' is {schema.field(image).type}, not an image column "
-                            f"(struct<bytes, path>, binary, or a list of those)")
-        self.text_col, self.image_col, self.chat, self.kind = text, image, chat, kind
-
-    def _init_caches(self) -> None:
-        self._pf: dict[int, object] = {}
-        self._pid = os.getpid()
-        self._texts, self._images = RowGroupCache(16), RowGroupCache(1 << 16, self.IMAGE_CACHE_BYTES)
-        self._counts: dict[int, list[int] | None] = {}
-
-    def __getstate__(self) -> dict:
-        state = self.__dict__.copy()
-        for k in ("_pf", "_texts", "_images", "_counts"):
-            state.pop(k)
-        return state
-
-    def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state)
-        self._init_caches()
-
-    def __len__(self) -> int:
-        return int(self.unit_starts[-1])
-
-    def _file(self, f_i: int):
-        import pyarrow.parquet as pq
-
-        if self._pid != os.getpid():  # forked: own handles and caches
-            self._init_caches()
-        pf = self._pf.get(f_i)
-        if pf is None:
-            pf = self._pf[f_i] = pq.ParquetFile(self.files[f_i])
-        return pf
-
-    def _where(self, i: int) -> tuple[int, int]:
-        if not 0 <= i < len(self):
-            raise IndexError(f"sample index {i} out of range for {len(self)} samples")
-        u = int(np.searchsorted(self.unit_starts, i, side="right")) - 1
-        return u, i - int(self.unit_starts[u])
-
-    def key(self, i: int) -> str:
-        u, row = self._where(i)
-        f_i = self.units[u][0]
-        return f"{self.name}/{self.files[f_i].stem}/{i - self.file_first[f_i]}"
-
-    def _column(self, u: int, column: str):
-        import pyarrow as pa
-
-        f_i, rg = self.units[u]
-        try:
-            return self._file(f_i).read_row_group(rg, columns=[column]).column(0)
-        except (OSError, pa.ArrowException) as e:
-            raise BadSample(f"unreadable row group {rg} ({column}): {e}", self.files[f_i]) from None
-
-    def _image_counts(self, u: int) -> list[int] | None:
-        """Images per row of unit ``u``; None: one per row (the footer's statistics say no cell is null)."""
-        if u in self._counts:
-            return self._counts[u]
-        counts = None
-        if self.kind in ("struct", "binary"):
-            f_i, rg = self.units[u]
-            meta = self._file(f_i).metadata.row_group(rg)
-            leaf = f"{self.image_col}.bytes" if self.kind == "struct" else self.image_col
-            stats = next((meta.column(k).statistics for k in range(meta.num_columns)
-                          if meta.column(k).path_in_schema == leaf), None)
-            if not (stats is not None and getattr(stats, "has_null_count", True) and stats.null_count == 0):
-                counts = [_count_images(v) for v in self._column(u, self.image_col).to_pylist()]
-        else:
-            counts = [_count_images(v) for v in self._column(u, self.image_col).to_pylist()]
-        self._counts[u] = counts
-        return counts
-
-    def record(self, i: int) -> dict:
-        u, row = self._where(i)
-        texts = self._texts.get(u, lambda: self._column(u, self.text_col).to_pylist())
-        n = 0
-        if self.image_col:
-            counts = self._image_counts(u)
-            n = 1 if counts is None else counts[row]
-        try:
-            rec = chat_record(texts[row], n) if self.chat else caption_record(texts[row], n)
-        except ValueError as e:
-            raise BadSample(str(e), self.files[self.units[u][0]], self.key(i)) from None
-        rec["images"] = [str(j) for j in range(n)]
-        return rec
-
-    def image(self, i: int, j: int, record: dict) -> torch.Tensor:
-        u, row = self._where(i)
-        f = self.files[self.units[u][0]]
-        col = self._images.get(u, lambda: self._column(u, self.image_col))
-        cell = col[row].as_py()
-        if isinstance(cell, list):
-            cell = [v for v in cell if _count_images(v)][j]
-        raw = image_bytes(cell, self.image_root or f.parent, str(f), self.key(i))
-        return decode_image(raw, str(f), self.key(i))
-
-    def size_table(self, tokenizer, system_prompt: str, vocab_size: int) -> SizeTable:
-        root = str(self.image_root.resolve()) if self.image_root else ""
-        key = _tagged_key(tokenizer, system_prompt, self.SIZES_TAG, self.text_col, self.image_col or "", root)
-        entries: list = []
-        for f_i, f in enumerate(self.files):
-            first = self.file_first[f_i]
-            n = (self.file_first[f_i + 1] if f_i + 1 < len(self.files) else len(self)) - first
-            side, content = Path(f"{f}.sizes.json"), fingerprint(f)
-            table = _cached_sizes(side, key, content, n)
-            if table is not None:
-                part = [reason if (reason := table.reasons.get(k)) is not None else
-                        [int(table.text[k]), int(table.labels[k]), int(table.images[k])] for k in range(n)]
-            else:
-                part = timed_entries(f"{self.name}/{f.name}", n, lambda k: self.record(first + k), tokenizer,
-                                     system_prompt)
-                _store_sizes(side, key, content, part)
-            entries += part
-        return table_from_entries(entries)

@@ -3,7 +3,7 @@
 The manifest (YAML, ``data.manifest``: a path as given, else relative to ``data.root``) lists sources with
 ``name, type, path, modality, category, weight``; source paths are relative to ``data.root``, so one manifest
 (e.g. configs/data/*.yaml, the paper's mixtures) serves wherever the data lives. ``open_source`` picks the
-reader: our own formats (``sources.py``) or those users already have (``formats.py``).
+reader: our own formats (``sources.py``) or those users already have (``formats.py``, ``parquet.py``).
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from pathlib import Path
 import yaml
 
 from vlpretrain.config import ConfigError, DataConfig, SourceConfig, build_dataclass
-from vlpretrain.data import formats
+from vlpretrain.data import formats, parquet
 from vlpretrain.data.indexed import idx_path
 from vlpretrain.data.shards import ShardReader, expand_shards
 from vlpretrain.data.sources import IndexedSource, JsonlSource, ShardSource, Source
@@ -90,7 +90,7 @@ def _open_source(cfg: SourceConfig, base: Path, seq_len: int) -> Source:
             raise FileNotFoundError(f"data source '{name}': file not found: {path}")
         return formats.LlavaSource(cfg, path, image_root or path.parent)
     if kind == "parquet":
-        return formats.ParquetSource(cfg, formats.parquet_files(path), image_root)
+        return parquet.ParquetSource(cfg, parquet.parquet_files(path), image_root)
     try:
         paths = expand_shards(str(path))
     except FileNotFoundError as e:

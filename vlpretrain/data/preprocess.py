@@ -23,16 +23,23 @@ by up to 4 levels on photo-like images (23 on pure noise: PIL rounds and clips b
 ~15x slower on CPU (50 ms vs 3.4 ms for 640x480 -> 1024x768), so it is only the fallback: for tensors on other
 devices (torchvision treats uint8 bicubic as CPU-only) and for a torch without the uint8 kernel (it exists on
 CPU since torch 2.1; torchvision >= 0.16 relies on it).
+
+Images come in as uint8 (3, H, W) RGB tensors: :func:`load_image` reads a file, :func:`decode_image` encoded bytes
+(a shard member, a Parquet cell; an undecodable image is a ``shards.BadSample``).
 """
 from __future__ import annotations
 
+import io
+import warnings
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+
+from vlpretrain.data.shards import BadSample
 
 MIN_SIZE = 14  # VLMImageProcessor's default min_size
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -44,6 +51,40 @@ def load_image(path: str | Path) -> torch.Tensor:
     with Image.open(path) as im:
         arr = np.asarray(im.convert("RGB"), dtype=np.uint8)
     return torch.from_numpy(arr.copy()).permute(2, 0, 1)
+
+
+def decode_image(raw: bytes, shard: str | None = None, key: str | None = None):
+    """Raw image bytes -> torch uint8 tensor (3, H, W), RGB. Raises :class:`BadSample` on undecodable data.
+
+    PIL reads the header first (format, size, its decompression-bomb check); baseline RGB / grey JPEGs are then
+    decoded by torchvision's libjpeg-turbo straight into a (3, H, W) tensor (the same pixels as PIL: same
+    library and settings, tested; 1.1 vs 1.9 ms for a 640x480 photo, and a contiguous result, which the uint8
+    resize after it runs faster on). Everything else, and any JPEG torchvision refuses, goes through PIL.
+    """
+    try:
+        with Image.open(io.BytesIO(raw)) as im:
+            if im.format == "JPEG" and im.mode in ("RGB", "L"):
+                fast = _decode_jpeg(raw)
+                if fast is not None:
+                    return fast
+            im.load()
+            arr = np.asarray(im.convert("RGB"), dtype=np.uint8)
+    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError, ...
+        raise BadSample(f"undecodable image: {type(e).__name__}: {e}", shard, key) from None
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1)
+
+
+def _decode_jpeg(raw: bytes):
+    """torchvision's JPEG decoder, RGB (3, H, W) uint8; None when it is missing or refuses the data."""
+    # (torchvision 0.29 announces a move of its decoders to torchcodec: when they go, this returns None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        try:
+            from torchvision.io import ImageReadMode, decode_jpeg
+            out = decode_jpeg(torch.frombuffer(bytearray(raw), dtype=torch.uint8), mode=ImageReadMode.RGB)
+        except (ImportError, RuntimeError):
+            return None
+    return out if out.dim() == 3 and out.shape[0] == 3 else None
 
 
 def background_color(mean: Sequence[float] | None) -> tuple[int, int, int]:

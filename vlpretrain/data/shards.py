@@ -1,4 +1,5 @@
-"""Multimodal samples in webdataset tar shards, with a byte-offset index for random access.
+"""Multimodal samples in webdataset tar shards: :class:`ShardWriter` writes them, :class:`ShardReader` reads any
+sample by its byte offsets (the per-shard index: ``shard_index.py``).
 
 Layout of one sample ``<key>`` inside a shard (webdataset groups consecutive members by the name up to the first
 dot, so keys never contain dots or slashes)::
@@ -9,64 +10,48 @@ dot, so keys never contain dots or slashes)::
     <key>.0.png     the image files, raw bytes as given (never re-encoded)
     <key>.1.jpg
 
-Index: one JSON file next to every shard, ``<shard>.idx.json`` (e.g. ``caption-000000.tar.idx.json``)::
-
-    {"format": "vlpretrain.shard-index", "version": 1,
-     "shard": "caption-000000.tar",        # the shard's file name
-     "shard_bytes": 1234560,               # its size when indexed
-     "shard_hash": "9f0c...",              # blake2b of the size and the first and last 64 KiB
-     "complete": true,                     # false: the tar ends early or has a damaged header (see "problem")
-     "problem": null,
-     "samples": [{"key": "00000001", "members": {"json": [1536, 210], "0.png": [2560, 5012]}}, ...]}
-
-``members`` maps every member suffix (lower case, as webdataset names it) to ``[data offset, size]`` in bytes, so
-a sample is read with one positional read per member and no tar scan. A sample whose members cannot all be trusted
-(duplicate suffix) carries ``"error"``. :class:`ShardWriter` writes the index with the shard; :func:`build_index`
-makes one for any tar shard (e.g. written by webdataset's ``TarWriter``); :class:`ShardReader` uses an up-to-date
-index file when there is one and otherwise indexes the shard in memory (a header scan: it seeks over the data).
-
-Staleness: a rewritten tar usually keeps its byte size (tar pads to 10 KiB records), so size alone proves nothing.
-An index is taken as up to date when size and content fingerprint match (two 64 KiB reads per shard at open; no
-mtime is stored, so the same input still gives byte-identical index files, and a copy keeps its index). Every
-member read also fetches the 512-byte tar header in front of the data (the same read, no extra I/O) and checks
-that it names the member with its size: that catches a change the fingerprint misses (in the middle of a big
-shard); the shard is then re-indexed once, with a warning, and the read retried. An index without a fingerprint
-(written by older versions) is trusted on its size and guarded by that header check.
+Index: ``<shard>.idx.json`` next to every shard, mapping every member to its byte offset and size (format and
+staleness checks: ``shard_index.py``). :class:`ShardWriter` writes the index with the shard; :class:`ShardReader`
+uses an up-to-date index file when there is one and otherwise indexes the shard in memory (a header scan: it
+seeks over the data). Every member read also fetches the 512-byte tar header in front of the data (the same read,
+no extra I/O) and checks that it names the member with its size: that catches a change the index's fingerprint
+misses (in the middle of a big shard); the shard is then re-indexed once, with a warning, and the read retried.
 
 Errors: :class:`BadSample` (a ``ValueError``, with ``shard`` and ``key``) for one unreadable sample (truncated
-member, corrupt JSON, missing image member, undecodable image), so callers can skip and count; :class:`ShardError`
-for a shard that cannot be indexed at all; ``FileNotFoundError`` naming a missing shard.
+member, corrupt JSON, missing image member, undecodable image), so callers can skip and count;
+``shard_index.ShardError`` for a shard that cannot be indexed at all; ``FileNotFoundError`` naming a missing shard.
 """
 from __future__ import annotations
 
 import bisect
 import glob
-import hashlib
 import io
 import json
 import logging
 import os
 import re
 import tarfile
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
 
+from vlpretrain.data.shard_index import (
+    INDEX_FORMAT,
+    INDEX_VERSION,
+    index_path,
+    load_index_or_scan,
+    scan_shard,
+    shard_stamp,
+)
 from vlpretrain.data.special_tokens import IMAGE_PLACEHOLDER
 from vlpretrain.files import write_json_atomic
-from vlpretrain.errors import UserError
 
 log = logging.getLogger(__name__)
 
-INDEX_SUFFIX = ".idx.json"
-INDEX_FORMAT = "vlpretrain.shard-index"
-INDEX_VERSION = 1
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff", "ppm")
 DEFAULT_MAX_BYTES = 1 << 30
 _KEY_RE = re.compile(r"^[A-Za-z0-9_\-]+$")
-_META_RE = re.compile(r"__[^/]*__($|/)")  # webdataset skips these members
 _MTIME = 946684800  # fixed member mtime (2000-01-01): same input, byte-identical shards
 _BLOCK = tarfile.BLOCKSIZE  # a member's (last) header is the 512-byte block right before its data
-_HASH_SPAN = 64 * 1024
 
 
 class BadSample(ValueError):
@@ -81,19 +66,11 @@ class BadSample(ValueError):
         super().__init__(where + message)
 
 
-class ShardError(UserError, RuntimeError):
-    """A shard that cannot be indexed at all (not a tar file, empty, unreadable)."""
-
-
 class _StaleIndex(Exception):
     """The tar header at a recorded offset does not name the member the index expects."""
 
 
 # ----------------------------------------------------------------------------- helpers
-
-
-def index_path(shard: str | os.PathLike) -> Path:
-    return Path(f"{os.fspath(shard)}{INDEX_SUFFIX}")
 
 
 def _sniff_ext(data: bytes) -> str:
@@ -116,14 +93,6 @@ def count_placeholders(record: dict) -> int:
     if "conversation" in record:
         return sum(str(t.get("content", "")).count(IMAGE_PLACEHOLDER) for t in record["conversation"] or [])
     return str(record.get("text") or "").count(IMAGE_PLACEHOLDER)
-
-
-def _split_member(name: str) -> tuple[str | None, str | None]:
-    """(key, suffix) exactly as webdataset's base_plus_ext splits a member name, suffix lower-cased."""
-    match = re.match(r"^((?:.*/|)[^.]+)[.]([^/]*)$", name)
-    if not match:
-        return None, None
-    return match.group(1), match.group(2).lower()
 
 
 def expand_shards(paths: str | os.PathLike | Iterable[str | os.PathLike]) -> list[Path]:
@@ -156,145 +125,6 @@ def expand_shards(paths: str | os.PathLike | Iterable[str | os.PathLike]) -> lis
             else:
                 out.append(p)
     return out
-
-
-# ----------------------------------------------------------------------------- index
-
-
-def fingerprint(shard: str | os.PathLike, size: int | None = None) -> str:
-    """A cheap content hash: blake2b of the size and the first and last 64 KiB (two reads)."""
-    size = os.path.getsize(shard) if size is None else size
-    h = hashlib.blake2b(str(size).encode(), digest_size=16)
-    with open(shard, "rb") as f:
-        h.update(f.read(_HASH_SPAN))
-        if size > _HASH_SPAN:
-            f.seek(max(_HASH_SPAN, size - _HASH_SPAN))
-            h.update(f.read(_HASH_SPAN))
-    return h.hexdigest()
-
-
-def _stamp(shard: Path) -> dict:
-    size = shard.stat().st_size
-    return {"shard_bytes": size, "shard_hash": fingerprint(shard, size)}
-
-
-def _stale_reason(index: dict, shard: Path) -> str | None:
-    """Why ``index`` does not describe ``shard`` as it is now (None: up to date)."""
-    st = shard.stat()
-    if index.get("shard_bytes") != st.st_size:
-        return f"shard is {st.st_size} bytes, index says {index.get('shard_bytes')}"
-    if "shard_hash" not in index:
-        return None  # older index: trusted on its size, guarded by the header check on every read
-    if index["shard_hash"] != fingerprint(shard, st.st_size):
-        return "same size, but the content changed since it was indexed"
-    return None
-
-
-def _scan(shard: Path) -> dict:
-    """Index a tar shard by reading its headers (tarfile seeks over member data)."""
-    if not shard.is_file():
-        raise FileNotFoundError(f"shard not found: {shard}")
-    stamp = _stamp(shard)
-    size = stamp["shard_bytes"]
-    samples: list[dict] = []
-    problem = None
-    try:
-        f = open(shard, "rb")
-    except OSError as e:
-        raise ShardError(f"cannot open shard {shard}: {e}") from e
-    with f:
-        try:
-            tf = tarfile.open(fileobj=f, mode="r:")
-        except (tarfile.TarError, EOFError, OSError) as e:
-            raise ShardError(f"cannot index {shard}: not a readable tar shard ({e})") from e
-        current: dict | None = None
-        try:
-            while True:
-                try:
-                    info = tf.next()
-                except (tarfile.TarError, EOFError) as e:
-                    problem = f"tar stream ends early after {len(samples)} samples: {e}"
-                    break
-                if info is None:
-                    break
-                tf.members = []  # keep memory flat on big shards
-                if not info.isreg() or _META_RE.match(info.name):
-                    continue
-                key, suffix = _split_member(info.name)
-                if key is None:
-                    continue
-                if current is None or current["key"] != key:
-                    current = {"key": key, "members": {}}
-                    samples.append(current)
-                if suffix in current["members"]:
-                    current["error"] = f"duplicate member .{suffix}"
-                    continue
-                current["members"][suffix] = [info.offset_data, info.size]
-                if info.offset_data + info.size > size and problem is None:
-                    problem = f"member {info.name} is truncated (shard cut at byte {size})"
-            end = tf.offset
-        finally:
-            tf.members = []
-        if problem is None and end < size:
-            # A clean tar ends with zero blocks; anything else after the last header we could read is damage.
-            f.seek(end)
-            rest = f.read(min(size - end, 1 << 20))
-            if rest.strip(b"\0"):
-                problem = f"unreadable tar header at byte {end}; the shard is damaged after {len(samples)} samples"
-        elif problem is None and end > size:
-            problem = f"shard cut at byte {size}"
-    if problem is None and size % 512:
-        problem = f"size {size} is not a multiple of 512: the shard is truncated"
-    return {"format": INDEX_FORMAT, "version": INDEX_VERSION, "shard": shard.name, **stamp,
-            "complete": problem is None, "problem": problem, "samples": samples}
-
-
-def build_index(shard: str | os.PathLike, write: bool = True) -> dict:
-    """Index ``shard`` (any tar in webdataset layout) and, with ``write``, save ``<shard>.idx.json`` next to it."""
-    shard = Path(shard)
-    index = _scan(shard)
-    if not index["complete"]:
-        log.warning("%s: %s", shard, index["problem"])
-    if write:
-        write_json_atomic(index_path(shard), index)
-    return index
-
-
-def load_index(shard: str | os.PathLike, build: bool = True, write: bool = False) -> dict:
-    """The shard's index file if present and up to date (see the module doc), else (``build``) a fresh scan. A
-    stale index file is replaced by the fresh one (best effort: a read-only data directory keeps the old one)."""
-    return _load_index(Path(shard), build, write)[0]
-
-
-def _load_index(shard: Path, build: bool, write: bool) -> tuple[dict, bool]:
-    """(index, whether it was scanned just now)."""
-    if not shard.is_file():
-        raise FileNotFoundError(f"shard not found: {shard}")
-    ipath = index_path(shard)
-    stale = False
-    if ipath.is_file():
-        try:
-            index = json.loads(ipath.read_text(encoding="utf-8"))
-            if (isinstance(index, dict) and index.get("format") == INDEX_FORMAT
-                    and index.get("version") == INDEX_VERSION and isinstance(index.get("samples"), list)):
-                reason = _stale_reason(index, shard)
-                if reason is None:
-                    return index, False
-                log.warning("%s: stale index (%s): re-indexing", shard, reason)
-                stale = True
-            else:
-                log.warning("%s: not a shard index: re-indexing", ipath)
-        except (OSError, ValueError) as e:
-            log.warning("%s: unreadable index (%s): re-indexing", ipath, e)
-    if not build:
-        raise ShardError(f"{shard}: no up-to-date index {ipath}")
-    index = build_index(shard, write=write)
-    if stale and not write:
-        try:
-            write_json_atomic(ipath, index)
-        except OSError:
-            pass
-    return index, True
 
 
 # ----------------------------------------------------------------------------- writer
@@ -365,7 +195,7 @@ class ShardWriter:
         self._file.close()
         final = self._shard_name(len(self.shards))
         os.replace(self._tmp, final)
-        index = {"format": INDEX_FORMAT, "version": INDEX_VERSION, "shard": final.name, **_stamp(final),
+        index = {"format": INDEX_FORMAT, "version": INDEX_VERSION, "shard": final.name, **shard_stamp(final),
                  "complete": True, "problem": None, "samples": self._index}
         write_json_atomic(index_path(final), index)
         self.bytes_written += index["shard_bytes"]
@@ -469,7 +299,7 @@ class ShardWriter:
                 self._tar = self._file = self._tmp = None
         self._closed = True
 
-    def __enter__(self) -> "ShardWriter":
+    def __enter__(self) -> ShardWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -505,7 +335,7 @@ class ShardReader:
         self._scanned: dict[int, tuple] = {}  # shard -> the file's identity when this process indexed it
         for s, p in enumerate(self.paths):
             identity = self._identity(p)
-            index, scanned = _load_index(p, build=True, write=write_index)
+            index, scanned = load_index_or_scan(p, build=True, write=write_index)
             self.indexes.append(index)
             if scanned:
                 self._scanned[s] = identity
@@ -619,7 +449,7 @@ class ShardReader:
             log.warning("%s: the shard changed since it was indexed (a tar header does not match its index): "
                         "re-indexing", path)
         identity = self._identity(path)
-        index = _scan(path)
+        index = scan_shard(path)
         fd = self._fds.pop(s, None)
         if fd is not None and self._pid == os.getpid():
             os.close(fd)  # a replaced file: read the new one
@@ -676,7 +506,7 @@ class ShardReader:
         """The sample's JSON record with "images" replaced by the raw image bytes (placeholder order), plus
         "image_names" (the member suffixes, e.g. ["0.png"]: what SampleEncoder.encode needs as "images"),
         "__key__" and "__shard__". Raises :class:`BadSample` for a damaged sample (truncated member, corrupt JSON,
-        missing member). Images are not decoded: see :func:`decode_image`."""
+        missing member). Images are not decoded: see ``preprocess.decode_image``."""
         return self._fresh(i, self._read_sample)
 
     def _read_sample(self, s: int, entry: dict) -> dict:
@@ -708,47 +538,3 @@ class ShardReader:
     def __iter__(self) -> Iterator[dict]:
         for i in range(len(self)):
             yield self.read(i)
-
-
-# ----------------------------------------------------------------------------- images
-
-
-def decode_image(raw: bytes, shard: str | None = None, key: str | None = None):
-    """Raw image bytes -> torch uint8 tensor (3, H, W), RGB. Raises :class:`BadSample` on undecodable data.
-
-    PIL reads the header first (format, size, its decompression-bomb check); baseline RGB / grey JPEGs are then
-    decoded by torchvision's libjpeg-turbo straight into a (3, H, W) tensor (the same pixels as PIL: same
-    library and settings, tested; 1.1 vs 1.9 ms for a 640x480 photo, and a contiguous result, which the uint8
-    resize after it runs faster on). Everything else, and any JPEG torchvision refuses, goes through PIL.
-    """
-    import numpy as np
-    import torch
-    from PIL import Image
-
-    try:
-        with Image.open(io.BytesIO(raw)) as im:
-            if im.format == "JPEG" and im.mode in ("RGB", "L"):
-                fast = _decode_jpeg(raw)
-                if fast is not None:
-                    return fast
-            im.load()
-            arr = np.asarray(im.convert("RGB"), dtype=np.uint8)
-    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError, ...
-        raise BadSample(f"undecodable image: {type(e).__name__}: {e}", shard, key) from None
-    return torch.from_numpy(arr.copy()).permute(2, 0, 1)
-
-
-def _decode_jpeg(raw: bytes):
-    """torchvision's JPEG decoder, RGB (3, H, W) uint8; None when it is missing or refuses the data."""
-    import warnings
-
-    # (torchvision 0.29 announces a move of its decoders to torchcodec: when they go, this returns None)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        try:
-            import torch
-            from torchvision.io import ImageReadMode, decode_jpeg
-            out = decode_jpeg(torch.frombuffer(bytearray(raw), dtype=torch.uint8), mode=ImageReadMode.RGB)
-        except (ImportError, RuntimeError):
-            return None
-    return out if out.dim() == 3 and out.shape[0] == 3 else None

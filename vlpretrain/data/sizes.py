@@ -32,8 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
-from vlpretrain.files import write_json_atomic
 from vlpretrain.data.encoding import SampleEncoder, count_labels
+from vlpretrain.files import write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -134,6 +134,6 @@ def chunk_id_range(ds, starts: np.ndarray, lengths: np.ndarray, block: int = 1 <
 
 
 def idx_fingerprint(prefix: str) -> str:
-    from vlpretrain.data.shards import fingerprint
+    from vlpretrain.data.shard_index import fingerprint
 
     return f"{fingerprint(prefix + '.idx')}:{os.path.getsize(prefix + '.bin')}"

@@ -24,10 +24,20 @@ import torch
 
 from vlpretrain.config import SourceConfig
 from vlpretrain.data.indexed import IndexedDataset
-from vlpretrain.data.preprocess import load_image
-from vlpretrain.data.shards import BadSample, ShardReader, decode_image, index_path
-from vlpretrain.data.sizes import (SizeTable, announce, chunk_id_range, compute_entries, idx_fingerprint,
-                                   size_encoder, sizes_key, table_from_entries, try_write_json_atomic)
+from vlpretrain.data.preprocess import decode_image, load_image
+from vlpretrain.data.shard_index import index_path
+from vlpretrain.data.shards import BadSample, ShardReader
+from vlpretrain.data.sizes import (
+    SizeTable,
+    announce,
+    chunk_id_range,
+    compute_entries,
+    idx_fingerprint,
+    size_encoder,
+    sizes_key,
+    table_from_entries,
+    try_write_json_atomic,
+)
 from vlpretrain.errors import UserError
 
 
@@ -162,7 +172,7 @@ class ShardSource(Source):
                 entries += stored["samples"]
                 continue
             encoder = encoder or size_encoder(tokenizer, system_prompt)
-            part = compute_entries(n, lambda j: self.record(start + j), encoder)
+            part = compute_entries(n, lambda j, start=start: self.record(start + j), encoder)
             entries += part
             computed += n
             try_write_json_atomic(index_path(reader.paths[s]), {**index, "sizes": {"key": key, "samples": part}})
