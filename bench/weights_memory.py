@@ -48,9 +48,9 @@ def reset_peak() -> None:
 
 
 def write_llm(cfg, out: Path) -> None:
-    from vlpretrain.checkpoint.pretrained import hf_llama_key_map
-    from vlpretrain.models.vlm import build_model
     from vlpretrain.checkpoint.safetensors_stream import save_streaming
+    from vlpretrain.models.state_dict_adapter import hf_llama_key_map
+    from vlpretrain.models.vlm import build_model
 
     out.mkdir(parents=True, exist_ok=True)
     shapes = {k: tuple(v.shape) for k, v in build_model(cfg, "meta").state_dict().items()}

@@ -8,8 +8,9 @@
     deepseek_vl_processor_files(cfg, tokenizer)        preprocessor / processor / tokenizer files of an export
     import_deepseek_vl_tokenizer(path, out_file)       a DeepSeek-VL directory's tokenizer -> our tokenizer file
 
-Key names come from the IMPORT maps of ``pretrained.py`` (``hf_llama_key_map``, ``sam_key_to_ours``): the export
-direction is their inverse (checked key by key), so there is one map per naming scheme.
+Key names come from ``models/state_dict_adapter.py``, whose IMPORT maps (``hf_llama_key_map``, ``sam_key_to_ours``)
+are the reference: the export direction is their inverse (checked key by key), so there is one map per naming
+scheme.
 
 DeepSeek-VL layout (``../shared/DEEPSEEK_VL_FORMAT.md``, DeepSeek-VL's ``modeling_vlm.py`` / ``clip_encoder.py``):
 
@@ -68,44 +69,43 @@ import json
 import math
 import os
 import shutil
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import torch
 from safetensors import safe_open
 from torch import nn
 
-from vlpretrain.data.special_tokens import IMAGE_PLACEHOLDER
-from vlpretrain.config import ModelConfig, config_from_dict
-from vlpretrain.errors import UserError
 from vlpretrain.checkpoint.paths import WEIGHTS, WEIGHTS_INDEX, find_weights
-from vlpretrain.checkpoint.safetensors_stream import save_streaming
 from vlpretrain.checkpoint.pretrained import (
     TensorSource,
+    check_hf_llm_config,
     check_shapes,
     copy_checked,
     model_tensors,
     preview_keys,
     rope_settings,
     torch_load_state,
-    check_hf_llm_config,
-    hf_llama_key_map,
-    sam_key_to_ours,
+)
+from vlpretrain.checkpoint.safetensors_stream import save_streaming
+from vlpretrain.config import ModelConfig, config_from_dict
+from vlpretrain.data.special_tokens import IMAGE_PLACEHOLDER
+from vlpretrain.errors import UserError
+from vlpretrain.models.state_dict_adapter import (
+    DS_HIGH,
+    DS_LAYER_NORMS,
+    DS_LLM,
+    DS_LOW,
+    DS_SINGLE,
+    SAM_VIT_PREFIX,
+    deepseek_vl_key_map,
+    hf_llama_export_map,
+    param_shapes,
 )
 
 HF_WEIGHTS, HF_INDEX = WEIGHTS, WEIGHTS_INDEX
 HINT_KEY = "vlpretrain_model"
-
-DS_HIGH = "vision_model.vision_tower_high.vision_tower."
-DS_LOW = "vision_model.vision_tower_low.vision_tower."
-DS_SINGLE = "vision_model.vision_tower."  # CLIPVisionTower (1.3B, SigLIP only)
-DS_LAYER_NORMS = ("vision_model.high_layer_norm.", "vision_model.low_layer_norm.")
-DS_LLM = "language_model."
-
-_OURS_SIGLIP = "embed.vision.siglip.vit."
-_OURS_SAM = "embed.vision.sam."
-_OURS_SAM_VIT = _OURS_SAM + "vit."
-_OURS_ADAPTOR = "embed.adaptor."
 
 # Their model_name tables (siglip_vit.py SigLIP_MODEL_CONFIG, sam.py SAM_MODEL_CONFIG; window_size is fixed to 14
 # in create_sam_vit): only what the weights cannot tell.
@@ -229,52 +229,6 @@ def deepseek_vl_config(cfg: ModelConfig, dtype: torch.dtype | str | None = None)
     }
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Key maps (ours -> theirs), built from the import maps of pretrained.py
-
-
-@functools.lru_cache(maxsize=8)
-def _shapes_for(cfg_json: str) -> dict[str, tuple[int, ...]]:
-    from vlpretrain.models.vlm import build_model
-
-    cfg = model_config_from_dict(json.loads(cfg_json))
-    return {k: tuple(v.shape) for k, v in build_model(cfg, "meta").state_dict().items()}
-
-
-def _expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Our parameter names and shapes for ``cfg`` (from a meta-device model: nothing is allocated; cached)."""
-    return dict(_shapes_for(json.dumps(dataclasses.asdict(cfg), sort_keys=True)))
-
-
-def _llm_map_to_hf(cfg: ModelConfig) -> dict[str, str]:
-    return {ours: hf for hf, ours in hf_llama_key_map(cfg.n_layers).items()}
-
-
-def deepseek_vl_key_map(cfg: ModelConfig, our_keys: list[str] | None = None) -> dict[str, str]:
-    """Our name -> DeepSeek-VL name, for every parameter of a model built from ``cfg``."""
-    keys = list(our_keys) if our_keys is not None else list(_expected_shapes(cfg))
-    llm = _llm_map_to_hf(cfg)
-    low = DS_LOW if cfg.sam.enabled else DS_SINGLE
-    out: dict[str, str] = {}
-    for k in keys:
-        if k in llm:
-            theirs = DS_LLM + llm[k]
-        elif k.startswith(_OURS_ADAPTOR):
-            theirs = "aligner." + k[len(_OURS_ADAPTOR):]
-        elif k.startswith(_OURS_SIGLIP):
-            theirs = low + k[len(_OURS_SIGLIP):]
-        elif k.startswith(_OURS_SAM):
-            tail = k[len(_OURS_SAM_VIT):] if k.startswith(_OURS_SAM_VIT) else k[len(_OURS_SAM):]
-            tail = tail.replace(".mlp.fc1.", ".mlp.lin1.").replace(".mlp.fc2.", ".mlp.lin2.")
-            theirs = DS_HIGH + tail
-            if sam_key_to_ours(tail) != k:  # the import map is the reference
-                raise AssertionError(f"SAM key {k} does not round-trip through sam_key_to_ours ({tail})")
-        else:
-            raise ValueError(f"parameter {k} has no place in the DeepSeek-VL layout")
-        out[k] = theirs
-    return out
-
-
 def _attn_pool_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Shapes of the ``AttentionPoolLatent`` their SigLIP ``VisionTransformer(global_pool="map")`` owns."""
     from timm.layers import AttentionPoolLatent
@@ -357,7 +311,7 @@ def _full(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
 
 def _check_entries(entries: Mapping[str, _Entry], cfg: ModelConfig, keys: list[str], what: str) -> None:
     """Every name in ``keys`` must be present with the shape a ``cfg`` model has."""
-    want = _expected_shapes(cfg)
+    want = param_shapes(cfg)
     missing = [k for k in keys if k not in entries]
     if missing:
         raise ValueError(f"{what}: the weights lack {len(missing)} parameters of the model config, e.g. "
@@ -445,7 +399,7 @@ def export_hf_llama(model_or_state: Source, cfg: ModelConfig, out_dir: str | Pat
     shards with ``model.safetensors.index.json``. ``model_or_state``: a model, a state dict (our names) or our
     weights file / checkpoint dir. Vision and adaptor tensors are not written. Returns the directory."""
     ours = _entries_of(model_or_state)
-    to_hf = _llm_map_to_hf(cfg)
+    to_hf = hf_llama_export_map(cfg.n_layers)
     _check_entries(ours, cfg, list(to_hf), "export_hf_llama")
     config = hf_llama_config(cfg, dtype or ours["embed.tok_embeddings.weight"].dtype)
     return _write_dir(out_dir, config, {to_hf[k]: ours[k] for k in to_hf}, shard_bytes, dtype)
@@ -471,7 +425,7 @@ def _deepseek_vl_entries(src: Source, cfg: ModelConfig) -> dict[str, _Entry]:
             out[prefix + "weight"] = const((dim,), 1.0)
             out[prefix + "bias"] = const((dim,), 0.0)
         if not cfg.sam.hd_path:  # their ImageEncoderViT always has the hd path: a no-op copy of the neck
-            neck = _OURS_SAM_VIT + "neck."
+            neck = SAM_VIT_PREFIX + "neck."
             for k, e in ours.items():
                 if k.startswith(neck):  # a copy: safetensors refuses tensors that share memory
                     out[DS_HIGH + "neck_hd." + k[len(neck):]] = _Entry(
@@ -895,7 +849,7 @@ def import_deepseek_vl(path: str | Path, tokenizer_out: str | Path | None = None
     cfg = model_config_from_dict(model)
     check_processor_files(d, cfg, config)
     plan, _ = _plan(src, cfg, accept_hd_stub=False)
-    want = _expected_shapes(cfg)
+    want = param_shapes(cfg)
     for ck, ours in plan.items():
         if tuple(src.shape(ck)) != want[ours]:
             raise ValueError(f"{src.origin}: {ck} has shape {tuple(src.shape(ck))}, {ours} needs {want[ours]}")
