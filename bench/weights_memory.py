@@ -162,7 +162,7 @@ def main() -> None:
         if proc.returncode != 0:
             raise SystemExit(proc.stderr[-3000:])
         rows = json.loads((d / "out" / "rows.json").read_text())
-        imports = [sys.executable, "-c", "import vlpretrain.cli, vlpretrain.checkpoint.interop, torch"]
+        imports = [sys.executable, "-c", "import vlpretrain.cli, vlpretrain.checkpoint.deepseek_vl, torch"]
         base_mb, _ = child_peak(imports)
         (d / "cfg.yaml").write_text(cfg.to_yaml())
         peak_mb, secs = child_peak([sys.executable, "-m", "vlpretrain", "ckpt", "export", str(d / "out"),

@@ -1,4 +1,4 @@
-"""Export to HF LLaMA / DeepSeek-VL layouts and import DeepSeek-VL checkpoints (vlpretrain/checkpoint/interop.py).
+"""Export to HF LLaMA / DeepSeek-VL layouts and import DeepSeek-VL checkpoints (vlpretrain/checkpoint/hf_llama.py, deepseek_vl*.py).
 
 Tiny models only, no network: HF_HUB_OFFLINE=1; the real 7B / 1.3B layouts are checked on meta-device models.
 """
@@ -21,19 +21,23 @@ from safetensors import safe_open
 from torch import nn
 from safetensors.torch import load_file, save_file
 
-from vlpretrain.config import config_from_dict, load_config
-from vlpretrain.checkpoint import interop
-from vlpretrain.checkpoint.interop import (
-    deepseek_vl_config,
-    deepseek_vl_model_dict,
+from vlpretrain.checkpoint import deepseek_vl_config as interop_config
+from vlpretrain.checkpoint import deepseek_vl_processor as interop_processor
+from vlpretrain.checkpoint.deepseek_vl import (
     export_deepseek_vl,
-    export_hf_llama,
     import_deepseek_vl,
     load_deepseek_vl,
-    model_config_from_dict,
     to_deepseek_vl_state,
 )
+from vlpretrain.checkpoint.deepseek_vl_config import (
+    deepseek_vl_config,
+    deepseek_vl_model_dict,
+    model_config_from_dict,
+)
+from vlpretrain.checkpoint.hf_llama import export_hf_llama
 from vlpretrain.checkpoint.pretrained import load_hf_llm, load_sam, load_siglip
+from vlpretrain.config import config_from_dict, load_config
+from vlpretrain.models import state_dict_adapter
 from vlpretrain.models.vlm import build_model
 
 sys.path.insert(0, str(Path(__file__).parent / "dist"))
@@ -43,7 +47,7 @@ transformers = pytest.importorskip("transformers")
 
 REPO = Path(__file__).resolve().parents[1]
 IMAGE_ID = 2
-HIGH, LOW, SINGLE = interop.DS_HIGH, interop.DS_LOW, interop.DS_SINGLE
+HIGH, LOW, SINGLE = state_dict_adapter.DS_HIGH, state_dict_adapter.DS_LOW, state_dict_adapter.DS_SINGLE
 
 
 def tiny_hybrid(**over) -> dict:
@@ -386,14 +390,14 @@ def test_export_refuses_towers_their_builders_cannot_make(tmp_path):
         export_deepseek_vl(model, model.cfg, tmp_path / "ds")
     assert "\n" not in str(e.value) and not any(tmp_path.iterdir())
     for name in ("deepseek-vl-7b", "deepseek-vl-1.3b"):
-        interop.check_release_towers(_real(name))
+        interop_config.check_release_towers(_real(name))
     real = dataclasses.asdict(_real("deepseek-vl-7b"))
     real["sam"]["window_size"] = 16
     with pytest.raises(UserError, match=r"model\.sam\.window_size = 16: .*sam_b_downsample"):
-        interop.check_release_towers(model_config_from_dict(real))
+        interop_config.check_release_towers(model_config_from_dict(real))
     single = dataclasses.asdict(_real("deepseek-vl-1.3b"))
     single["siglip"]["image_size"] = 224  # their create_siglip_vit follows image_size
-    interop.check_release_towers(model_config_from_dict(single))
+    interop_config.check_release_towers(model_config_from_dict(single))
 
 
 def test_siglip_only_export_follows_released_1_3b_layout(tmp_path):
@@ -524,7 +528,7 @@ def test_real_layout_derives_our_config_without_hint(name):
     state = to_deepseek_vl_state(model, cfg)
     shapes = {k: tuple(v.shape) for k, v in state.items()}
     config = deepseek_vl_config(cfg, "bfloat16")
-    config.pop(interop.HINT_KEY)
+    config.pop(interop_config.HINT_KEY)
     derived = dataclasses.asdict(model_config_from_dict(deepseek_vl_model_dict(config, shapes)))
     want = dataclasses.asdict(cfg)
     assert {k: v for k, v in derived.items() if k != "name"} == {k: v for k, v in want.items() if k != "name"}
@@ -649,14 +653,14 @@ def _released_style_tokenizer(d: Path, bos=BOS) -> None:
 
 def test_import_released_style_tokenizer_adds_image_tag_and_pad(tmp_path):
     _released_style_tokenizer(tmp_path / "src")
-    report = interop.import_deepseek_vl_tokenizer(tmp_path / "src", tmp_path / "out" / "tokenizer.json")
+    report = interop_processor.import_deepseek_vl_tokenizer(tmp_path / "src", tmp_path / "out" / "tokenizer.json")
     assert report["added"] == ["<image_placeholder>", "<pad>"]
     tok = TextTokenizer(tmp_path / "out" / "tokenizer.json")
     assert (tok.bos_id, tok.eos_id, tok.image_id, tok.pad_id) == (0, 1, 13, 14) == (0, 1, report["image_token_id"], 14)
     assert tok.encode("a<image_placeholder>b") == [2, 13, 3]
     _released_style_tokenizer(tmp_path / "other", bos="<s>")
     with pytest.raises(UserError, match="bos_token"):
-        interop.import_deepseek_vl_tokenizer(tmp_path / "other", tmp_path / "out2" / "tokenizer.json")
+        interop_processor.import_deepseek_vl_tokenizer(tmp_path / "other", tmp_path / "out2" / "tokenizer.json")
 
 
 @pytest.mark.parametrize("file, field, value, match", [
