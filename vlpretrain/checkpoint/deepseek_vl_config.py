@@ -30,7 +30,7 @@ import json
 import math
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 
@@ -158,6 +158,28 @@ def _count(shapes: Mapping[str, tuple], prefix: str) -> int:
     return max(idx) + 1 if idx else 0
 
 
+class _Shapes:
+    """A checkpoint's tensor shapes by name; every error names the checkpoint (``origin``)."""
+
+    def __init__(self, shapes: Mapping[str, tuple[int, ...]], origin: str):
+        self.shapes = shapes
+        self.origin = origin
+
+    def fail(self, msg: str) -> NoReturn:
+        raise ValueError(f"{self.origin}: {msg}")
+
+    def __call__(self, k: str) -> tuple[int, ...]:
+        if k not in self.shapes:
+            self.fail(f"missing tensor {k}")
+        return tuple(self.shapes[k])
+
+    def __contains__(self, k: str) -> bool:
+        return k in self.shapes
+
+    def count(self, prefix: str) -> int:
+        return _count(self.shapes, prefix)
+
+
 def deepseek_vl_model_dict(config: dict, shapes: Mapping[str, tuple[int, ...]], origin: str = "checkpoint",
                            image_processor: Mapping[str, Any] | None = None) -> dict:
     """Our ``model`` config section for a DeepSeek-VL checkpoint, from its config.json and tensor shapes.
@@ -168,34 +190,40 @@ def deepseek_vl_model_dict(config: dict, shapes: Mapping[str, tuple[int, ...]], 
     init std and ``interp_size``). SigLIP's mean / std come from its tower params when it normalises, else from
     ``image_processor`` (the directory's preprocessor_config.json: the released 1.3B normalises there; identity
     when it does not), else SigLIP's 0.5 / 0.5."""
-    def fail(msg: str):
-        raise ValueError(f"{origin}: {msg}")
-
-    def shape(k: str) -> tuple[int, ...]:
-        if k not in shapes:
-            fail(f"missing tensor {k}")
-        return tuple(shapes[k])
-
+    shape = _Shapes(shapes, origin)
     if config.get("model_type") != "multi_modality":
-        fail(f"model_type = {config.get('model_type')!r}, expected 'multi_modality' (a DeepSeek-VL checkpoint)")
+        shape.fail(f"model_type = {config.get('model_type')!r}, expected 'multi_modality' "
+                   f"(a DeepSeek-VL checkpoint)")
     hint = config.get(HINT_KEY) or {}
+    cls, hybrid, low_cfg, high_cfg = _vision_towers(config, shape)
+    model = _language_section(config, hint, shape)
+    model["siglip"] = _siglip_section(DS_LOW if hybrid else DS_SINGLE, low_cfg, hint, image_processor, shape)
+    _check_aligner(config, cls, hybrid, shape)
+    model["sam"] = _sam_section(high_cfg, hint, model["siglip"], shape) if hybrid else {"enabled": False}
+    return model
+
+
+def _vision_towers(config: dict, shape: _Shapes) -> tuple[str, bool, dict, dict]:
+    """(vision_config.cls, hybrid, SigLIP tower params, SAM tower params) of a config.json."""
     vision = config.get("vision_config") or {}
     params = vision.get("params") or {}
     cls = vision.get("cls", "")
     if "HybridVisionTower" in cls:
-        hybrid, low_cfg, high_cfg = True, params.get("low_res_cfg") or {}, params.get("high_res_cfg") or {}
-    elif "CLIPVisionTower" in cls:
-        hybrid, low_cfg, high_cfg = False, params, {}
+        return cls, True, params.get("low_res_cfg") or {}, params.get("high_res_cfg") or {}
+    if "CLIPVisionTower" in cls:
         if not str(params.get("model_name", "siglip")).startswith("siglip"):
-            fail(f"vision tower {params.get('model_name')!r} is not supported (SigLIP or the hybrid tower only)")
-    else:
-        fail(f"vision_config.cls = {cls!r}, expected HybridVisionTower or CLIPVisionTower")
+            shape.fail(f"vision tower {params.get('model_name')!r} is not supported "
+                       f"(SigLIP or the hybrid tower only)")
+        return cls, False, params, {}
+    shape.fail(f"vision_config.cls = {cls!r}, expected HybridVisionTower or CLIPVisionTower")
 
-    # language model
+
+def _language_section(config: dict, hint: Mapping[str, Any], shape: _Shapes) -> dict[str, Any]:
+    """The decoder fields of our ``model`` section: ``language_config`` checked against the shapes."""
     lang = language_config(config)
     llm = DS_LLM + "model."
     vocab, dim = shape(llm + "embed_tokens.weight")
-    n_layers = _count(shapes, llm + "layers.")
+    n_layers = shape.count(llm + "layers.")
     heads = lang["num_attention_heads"]
     head_dim = dim // heads
     derived = {"vocab_size": vocab, "hidden_size": dim, "num_hidden_layers": n_layers,
@@ -204,10 +232,10 @@ def deepseek_vl_model_dict(config: dict, shapes: Mapping[str, tuple[int, ...]], 
                if n_layers else None}
     for field, got in derived.items():
         if lang[field] != got:
-            fail(f"language_config.{field} = {lang[field]} but the weights give {got}")
+            shape.fail(f"language_config.{field} = {lang[field]} but the weights give {got}")
     rope_theta, rope_type = rope_settings(lang)  # v4 rope_theta / rope_scaling or v5 rope_parameters
     if rope_type != "default":
-        fail(f"language_config rope type {rope_type!r} is not supported (no rope scaling here)")
+        shape.fail(f"language_config rope type {rope_type!r} is not supported (no rope scaling here)")
     model: dict[str, Any] = {
         "name": hint.get("name", "deepseek-vl-import"),
         "vocab_size": vocab, "dim": dim, "n_layers": n_layers, "n_heads": heads,
@@ -219,48 +247,54 @@ def deepseek_vl_model_dict(config: dict, shapes: Mapping[str, tuple[int, ...]], 
     for field in ("init_std", "image_token_id"):
         if field in hint:
             model[field] = hint[field]
+    return model
 
-    # SigLIP
-    low = DS_LOW if hybrid else DS_SINGLE
+
+def _siglip_section(low: str, low_cfg: Mapping[str, Any], hint: Mapping[str, Any],
+                    image_processor: Mapping[str, Any] | None, shape: _Shapes) -> dict[str, Any]:
+    """``model.siglip`` from the tower under ``low``: sizes from the shapes, heads from the hint or the name."""
     hs = hint.get("siglip") or {}
     width, _, patch, _ = shape(low + "patch_embed.proj.weight")
-    depth = _count(shapes, low + "blocks.")
+    depth = shape.count(low + "blocks.")
     name = str(low_cfg.get("model_name", ""))
     sig_heads = hs.get("heads", SIGLIP_MODEL_NAMES.get(name, {}).get("heads"))
     if sig_heads is None:
-        fail(f"cannot tell the SigLIP heads: unknown model_name {name!r} and no {HINT_KEY} entry")
+        shape.fail(f"cannot tell the SigLIP heads: unknown model_name {name!r} and no {HINT_KEY} entry")
     image_size = int(low_cfg.get("image_size", 384))
     if shape(low + "pos_embed") != (1, (image_size // patch) ** 2, width):
-        fail(f"SigLIP pos_embed {shape(low + 'pos_embed')} does not fit image_size {image_size} / patch {patch}")
-    siglip = {"image_size": image_size, "patch_size": patch, "width": width, "depth": depth, "heads": sig_heads,
-              "mlp_ratio": shape(low + "blocks.0.mlp.fc1.weight")[0] / width if depth else 4.0,
-              **_siglip_norm(low_cfg, image_processor)}
-    model["siglip"] = siglip
+        shape.fail(f"SigLIP pos_embed {shape(low + 'pos_embed')} does not fit "
+                   f"image_size {image_size} / patch {patch}")
+    return {"image_size": image_size, "patch_size": patch, "width": width, "depth": depth, "heads": sig_heads,
+            "mlp_ratio": shape(low + "blocks.0.mlp.fc1.weight")[0] / width if depth else 4.0,
+            **_siglip_norm(low_cfg, image_processor)}
 
-    # aligner
+
+def _check_aligner(config: dict, cls: str, hybrid: bool, shape: _Shapes) -> None:
     aligner = (config.get("aligner_config") or {}).get("params") or {}
     ptype = aligner.get("projector_type")
     want = "low_high_hybrid_split_mlp_gelu" if hybrid else "mlp_gelu"
     if ptype != want:
-        fail(f"aligner_config.params.projector_type = {ptype!r}, expected {want!r} for a {cls}")
+        shape.fail(f"aligner_config.params.projector_type = {ptype!r}, expected {want!r} for a {cls}")
     if aligner.get("depth", 2) != 2:
-        fail(f"aligner_config.params.depth = {aligner.get('depth')}, only 2 is supported")
+        shape.fail(f"aligner_config.params.depth = {aligner.get('depth')}, only 2 is supported")
 
-    # SAM
-    if not hybrid:
-        model["sam"] = {"enabled": False}
-        return model
+
+def _sam_section(high_cfg: Mapping[str, Any], hint: Mapping[str, Any], siglip: Mapping[str, Any],
+                 shape: _Shapes) -> dict[str, Any]:
+    """``model.sam`` from the high tower: sizes from the shapes, window size and global blocks from the rel_pos
+    shapes when they tell (else the hint or the name), heads from the hint or the name."""
     ha = hint.get("sam") or {}
     name = str(high_cfg.get("model_name", ""))
     table = SAM_MODEL_NAMES.get(name, {})
     width, _, patch, _ = shape(DS_HIGH + "patch_embed.proj.weight")
-    depth = _count(shapes, DS_HIGH + "blocks.")
+    depth = shape.count(DS_HIGH + "blocks.")
     image_size = int(high_cfg.get("image_size", 1024))
     grid = image_size // patch
     if shape(DS_HIGH + "pos_embed") != (1, grid, grid, width):
-        fail(f"SAM pos_embed {shape(DS_HIGH + 'pos_embed')} does not fit image_size {image_size} / patch {patch}")
+        shape.fail(f"SAM pos_embed {shape(DS_HIGH + 'pos_embed')} does not fit "
+                   f"image_size {image_size} / patch {patch}")
     if depth and shape(DS_HIGH + "blocks.0.mlp.lin1.weight")[0] != 4 * width:
-        fail("SAM mlp ratio is not 4 (the only one timm's samvit builds here)")
+        shape.fail("SAM mlp ratio is not 4 (the only one timm's samvit builds here)")
     sizes = [(shape(DS_HIGH + f"blocks.{i}.attn.rel_pos_h")[0] + 1) // 2 for i in range(depth)]
     windowed = sorted({s for s in sizes if s != grid})
     if len(windowed) == 1 and grid in sizes:  # unambiguous: global blocks see the whole grid
@@ -269,23 +303,21 @@ def deepseek_vl_model_dict(config: dict, shapes: Mapping[str, tuple[int, ...]], 
         window_size = ha.get("window_size", table.get("window_size"))
         global_idx = ha.get("global_attn_indexes", table.get("global_attn_indexes"))
         if window_size is None or global_idx is None:
-            fail(f"cannot tell SAM's window size / global blocks from the weights, unknown model_name {name!r} "
-                 f"and no {HINT_KEY} entry")
+            shape.fail(f"cannot tell SAM's window size / global blocks from the weights, unknown model_name "
+                       f"{name!r} and no {HINT_KEY} entry")
     sam_heads = ha.get("heads", table.get("heads"))
     if sam_heads is None:
-        fail(f"cannot tell the SAM heads: unknown model_name {name!r} and no {HINT_KEY} entry")
-    n_down = _count(shapes, DS_HIGH + "downsamples.")
+        shape.fail(f"cannot tell the SAM heads: unknown model_name {name!r} and no {HINT_KEY} entry")
+    n_down = shape.count(DS_HIGH + "downsamples.")
     down = [shape(DS_HIGH + f"downsamples.{i}.weight")[0] for i in range(n_down)]
     sig_grid = siglip["image_size"] // siglip["patch_size"]
-    sam = {"enabled": True, "image_size": image_size, "patch_size": patch, "width": width, "depth": depth,
-           "heads": sam_heads, "window_size": window_size, "global_attn_indexes": list(global_idx),
-           "neck_chans": shape(DS_HIGH + "neck.0.weight")[0],
-           "interp_size": ha.get("interp_size", sig_grid * 2 ** n_down),
-           "downsample_channels": down, "hd_path": DS_HIGH + "neck_hd.0.weight" in shapes,
-           "mean": [float(x) for x in high_cfg.get("pixel_mean", ModelConfig().sam.mean)],
-           "std": [float(x) for x in high_cfg.get("pixel_std", ModelConfig().sam.std)]}
-    model["sam"] = sam
-    return model
+    return {"enabled": True, "image_size": image_size, "patch_size": patch, "width": width, "depth": depth,
+            "heads": sam_heads, "window_size": window_size, "global_attn_indexes": list(global_idx),
+            "neck_chans": shape(DS_HIGH + "neck.0.weight")[0],
+            "interp_size": ha.get("interp_size", sig_grid * 2 ** n_down),
+            "downsample_channels": down, "hd_path": DS_HIGH + "neck_hd.0.weight" in shape,
+            "mean": [float(x) for x in high_cfg.get("pixel_mean", ModelConfig().sam.mean)],
+            "std": [float(x) for x in high_cfg.get("pixel_std", ModelConfig().sam.std)]}
 
 
 def _siglip_norm(tower: Mapping[str, Any], image_processor: Mapping[str, Any] | None) -> dict:
