@@ -48,9 +48,9 @@ def reset_peak() -> None:
 
 
 def write_llm(cfg, out: Path) -> None:
-    from vlpretrain.checkpoint.pretrained import hf_llama_key_map
-    from vlpretrain.models.vlm import build_model
     from vlpretrain.checkpoint.safetensors_stream import save_streaming
+    from vlpretrain.models.state_dict_adapter import hf_llama_key_map
+    from vlpretrain.models.vlm import build_model
 
     out.mkdir(parents=True, exist_ok=True)
     shapes = {k: tuple(v.shape) for k, v in build_model(cfg, "meta").state_dict().items()}
@@ -162,7 +162,7 @@ def main() -> None:
         if proc.returncode != 0:
             raise SystemExit(proc.stderr[-3000:])
         rows = json.loads((d / "out" / "rows.json").read_text())
-        imports = [sys.executable, "-c", "import vlpretrain.cli, vlpretrain.checkpoint.interop, torch"]
+        imports = [sys.executable, "-c", "import vlpretrain.cli, vlpretrain.checkpoint.deepseek_vl, torch"]
         base_mb, _ = child_peak(imports)
         (d / "cfg.yaml").write_text(cfg.to_yaml())
         peak_mb, secs = child_peak([sys.executable, "-m", "vlpretrain", "ckpt", "export", str(d / "out"),

@@ -14,8 +14,8 @@ import pytest
 import torch
 from PIL import Image
 
+from vlpretrain.checkpoint.hf_llama import export_hf_llama
 from vlpretrain.eval.generate import generate, load_images, prompt_ids
-from vlpretrain.checkpoint.interop import export_hf_llama
 from vlpretrain.models.vlm import build_model
 
 transformers = pytest.importorskip("transformers")

@@ -16,14 +16,14 @@ import timm
 import torch
 from safetensors.torch import load_file, save_file
 
-from vlpretrain.config import config_from_dict
 from vlpretrain.checkpoint.pretrained import (
-    hf_llama_key_map,
     load_hf_llm,
     load_pretrained_parts,
     load_sam,
     load_siglip,
 )
+from vlpretrain.config import config_from_dict
+from vlpretrain.models.state_dict_adapter import hf_llama_key_map
 from vlpretrain.models.vlm import build_model
 
 transformers = pytest.importorskip("transformers")

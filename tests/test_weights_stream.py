@@ -19,8 +19,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import REPO, TINY
-from vlpretrain.checkpoint.pretrained import SAM_PREFIX, SAM_VIT_PREFIX, SIGLIP_PREFIX, hf_llama_key_map
 from vlpretrain.checkpoint.safetensors_stream import save_streaming
+from vlpretrain.models.state_dict_adapter import SAM_PREFIX, SAM_VIT_PREFIX, SIGLIP_PREFIX, hf_llama_key_map
 
 
 def test_streamed_file_equals_save_file(tmp_path):

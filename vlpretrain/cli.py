@@ -240,7 +240,8 @@ def _export_tokenizer(args: argparse.Namespace, cfg: Config):
 
 
 def cmd_ckpt_export(args: argparse.Namespace, cfg: Config) -> int:
-    from vlpretrain.checkpoint.interop import export_deepseek_vl, export_hf_llama
+    from vlpretrain.checkpoint.deepseek_vl import export_deepseek_vl
+    from vlpretrain.checkpoint.hf_llama import export_hf_llama
     from vlpretrain.checkpoint.weights import find_weights, verified
 
     weights = verified(find_weights(args.path))  # checksums first; then streamed tensor by tensor, no model
@@ -258,10 +259,10 @@ def cmd_ckpt_import(args: argparse.Namespace) -> int:
 
     import yaml
 
-    from vlpretrain.config import config_from_dict
-    from vlpretrain.checkpoint.interop import import_deepseek_vl
-    from vlpretrain.models.vlm import build_model
+    from vlpretrain.checkpoint.deepseek_vl import import_deepseek_vl
     from vlpretrain.checkpoint.weights import save_checkpoint
+    from vlpretrain.config import config_from_dict
+    from vlpretrain.models.vlm import build_model
 
     model_section, state = import_deepseek_vl(args.path, tokenizer_out=Path(args.out) / "tokenizer.json")
     cfg = config_from_dict({"model": model_section, "train": {"seq_len": model_section.get("max_seq_len", 4096)}})

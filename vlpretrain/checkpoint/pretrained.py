@@ -15,34 +15,35 @@ Each loader returns a report dict: ``loaded`` (tensors copied), ``ignored`` (che
 dropped), ``skipped`` (loadable keys whose parameter this stage does not own) and, for the vision towers,
 ``not_in_checkpoint`` (our parameters the checkpoint does not have and that keep their init) and
 ``prefix`` (the key prefix that was stripped).
+
+Checkpoint names map to ours through the key maps of ``models/state_dict_adapter.py``.
 """
 from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Callable, Iterable
 
 import torch
 from safetensors import safe_open
 from torch import nn
 
 from vlpretrain.checkpoint.paths import WEIGHTS, WEIGHTS_INDEX
-from vlpretrain.config import ModelConfig
 from vlpretrain.checkpoint.sharded_weights import load_local_
+from vlpretrain.config import ModelConfig
+from vlpretrain.models.state_dict_adapter import (
+    DEEPSEEK_VL_SAM_PREFIXES,
+    DEEPSEEK_VL_SIGLIP_PREFIXES,
+    SAM_PREFIX,
+    SAM_VIT_PREFIX,
+    SIGLIP_PREFIX,
+    hf_llama_key_map,
+    sam_key_to_ours,
+    siglip_key_to_ours,
+)
 
-SIGLIP_PREFIX = "embed.vision.siglip.vit."
-SAM_PREFIX = "embed.vision.sam."
-SAM_VIT_PREFIX = SAM_PREFIX + "vit."
-
-# DeepSeek-VL's released checkpoints (HybridVisionTower: low = SigLIP, high = SAM)
-DEEPSEEK_VL_SIGLIP_PREFIXES = ("vision_model.vision_tower_low.vision_tower.", "vision_model.vision_tower.")
-DEEPSEEK_VL_SAM_PREFIXES = ("vision_model.vision_tower_high.vision_tower.", "image_encoder.")
-# keys of DeepSeek-VL's SAM tower that live next to ``vit`` in ours (the tail after the neck)
-_SAM_TAIL = ("neck_hd.", "downsamples.", "hd_alpha_downsamples")
 _VIT_ANCHOR = "patch_embed.proj.weight"
-# SigLIP's pooling head / classifier: unused (we take forward_features)
-_SIGLIP_DROP = ("attn_pool.", "head.", "fc_norm.")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -83,7 +84,7 @@ class TensorSource:
 
     @classmethod
     def from_safetensors(cls, files: list[Path], origin: str,
-                         weight_map: dict[str, str] | None = None) -> "TensorSource":
+                         weight_map: dict[str, str] | None = None) -> TensorSource:
         shapes: dict[str, tuple[int, ...]] = {}
         where: dict[str, Path] = {}
         for f in files:
@@ -107,7 +108,7 @@ class TensorSource:
         return cls(shapes, read, origin)
 
     @classmethod
-    def from_state_dict(cls, state: dict[str, torch.Tensor], origin: str) -> "TensorSource":
+    def from_state_dict(cls, state: dict[str, torch.Tensor], origin: str) -> TensorSource:
         bad = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
         if bad:
             kind = type(state[bad[0]]).__name__
@@ -116,7 +117,7 @@ class TensorSource:
                    lambda k, region: state[k] if region is None else state[k][region], origin)
 
     @classmethod
-    def open(cls, path: str | Path) -> "TensorSource":
+    def open(cls, path: str | Path) -> TensorSource:
         """A .safetensors file, a torch file (.pt/.pth/.bin), or a directory holding one of those or a
         sharded ``model.safetensors.index.json``."""
         p = Path(path)
@@ -210,26 +211,6 @@ def preview_keys(keys: list[str], n: int = 3) -> str:
 
 # ----------------------------------------------------------------------------------------------------------------
 # LLM: HF LLaMA / DeepSeek-LLM
-
-
-def hf_llama_key_map(n_layers: int) -> dict[str, str]:
-    """HF ``LlamaForCausalLM`` parameter name -> ours (q/k load unpermuted: both use rotate-half rotary)."""
-    m = {"model.embed_tokens.weight": "embed.tok_embeddings.weight",
-         "model.norm.weight": "head.norm.weight",
-         "lm_head.weight": "head.output.weight"}
-    per_layer = {"input_layernorm": "attention_norm",
-                 "self_attn.q_proj": "attention.wq",
-                 "self_attn.k_proj": "attention.wk",
-                 "self_attn.v_proj": "attention.wv",
-                 "self_attn.o_proj": "attention.wo",
-                 "post_attention_layernorm": "ffn_norm",
-                 "mlp.gate_proj": "feed_forward.w1",
-                 "mlp.up_proj": "feed_forward.w3",
-                 "mlp.down_proj": "feed_forward.w2"}
-    for i in range(n_layers):
-        for hf, ours in per_layer.items():
-            m[f"model.layers.{i}.{hf}.weight"] = f"layers.{i}.{ours}.weight"
-    return m
 
 
 def rope_settings(hf: dict) -> tuple[float, str]:
@@ -386,12 +367,8 @@ def load_siglip(model: nn.Module, path: str | Path) -> dict:
         return {"loaded": 0, "ignored": [], "skipped": ["embed (not on this pipeline stage)"],
                 "not_in_checkpoint": [], "prefix": None, "origin": src.origin}
     prefix = _pick_prefix(src, False, DEEPSEEK_VL_SIGLIP_PREFIXES, "SigLIP/ViT")
-
-    def rename(k: str) -> str | None:
-        return None if k.startswith(_SIGLIP_DROP) else SIGLIP_PREFIX + k
-
     hint = " (depth, width or class token differ from model.siglip?)"
-    r = _load_vision(model, src, prefix, rename, SIGLIP_PREFIX, hint)
+    r = _load_vision(model, src, prefix, siglip_key_to_ours, SIGLIP_PREFIX, hint)
     if r["not_in_checkpoint"]:
         raise ValueError(f"{src.origin}: missing {len(r['not_in_checkpoint'])} SigLIP tensors under prefix "
                          f"'{prefix}': {preview_keys(r['not_in_checkpoint'])}")
@@ -399,13 +376,6 @@ def load_siglip(model: nn.Module, path: str | Path) -> dict:
                   "not supported: match model.siglip to the checkpoint)")
     return {"loaded": copy_checked(src, r["plan"], r["own"]), "ignored": r["ignored"], "skipped": [],
             "not_in_checkpoint": [], "prefix": prefix, "origin": src.origin}
-
-
-def sam_key_to_ours(k: str) -> str:
-    """segment-anything / DeepSeek-VL SAM encoder name (prefix stripped) -> ours."""
-    if k.startswith(_SAM_TAIL):
-        return SAM_PREFIX + k
-    return SAM_VIT_PREFIX + k.replace(".mlp.lin1.", ".mlp.fc1.").replace(".mlp.lin2.", ".mlp.fc2.")
 
 
 def load_sam(model: nn.Module, path: str | Path) -> dict:
