@@ -76,15 +76,13 @@ def entries_of(src: Source) -> dict[str, Entry]:
 def _dcp_entries(step_dir: Path) -> dict[str, Entry]:
     """The model tensors of a DCP checkpoint, each loaded alone (``dcp.load`` of one key, no process group)
     when it is written: the export never holds more than one tensor."""
-    import torch.distributed.checkpoint as dcp
-
-    from vlpretrain.checkpoint.integrity import SafeReader
+    from vlpretrain.checkpoint.integrity import SafeReader, load_dcp
 
     meta = SafeReader(str(step_dir)).read_metadata()
 
     def load(key: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         state = {key: torch.empty(shape, dtype=dtype)}
-        dcp.load(state, storage_reader=SafeReader(str(step_dir)), no_dist=True)
+        load_dcp(state, step_dir, no_dist=True)
         return state[key]
 
     return {k[len("model."):]: Entry(tuple(m.size), m.properties.dtype,
