@@ -22,7 +22,7 @@ import argparse
 import json
 import statistics
 import sys
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 Figures = dict  # one repeat's figures of one variant, e.g. {"seq_per_s": 12.3, "samples_per_s": 30.1}
 
@@ -105,7 +105,8 @@ def record(bench: str, setting: dict, results: dict[str, list[Figures]], a: str,
            "ratio_max": round(c["ratio_max"], 4), "repeats": len(av)}
     for name, vals in ((a, av), (b, bv)):
         s = summarize(vals)
-        rec[f"{name}_median"], rec[f"{name}_min"], rec[f"{name}_max"] = (round(s[k], 6) for k in ("median", "min", "max"))
+        for k in ("median", "min", "max"):
+            rec[f"{name}_{k}"] = round(s[k], 6)
     if goal is not None:
         rec["goal"] = goal
         rec["goal_met"] = c["ratio"] >= goal

@@ -24,8 +24,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _ab  # noqa: E402
-from vlpretrain.config import config_from_dict  # noqa: E402
+
 from vlpretrain.checkpoint.pretrained import load_hf_llm  # noqa: E402
+from vlpretrain.config import config_from_dict  # noqa: E402
 from vlpretrain.models.vlm import build_model  # noqa: E402
 
 

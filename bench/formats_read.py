@@ -6,10 +6,11 @@ Writes N image-caption samples (photo-like 320x240 JPEGs, ~20 KB) as: our shards
 folder (key.jpg + key.txt + key.json per sample, .parquet/_stats.json beside), webdataset's ShardWriter output,
 a LLaVA JSON + image folder (the caption as the answer) and a Hugging Face-style Parquet file (image
 struct<bytes, path>, row groups of 100 rows as `datasets` writes image sets; read with its row-group cache,
-and with the image cache off: what a data set much bigger than the cache costs in a shuffled order). Then reads every sample in one
-shuffled order (what the planner's order does to a reader), through each source as the loader does: the record
-(text side: what a rank reads for every sample it trains on) and the record plus the decoded image (the ranks
-that feed the vision encoder). Prints samples/s, median of the repeats, one process, one thread.
+and with the image cache off: what a data set much bigger than the cache costs in a shuffled order). Then reads
+every sample in one shuffled order (what the planner's order does to a reader), through each source as the
+loader does: the record (text side: what a rank reads for every sample it trains on) and the record plus the
+decoded image (the ranks that feed the vision encoder). Prints samples/s, median of the repeats, one process,
+one thread.
 """
 from __future__ import annotations
 
@@ -29,8 +30,8 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from vlpretrain.config import SourceConfig  # noqa: E402
-from vlpretrain.data.shards import IMAGE_PLACEHOLDER, ShardWriter  # noqa: E402
 from vlpretrain.data.manifest import open_source  # noqa: E402
+from vlpretrain.data.shards import IMAGE_PLACEHOLDER, ShardWriter  # noqa: E402
 
 
 def photo(i: int) -> bytes:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import time
 
 import torch
-
 from gpu_check_attention import attention_check
 from gpu_check_steps import GIB, make_steps, run_baseline, run_engine, step_kinds
+
 from vlpretrain.config import trainable_parts
 from vlpretrain.train.metrics import device_peak_tflops
 

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import gc
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -171,7 +171,7 @@ def run_engine(cfg: Config, device: torch.device, warm: list[Step], steps: list[
     try:
         return measure(step, warm, steps, cfg, device, peak_tflops, deadline, out)
     finally:
-        del engine, opt, step
+        engine = opt = step = None  # drop the references before freeing the memory
         free_memory(device)
 
 
@@ -251,7 +251,7 @@ def run_baseline(cfg: Config, device: torch.device, bf16: bool, warm: list[Step]
     try:
         return measure(step, warm, steps, cfg, device, peak_tflops, deadline, out)
     finally:
-        del model, opt, params, step
+        model = opt = params = step = None  # drop the references before freeing the memory
         free_memory(device)
 
 

@@ -110,8 +110,8 @@ def main() -> None:
               f"timed steps per launch; launches interleaved, {args.warmup} warm-up round(s), {args.repeats} repeats",
               flush=True)
         for dp in args.dp:
-            variants = {name: (lambda g=g, name=name: run(dp, g, args.warmup_steps, args.steps, args.packing, data,
-                                                        Path(d) / f"dp{dp}_{name}"))
+            variants = {name: (lambda g=g, name=name, dp=dp: run(dp, g, args.warmup_steps, args.steps, args.packing,
+                                                                 data, Path(d) / f"dp{dp}_{name}"))
                         for name, g in (("grouped", True), ("mixed", False))}
             res = _ab.interleave(variants, args.repeats, args.warmup, log=lambda s: print(s, flush=True))
             per = {name: {work(f) for f in figs} for name, figs in res.items()}

@@ -101,11 +101,11 @@ def plan_splits(pp: int, costs: str = "measured") -> dict:
     model's flat efficiency misprices small CPU matmuls against the large head), "flops" uses the FLOP model
     (H100 peak, uncalibrated: only ratios matter). The multimodal-only and mix-aware splits use the same costs."""
     from vlpretrain.config import config_from_dict
+    from vlpretrain.data.step_mix import StepType
     from vlpretrain.data.synthetic import synthetic_microbatches
+    from vlpretrain.parallel.mesh import resolve_layout
     from vlpretrain.parallel.pipeline_split import partition_details, stage_style, uniform_split
     from vlpretrain.parallel.pipeline_split_mix import expected_step_time, mix_costs, partition_mix
-    from vlpretrain.parallel.mesh import resolve_layout
-    from vlpretrain.data.step_mix import StepType
     from vlpretrain.plan import measure_part_times
 
     cfg = config_from_dict(config(pp))
@@ -204,8 +204,8 @@ def analyse(pp: int, plan: dict, ranks: list[dict]) -> dict:
         # per rank: median over repeats of its mean CPU time on text / multimodal steps
         rank_busy = {kind: [statistics.median(statistics.mean(x for x, k in zip(rep, ORDER) if k == kind)
                                               for rep in r["busy"][name]) for r in ranks] for kind in "TM"}
-        res[name] = {"wall_list": wall, "busy_list": busy, "split": plan["splits"][name], "wall": _ab.summarize(wall), "busy": _ab.summarize(busy),
-                     "rank_busy": rank_busy}
+        res[name] = {"wall_list": wall, "busy_list": busy, "split": plan["splits"][name],
+                     "wall": _ab.summarize(wall), "busy": _ab.summarize(busy), "rank_busy": rank_busy}
     for what in ("wall", "busy"):
         calib = res["uniform"][what]["median"] / plan["pred"]["uniform"]["expected"]
         for name in SPLITS:

@@ -82,9 +82,9 @@ def worker(args) -> None:
     from torch.distributed.tensor import DTensor
 
     from vlpretrain.checkpoint.pretrained import load_pretrained_parts
+    from vlpretrain.checkpoint.sharded_weights import write_full_weights
     from vlpretrain.parallel.engine import ParallelModel
     from vlpretrain.parallel.mesh import init_parallel
-    from vlpretrain.checkpoint.sharded_weights import write_full_weights
 
     torch.set_num_threads(1)
     cfg = load_cfg(args.layout, args.layers)

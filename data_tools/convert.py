@@ -21,12 +21,17 @@ import os
 import re
 import sys
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
-from vlpretrain.data.shards import DEFAULT_MAX_BYTES, IMAGE_EXTENSIONS, IMAGE_PLACEHOLDER, ShardWriter
-from vlpretrain.data.shards import count_placeholders
+from vlpretrain.data.shards import (
+    DEFAULT_MAX_BYTES,
+    IMAGE_EXTENSIONS,
+    IMAGE_PLACEHOLDER,
+    ShardWriter,
+    count_placeholders,
+)
 
 LLAVA_ROLES = {"human": "User", "user": "User", "gpt": "Assistant", "assistant": "Assistant"}
 LLAVA_IMAGE = "<image>"
@@ -115,7 +120,7 @@ class _Sink:
         self.report.shard_bytes = sum(p.stat().st_size for p in self.report.shards)
         return self.report
 
-    def __enter__(self) -> "_Sink":
+    def __enter__(self) -> _Sink:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, Iterator
+from typing import TYPE_CHECKING
 
 from vlpretrain.data.special_tokens import SPECIAL_TOKENS
 
@@ -25,7 +26,7 @@ TOKENIZER_FILE = "tokenizer.json"
 TRAINING_FILES = ("captions.jsonl", "ocr.jsonl", "interleaved.jsonl", "text.jsonl", "sft.jsonl")
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int, out_path: str | os.PathLike) -> "Tokenizer":
+def train_tokenizer(texts: Iterable[str], vocab_size: int, out_path: str | os.PathLike) -> Tokenizer:
     """Train a byte-level BPE tokenizer on `texts` and save it atomically to `out_path`.
 
     Texts are split at image placeholders, the way encoding splits them off as
@@ -61,7 +62,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, out_path: str | os.Pa
     return tokenizer
 
 
-def load_tokenizer(path: str | os.PathLike) -> "Tokenizer":
+def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
     """Load a tokenizer saved by `train_tokenizer` (a file, or a demo data directory)."""
     from tokenizers import Tokenizer
 
@@ -91,7 +92,7 @@ def iter_training_texts(data_dir: str | os.PathLike) -> Iterator[str]:
                     yield turn["content"]
 
 
-def train_from_dir(data_dir: str | os.PathLike, vocab_size: int = DEFAULT_VOCAB_SIZE) -> "Tokenizer":
+def train_from_dir(data_dir: str | os.PathLike, vocab_size: int = DEFAULT_VOCAB_SIZE) -> Tokenizer:
     """(Re)train the tokenizer on a demo data directory and write DIR/tokenizer.json.
 
     If DIR/manifest.json exists its `vocab_size` is updated to match.

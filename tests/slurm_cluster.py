@@ -46,7 +46,7 @@ class SlurmCluster:
         self.env = {**os.environ, "SLURM_CONF": str(self.root / "slurm.conf")}
 
     # ------------------------------------------------------------------ start / stop
-    def start(self, timeout_s: float = 30.0) -> "SlurmCluster":
+    def start(self, timeout_s: float = 30.0) -> SlurmCluster:
         r = self.root
         for d in ("state", "spool", "log", "munge"):
             (r / d).mkdir(parents=True, exist_ok=True)

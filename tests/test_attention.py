@@ -24,8 +24,14 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from vlpretrain.config import config_from_dict
-from vlpretrain.models.attention import (CPU_DENSE_MAX_LEN, FLEX_BLOCK, dense_document_causal_mask, document_mask,
-                                         document_runs, resolve_kind)
+from vlpretrain.models.attention import (
+    CPU_DENSE_MAX_LEN,
+    FLEX_BLOCK,
+    dense_document_causal_mask,
+    document_mask,
+    document_runs,
+    resolve_kind,
+)
 from vlpretrain.models.vlm import build_model
 
 ROOT = Path(__file__).resolve().parents[1]

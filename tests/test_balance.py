@@ -11,20 +11,20 @@ from contextlib import redirect_stdout
 
 import pytest
 import torch
-
 from conftest import CONFIGS, TINY
+
 from vlpretrain.cli import main
 from vlpretrain.config import ConfigError, load_config, trainable_parts
+from vlpretrain.data.step_mix import StepType
+from vlpretrain.layout_rules import placement_rank
 from vlpretrain.models.flops import step_flops
 from vlpretrain.models.vlm import build_model  # noqa: F401 - import timm before anything is timed
 from vlpretrain.parallel import pipeline_cost, pipeline_split
+from vlpretrain.parallel.mesh import resolve_layout
 from vlpretrain.parallel.pipeline_cost import part_costs, predict
 from vlpretrain.parallel.pipeline_split import partition, partition_details, uniform_split, validate_split
 from vlpretrain.parallel.pipeline_split_mix import resolve_layer_split as _resolve
-from vlpretrain.parallel.mesh import resolve_layout
 from vlpretrain.plan import measure_part_times, plan
-from vlpretrain.data.step_mix import StepType
-from vlpretrain.layout_rules import placement_rank
 
 SEVEN_B = CONFIGS / "deepseek-vl-7b"
 

@@ -14,14 +14,14 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import TINY
+
+from vlpretrain.checkpoint.dcp import Checkpointer, find_resumable, verify
+from vlpretrain.checkpoint.integrity import KEY, MANIFEST, check_checkpoint_room, crc32_file
+from vlpretrain.checkpoint.weights import read_weights, save_weights
 from vlpretrain.cli import main
 from vlpretrain.config import load_config
 from vlpretrain.errors import CheckpointError
-from vlpretrain.checkpoint.weights import read_weights, save_weights
-from vlpretrain.checkpoint.dcp import Checkpointer, find_resumable, verify
-from vlpretrain.checkpoint.integrity import KEY, MANIFEST, check_checkpoint_room, crc32_file
 from vlpretrain.train.trainer import train
 
 STAGE1 = TINY / "stage1.yaml"
@@ -137,7 +137,8 @@ def test_flipped_bytes_in_model_safetensors_fail_init_from(base_run, demo_dir, t
         with pytest.raises(CheckpointError, match="model.safetensors is corrupted"):
             read_weights(path)
     with pytest.raises(CheckpointError, match="model.safetensors is corrupted"):
-        train(_cfg(demo_dir, tmp_path / "s3", "train.steps=1", f"train.init_from={weights}", config=TINY / "stage3.yaml"))
+        train(_cfg(demo_dir, tmp_path / "s3", "train.steps=1", f"train.init_from={weights}",
+                   config=TINY / "stage3.yaml"))
     assert not (tmp_path / "s3" / "metrics.jsonl").exists()
     assert main(["ckpt", "verify", str(weights)]) == 2
     assert "model.safetensors is corrupted" in capsys.readouterr().err

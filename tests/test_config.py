@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import CONFIGS, REPO, TINY
+
 from vlpretrain.cli import main as cli_main
 from vlpretrain.config import Config, ConfigError, config_from_dict, load_config, parse_overrides, trainable_parts
 

@@ -15,8 +15,8 @@ from typing import Any, Literal, Union
 
 import pytest
 import yaml
-
 from conftest import TINY
+
 from vlpretrain.cli import main as cli_main
 from vlpretrain.config import Config, ConfigError, SourceConfig, load_config
 

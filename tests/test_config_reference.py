@@ -1,5 +1,6 @@
-"""docs/configuration.md is generated from vlpretrain/config/schema.py (vlpretrain/config_reference.py) and must stay so:
-the committed page equals ``render()``, every key of ``Config`` is on it, and every field says what it means."""
+"""docs/configuration.md is generated from vlpretrain/config/schema.py (vlpretrain/config_reference.py) and must
+stay so: the committed page equals ``render()``, every key of ``Config`` is on it, and every field says what it
+means."""
 from __future__ import annotations
 
 import dataclasses

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from vlpretrain.config import LanguageRatioConfig
+from vlpretrain.data.encoding import IGNORE, SampleEncoder
 from vlpretrain.data.preprocess import load_image, pad_to_square, preprocess_image
 from vlpretrain.data.sample_order import ModalitySchedule
-from vlpretrain.data.encoding import IGNORE, SampleEncoder
 from vlpretrain.data.tokenizer import BOS, EOS, IMAGE
 
 T = 4  # image tokens per image in the encoder tests (the tiny model uses 36)

@@ -9,7 +9,6 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import REPO, TINY
 
 SETS = ["train.global_batch_size=8", "train.micro_batch_size=2", "train.seq_len=128"]
@@ -35,9 +34,9 @@ def weights(demo_dir, tmp_path_factory):
     """Weights of a model that differs from the random init (so loading them matters)."""
     import torch
 
+    from vlpretrain.checkpoint.weights import save_weights
     from vlpretrain.config import load_config
     from vlpretrain.models.vlm import build_model
-    from vlpretrain.checkpoint.weights import save_weights
 
     cfg = load_config(TINY / "stage2.yaml", [f"data.root={demo_dir}", *SETS])
     model = build_model(cfg.model, "cpu", seed=7)

@@ -100,8 +100,8 @@ def test_cli_generate(model, tiny_cfg, tokenizer, demo_dir, tmp_path, capsys):
     Image.fromarray(np.full((20, 30, 3), 200, dtype=np.uint8)).save(img)
 
     def run(prompt: str) -> int:
-        return main(["generate", "--config", str(REPO / "configs" / "tiny" / "stage2.yaml"), "--weights", str(weights), "--image",
-                     str(img), "--prompt", prompt, "--max-new-tokens", "5", "--json", "--set",
+        return main(["generate", "--config", str(REPO / "configs" / "tiny" / "stage2.yaml"), "--weights", str(weights),
+                     "--image", str(img), "--prompt", prompt, "--max-new-tokens", "5", "--json", "--set",
                      f"data.root={demo_dir}"])
 
     assert run("What is it?") == 0

@@ -9,8 +9,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-
 from conftest import run_script_ok
+
 from vlpretrain.config import load_config
 from vlpretrain.parallel.engine import use_compile
 from vlpretrain.parallel.launch_env import gpu_env_defaults

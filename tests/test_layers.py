@@ -24,7 +24,6 @@ import ast
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO
 
 LAYERS = [

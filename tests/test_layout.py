@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 import pytest
-
 from conftest import TINY
+
 from vlpretrain.config import ConfigError, load_config
 from vlpretrain.parallel.mesh import Layout, resolve_layout
 from vlpretrain.parallel.pipeline import stage_specs, stages_of_rank

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from conftest import TINY
+
 from vlpretrain.config import load_config
 from vlpretrain.train.metrics import MetricsLogger, scalars
 

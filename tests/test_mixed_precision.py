@@ -12,7 +12,6 @@ import sys
 import textwrap
 
 import pytest
-
 from conftest import REPO
 from test_resume import STEPS, _metrics, _resume_copy, _train
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import CONFIGS, TINY
 from torch import nn
 
-from conftest import CONFIGS, TINY
 from vlpretrain.config import load_config, trainable_parts
 from vlpretrain.models.llm import apply_rotary, rotary_cos_sin
 from vlpretrain.models.vlm import PARTS, build_model, count_parameters, part_of, set_trainable

@@ -18,9 +18,9 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO
 from test_parallel_train import _run, assert_same_training, train_args
+
 from vlpretrain.parallel import launch_env
 
 STEPS = ["train.steps=4", "checkpoint.interval=2"]  # a checkpoint at step 2 to resume from
@@ -249,8 +249,9 @@ def test_restart_rounds_agree_whatever_the_restart_counters():
     """After a c10d membership change the healthy node's workers keep TORCHELASTIC_RESTART_COUNT=0 while the
     restarted node's get 1. Round 2 must still put both ranks on one fresh store (keys of round 1 are gone);
     a store keyed by the counter made rank 1 wait forever here."""
-    import torch.distributed as dist
     from datetime import timedelta
+
+    import torch.distributed as dist
 
     agent = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=30))
     first = _round(agent.port, (0, 0))

@@ -8,11 +8,11 @@ import random
 import pytest
 import torch
 import torch.nn.functional as F
-
 from dist.equivalence_worker import IMAGE_ID, tiny_hybrid
+
 from vlpretrain.config import config_from_dict
-from vlpretrain.data.packing import PackedRow, check_sample, pack_samples, to_tensors
 from vlpretrain.data.encoding import IGNORE, EncodedSample, SampleEncoder
+from vlpretrain.data.packing import PackedRow, check_sample, pack_samples, to_tensors
 from vlpretrain.models.attention import dense_document_causal_mask as document_causal_mask
 from vlpretrain.models.llm import apply_rotary, rotary_cos_sin
 from vlpretrain.models.vlm import build_model

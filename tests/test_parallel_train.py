@@ -10,9 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from conftest import REPO, TINY
+from safetensors.torch import load_file
 
 
 def train_args(run_dir: Path, demo_dir: Path, *overrides: str) -> list[str]:

@@ -243,7 +243,7 @@ def _timm_siglip(seed: int = 3):
                           patch_size=s["patch_size"], embed_dim=s["width"], depth=s["depth"],
                           num_heads=s["heads"], global_pool="map", num_classes=10)
     with torch.no_grad():  # non-trivial pos_embed / norms (timm may init some to constants)
-        for name, p in m.named_parameters():
+        for p in m.parameters():
             p.add_(torch.randn_like(p) * 0.02)
     return m.eval()
 

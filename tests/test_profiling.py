@@ -9,8 +9,8 @@ import sys
 from types import SimpleNamespace
 
 import pytest
-
 from conftest import REPO, TINY
+
 from vlpretrain.config import ConfigError, load_config
 from vlpretrain.layout_rules import theoretical_bubble
 from vlpretrain.train.profiling import extract_blocks, instrument, uninstrument

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import REPO, TINY
+
 from vlpretrain.checkpoint.dcp import find_resumable, verify
 
 STEPS = 4

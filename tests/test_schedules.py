@@ -7,15 +7,14 @@ import random
 import typing
 
 import pytest
-
 from conftest import TINY
-from vlpretrain.config import ParallelConfig, load_config
-from vlpretrain.parallel import pipeline
-from vlpretrain.parallel import pipeline_cost, pipeline_split
+
 from vlpretrain import layout_rules
-from vlpretrain.parallel.pipeline_split_mix import expected_step_time, partition_mix, resolve_layer_split
-from vlpretrain.parallel.mesh import resolve_layout
+from vlpretrain.config import ParallelConfig, load_config
 from vlpretrain.data.step_mix import assumed_mix
+from vlpretrain.parallel import pipeline, pipeline_cost, pipeline_split
+from vlpretrain.parallel.mesh import resolve_layout
+from vlpretrain.parallel.pipeline_split_mix import expected_step_time, partition_mix, resolve_layer_split
 
 
 def test_config_names_every_schedule_in_the_table():
@@ -105,7 +104,7 @@ def test_mix_aware_beats_max_of_expected_loads():
     shares = [0.7, 0.3]
     det = partition_mix([text, mm], shares, 2, 2, "1f1b", 8)
     mean = [0.7 * a + 0.3 * b for a, b in zip(text, mm)]
-    for other in (pipeline_split.partition(mean, 2, 2), pipeline_split.partition(mm, 2, 2), pipeline_split.partition(text, 2, 2)):
+    for other in (pipeline_split.partition(costs, 2, 2) for costs in (mean, mm, text)):
         assert det["value"] <= expected_step_time(other, [text, mm], shares, 2, "1f1b", 8) + 1e-9
 
 
@@ -125,8 +124,8 @@ def test_measured_mix_reads_the_data_and_auto_uses_it(demo_dir):
     """``plan`` and training's ``auto`` sample the run's own planner: text steps carry no images, multimodal
     steps the images per microbatch of the packed rows, and the split is balanced over that mix."""
     from vlpretrain.config import load_config
-    from vlpretrain.parallel.mesh import resolve_layout
     from vlpretrain.data.step_mix import measured_mix
+    from vlpretrain.parallel.mesh import resolve_layout
 
     cfg = load_config(TINY / "stage2.yaml", [f"data.root={demo_dir}", "parallel.pp=2"])
     mix = measured_mix(cfg, steps=4)

@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO
 from slurm_cluster import SlurmCluster, ensure_installed
 from test_parallel_train import _run, assert_same_training, train_args

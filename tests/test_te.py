@@ -13,9 +13,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import TINY
 from torch import nn
 
-from conftest import TINY
 from vlpretrain.config import ConfigError, ModelConfig, load_config
 from vlpretrain.errors import UserError
 from vlpretrain.models import te as te_mod

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import CONFIGS
 from safetensors.torch import load_file
 
-from conftest import CONFIGS
+from vlpretrain.checkpoint.weights import find_weights, load_weights, read_weights
 from vlpretrain.config import TrainConfig, load_config
 from vlpretrain.models.vlm import build_model, part_of
-from vlpretrain.checkpoint.weights import find_weights, load_weights, read_weights
 from vlpretrain.train.optim import build_optimizer, lr_multiplier
 from vlpretrain.train.trainer import train
 
@@ -192,8 +192,9 @@ def test_gradient_accumulation_equivalence(tiny_train_cfg):
     for a weight whose gradient is ~0 it amplifies summation-order noise by up to lr / eps, so eps is raised
     to 1e-6 (that bound becomes 1e3 x ~1e-10 noise), well below the tolerance.
     """
-    common = ["train.steps=1", "train.lr=1.0e-3", "train.eps=1.0e-6", "train.warmup_steps=0", "data.language_ratio.start=0.0",
-              "data.language_ratio.end=0.0"]  # a multimodal step: images go through the towers and the adaptor
+    common = ["train.steps=1", "train.lr=1.0e-3", "train.eps=1.0e-6", "train.warmup_steps=0",
+              # a multimodal step: images go through the towers and the adaptor
+              "data.language_ratio.start=0.0", "data.language_ratio.end=0.0"]
     results = {}
     for micro in (8, 4, 2):
         cfg = tiny_train_cfg(2, *common, f"train.micro_batch_size={micro}", run=f"ga{micro}")
@@ -211,7 +212,7 @@ def test_gradient_accumulation_equivalence(tiny_train_cfg):
         assert gn == pytest.approx(gn8, rel=1e-5)
         assert w.keys() == w8.keys()
         for k in w8:
-            torch.testing.assert_close(w[k], w8[k], atol=1e-6, rtol=0, msg=lambda m: f"{k}: {m}")
+            torch.testing.assert_close(w[k], w8[k], atol=1e-6, rtol=0, msg=lambda m, k=k: f"{k}: {m}")
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import REPO, TINY
 from safetensors.torch import load_file, save_file
 
-from conftest import REPO, TINY
 from vlpretrain.checkpoint.safetensors_stream import save_streaming
 from vlpretrain.models.state_dict_adapter import SAM_PREFIX, SAM_VIT_PREFIX, SIGLIP_PREFIX, hf_llama_key_map
 
@@ -110,7 +110,8 @@ def test_pretrained_parts_load_into_layouts_and_stream_back_out(demo_dir, pretra
         for k, v in expected.items():
             assert torch.equal(got["weights"][k], v), (layout, k)
         for k, v in ref["weights"].items():  # the trained adaptor too (one Adam step: as test_parallel_train)
-            torch.testing.assert_close(got["weights"][k], v, atol=1e-4, rtol=0, msg=lambda m, k=k: f"{layout} {k}")
+            torch.testing.assert_close(got["weights"][k], v, atol=1e-4, rtol=0,
+                                       msg=lambda m, k=k, layout=layout: f"{layout} {k}")
 
 
 def test_export_streams_from_a_dcp_checkpoint_and_from_full_weights(demo_dir, tmp_path):

@@ -68,12 +68,12 @@ def cmd_config_show(args: argparse.Namespace, cfg: Config) -> int:
 def cmd_eval(args: argparse.Namespace, cfg: Config) -> int:
     import torch.distributed as dist
 
+    from vlpretrain.checkpoint.weights import load_weights
     from vlpretrain.data.loader import resolve
     from vlpretrain.data.tokenizer import TextTokenizer
     from vlpretrain.eval.evaluator import Evaluator
     from vlpretrain.parallel.engine import ParallelModel
     from vlpretrain.parallel.mesh import init_parallel, local_device
-    from vlpretrain.checkpoint.weights import load_weights
 
     path = args.eval_file or (resolve(cfg.data.root, cfg.train.eval_file) if cfg.train.eval_file else None)
     text = args.eval_text or (resolve(cfg.data.root, cfg.train.eval_text) if cfg.train.eval_text else None)
@@ -102,11 +102,11 @@ def cmd_eval(args: argparse.Namespace, cfg: Config) -> int:
 def cmd_generate(args: argparse.Namespace, cfg: Config) -> int:
     import torch
 
+    from vlpretrain.checkpoint.weights import load_weights
     from vlpretrain.data.loader import resolve
     from vlpretrain.data.tokenizer import TextTokenizer
     from vlpretrain.eval.generate import generate, load_images, prompt_ids
     from vlpretrain.models.vlm import build_model
-    from vlpretrain.checkpoint.weights import load_weights
 
     tok = TextTokenizer(resolve(cfg.data.root, cfg.data.tokenizer))
     images = load_images(args.image, cfg.model)
@@ -164,10 +164,10 @@ def _step_dir(path_arg: str):
 
 
 def cmd_ckpt_inspect(args: argparse.Namespace) -> int:
-    from vlpretrain.errors import CheckpointError
-    from vlpretrain.checkpoint.weights import WEIGHTS
     from vlpretrain.checkpoint.dcp import TRAIN_STATE, verify
     from vlpretrain.checkpoint.integrity import SafeReader
+    from vlpretrain.checkpoint.weights import WEIGHTS
+    from vlpretrain.errors import CheckpointError
 
     step_dir = _step_dir(args.path)
     problem = verify(step_dir)
@@ -197,9 +197,9 @@ def cmd_ckpt_verify(args: argparse.Namespace) -> int:
     """Every file of a checkpoint against its manifest (sizes, checksums), its metadata and train state."""
     from pathlib import Path
 
-    from vlpretrain.errors import CheckpointError
-    from vlpretrain.checkpoint.weights import verified
     from vlpretrain.checkpoint.dcp import TRAIN_STATE, step_dirs, verify
+    from vlpretrain.checkpoint.weights import verified
+    from vlpretrain.errors import CheckpointError
 
     path = Path(args.path)
     if path.is_file():  # a weights file: checked against a manifest beside it, if there is one
@@ -270,7 +270,8 @@ def cmd_ckpt_import(args: argparse.Namespace) -> int:
     model.load_state_dict(state, assign=True)
     step_dir = save_checkpoint(model, Path(args.out), 0, {"imported_from": args.path}, keep_last=1)
     (Path(args.out) / "model.yaml").write_text(yaml.safe_dump({"model": cfg.to_dict()["model"]}, sort_keys=False))
-    print(json.dumps({"imported": args.path, "checkpoint": str(step_dir), "model_config": str(Path(args.out) / "model.yaml")}))
+    print(json.dumps({"imported": args.path, "checkpoint": str(step_dir),
+                      "model_config": str(Path(args.out) / "model.yaml")}))
     return 0
 
 
@@ -302,7 +303,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--weights", default="", help="checkpoint dir or .safetensors (default: random init)")
     p.add_argument("--eval-file", default="", help="jsonl multi-choice set (default: train.eval_file)")
-    p.add_argument("--eval-text", default="", help="held-out text: jsonl or .bin/.idx prefix (default: train.eval_text)")
+    p.add_argument("--eval-text", default="",
+                   help="held-out text: jsonl or .bin/.idx prefix (default: train.eval_text)")
     p.add_argument("--limit", type=int, default=None)
     p.set_defaults(func=cmd_eval)
     p = sub.add_parser("generate", help="greedy answer of a checkpoint to a prompt (one process, KV cache)")

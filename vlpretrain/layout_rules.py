@@ -3,8 +3,8 @@
 A schedule is named in ``parallel.schedule``; the table says which ``torch.distributed.pipelining`` class runs
 it, how virtual stages are placed on ranks, how many virtual stages per rank it takes and how large its
 fill/drain bubble is. Config checks (``config.validate``), the layout (``mesh.resolve_layout``), the
-partitioner and the predictor (``pipeline_split``, ``pipeline_cost``) and the runtime (``pipeline.stages_of_rank``) all read it, so the
-placement the partitioner plans is the placement that runs.
+partitioner and the predictor (``pipeline_split``, ``pipeline_cost``) and the runtime
+(``pipeline.stages_of_rank``) all read it, so the placement the partitioner plans is the placement that runs.
 
 Placements (V = pp x vpp virtual stages):
 
@@ -18,7 +18,6 @@ No torch import here (the config rules read this table); the torch classes are l
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 
 @dataclass(frozen=True)
@@ -63,7 +62,7 @@ def stages_of_rank(pp_rank: int, pp: int, vpp: int, schedule: str) -> list[int]:
     return [k for k in range(pp * vpp) if rank_of_stage(k, pp, schedule) == pp_rank]
 
 
-def schedule_problem(schedule: str, pp: int, vpp: int) -> Optional[tuple[str, str]]:
+def schedule_problem(schedule: str, pp: int, vpp: int) -> tuple[str, str] | None:
     """(config key, message) when ``vpp`` does not fit ``schedule``'s placement; None when it does."""
     if pp == 1:
         return None if vpp == 1 else ("parallel.vpp", f"{vpp} virtual stages need pipeline parallelism "
@@ -79,7 +78,7 @@ def schedule_problem(schedule: str, pp: int, vpp: int) -> Optional[tuple[str, st
 
 
 def microbatch_problem(global_batch: int, micro_batch: int, dp: int, pp: int, vpp: int,
-                       schedule: str) -> Optional[tuple[str, str]]:
+                       schedule: str) -> tuple[str, str] | None:
     """(config key, message) when the global batch does not make a whole number of microbatches per pipeline,
     or too few, or (interleaved) not a multiple of pp; None when it is fine."""
     per = micro_batch * dp
@@ -96,7 +95,7 @@ def microbatch_problem(global_batch: int, micro_batch: int, dp: int, pp: int, vp
     return None
 
 
-def split_problem(split: list, n_layers: int, n_stages: int) -> Optional[str]:
+def split_problem(split: list, n_layers: int, n_stages: int) -> str | None:
     """Why ``split`` (decoder layers per virtual stage) is not a valid layout, or None: one entry per virtual
     stage, integers >= 0 summing to the layers, and no empty stage (a 0 only where the stage still holds the
     embedding, stage 0, or the head, the last stage)."""

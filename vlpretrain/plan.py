@@ -11,16 +11,15 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from vlpretrain.config import Config, ConfigError, trainable_parts
+from vlpretrain.data.step_mix import StepType, assumed_mix, measured_mix
 from vlpretrain.data.synthetic import synthetic_microbatches
-from vlpretrain.models.vlm import build_model, set_trainable
 from vlpretrain.errors import UserError
+from vlpretrain.models.vlm import build_model, set_trainable
+from vlpretrain.parallel.engine import use_bf16
+from vlpretrain.parallel.mesh import resolve_layout
 from vlpretrain.parallel.pipeline_cost import EFFICIENCY, PartCost, part_costs, part_parameters, peak_tflops, predict
 from vlpretrain.parallel.pipeline_split import part_names, partition_details, stage_style, uniform_split
 from vlpretrain.parallel.pipeline_split_mix import mix_costs, partition_mix
-from vlpretrain.parallel.engine import use_bf16
-from vlpretrain.parallel.mesh import resolve_layout
-from vlpretrain.data.step_mix import StepType, assumed_mix, measured_mix
-
 
 # ---------------------------------------------------------------------------------------------------------------
 # Measurement

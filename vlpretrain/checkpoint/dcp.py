@@ -16,22 +16,37 @@ import logging
 import os
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemWriter
 from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                     get_optimizer_state_dict, set_model_state_dict,
-                                                     set_optimizer_state_dict)
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
 
-from vlpretrain.files import write_text_atomic
-from vlpretrain.errors import CheckpointError
+from vlpretrain.checkpoint.integrity import (
+    MANIFEST,
+    METADATA,
+    SafeReader,
+    check_manifest,
+    describe_write_error,
+    hash_files,
+    load_dcp,
+    rank_files,
+    read_manifest,
+    single_process_quiet,
+    write_manifest,
+)
 from vlpretrain.checkpoint.paths import WEIGHTS
-from vlpretrain.checkpoint.integrity import (MANIFEST, load_dcp, single_process_quiet, METADATA, SafeReader, check_manifest, describe_write_error,
-                                        hash_files, rank_files, read_manifest, write_manifest)
+from vlpretrain.errors import CheckpointError
+from vlpretrain.files import write_text_atomic
 
 log = logging.getLogger(__name__)
 TRAIN_STATE = "train_state.json"

@@ -5,8 +5,9 @@ start-up check that a checkpoint fits on disk.
 64 MB pieces, so that pieces hash in parallel threads (zlib: ~3 GB/s per core; enough to catch torn writes and
 flipped bits, no defence against a forger, who could rewrite the manifest too: the restricted unpickler below is
 that defence). Each rank hashes the shard files it wrote right after writing, while they are still in the page
-cache and while they are fsynced (DCP's own fsync is turned off): that hides most of the cost. DCP's ``.metadata`` is a pickle: it is read with an unpickler that admits
-only the few classes DCP metadata is made of, after its checksum matched.
+cache and while they are fsynced (DCP's own fsync is turned off): that hides most of the cost. DCP's
+``.metadata`` is a pickle: it is read with an unpickler that admits only the few classes DCP metadata is made of,
+after its checksum matched.
 """
 from __future__ import annotations
 
@@ -27,8 +28,8 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader
 
-from vlpretrain.files import write_json_atomic
 from vlpretrain.errors import CheckpointError
+from vlpretrain.files import write_json_atomic
 
 log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"

@@ -9,8 +9,8 @@ ranks write in parallel, and the file equals ``save_file``'s.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -18,8 +18,8 @@ from torch.distributed.checkpoint.state_dict import get_model_state_dict
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
-from vlpretrain.parallel.mesh import ParallelContext
 from vlpretrain.checkpoint.safetensors_stream import StreamingSafetensors
+from vlpretrain.parallel.mesh import ParallelContext
 
 Region = tuple[slice, ...]
 

@@ -16,12 +16,19 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from vlpretrain.files import write_text_atomic
-from vlpretrain.errors import CheckpointError
+from vlpretrain.checkpoint.integrity import (
+    MANIFEST,
+    SafeReader,
+    check_file,
+    check_manifest,
+    hash_files,
+    load_dcp,
+    read_manifest,
+    write_manifest,
+)
 from vlpretrain.checkpoint.paths import DCP_METADATA, WEIGHTS, find_weights  # noqa: F401  (re-exported)
-from vlpretrain.checkpoint.integrity import (MANIFEST, load_dcp, SafeReader, check_file, check_manifest,
-                                        hash_files, read_manifest, write_manifest)
-
+from vlpretrain.errors import CheckpointError
+from vlpretrain.files import write_text_atomic
 
 
 def _state(model_or_state: nn.Module | dict) -> dict[str, torch.Tensor]:

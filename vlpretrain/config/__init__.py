@@ -10,9 +10,23 @@ overrides, then checked field by field: unknown keys, wrong types and impossible
 """
 from vlpretrain.config.loading import build_dataclass, config_from_dict, load_config, parse_overrides
 from vlpretrain.config.rules import ConfigError, check_rules, validate
-from vlpretrain.config.schema import (STAGE_TRAINABLE, CheckpointConfig, Config, DataConfig, LanguageRatioConfig,
-                                      LoggingConfig, ModelConfig, ParallelConfig, PretrainedConfig, ProfileConfig,
-                                      SAMConfig, SigLIPConfig, SourceConfig, TrainConfig, trainable_parts)
+from vlpretrain.config.schema import (
+                                      STAGE_TRAINABLE,
+                                      CheckpointConfig,
+                                      Config,
+                                      DataConfig,
+                                      LanguageRatioConfig,
+                                      LoggingConfig,
+                                      ModelConfig,
+                                      ParallelConfig,
+                                      PretrainedConfig,
+                                      ProfileConfig,
+                                      SAMConfig,
+                                      SigLIPConfig,
+                                      SourceConfig,
+                                      TrainConfig,
+                                      trainable_parts,
+)
 
 __all__ = ["STAGE_TRAINABLE", "CheckpointConfig", "Config", "ConfigError", "DataConfig", "LanguageRatioConfig",
            "LoggingConfig", "ModelConfig", "ParallelConfig", "PretrainedConfig", "ProfileConfig", "SAMConfig",

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal
 
 import yaml
 
@@ -79,7 +79,7 @@ class ModelConfig:
     dim: int = _f(4096, ge=1, help="decoder hidden size")
     n_layers: int = _f(30, ge=1, help="decoder blocks")
     n_heads: int = _f(32, ge=1, help="query attention heads")
-    n_kv_heads: Optional[int] = _f(None, ge=1, help="key/value heads (grouped-query attention); null: n_heads")
+    n_kv_heads: int | None = _f(None, ge=1, help="key/value heads (grouped-query attention); null: n_heads")
     ffn_dim: int = _f(11008, ge=1, help="SwiGLU hidden size")
     norm_eps: float = _f(1e-6, gt=0, help="RMSNorm epsilon")
     rope_theta: float = _f(10000.0, gt=0, help="rotary embedding base")
@@ -126,7 +126,7 @@ class ModelConfig:
 class ParallelConfig:
     """The (pp, dp, tp) layout, the pipeline schedule and split, FSDP2 and FP8 settings."""
 
-    dp: Union[int, Literal["auto"]] = _f("auto", ge=1, help="data-parallel (FSDP2) degree; auto: the world size / "
+    dp: int | Literal["auto"] = _f("auto", ge=1, help="data-parallel (FSDP2) degree; auto: the world size / "
                                                            "(tp x pp)")
     tp: int = _f(1, ge=1, help="tensor-parallel degree (decoder; the first stage's images split across it)")
     pp: int = _f(1, ge=1, help="pipeline-parallel degree (pipeline ranks)")
@@ -135,7 +135,7 @@ class ParallelConfig:
         "1f1b", help="pipeline schedule (the table in layout_rules.py says which need vpp > 1 or a V placement)")
     sequence_parallel: bool = _f(False, help="sequence parallelism on the decoder's norms (their activations "
                                              "sharded over the sequence within the TP group)")
-    layer_split: Union[Literal["uniform", "auto"], list[int]] = _f(
+    layer_split: Literal["uniform", "auto"] | list[int] = _f(
         "auto", ge=0, help="decoder layers per virtual stage: uniform, auto (balanced over the step mix by the cost "
                            "model, as `vlpretrain plan` shows) or a list")
     activation_checkpointing: Literal["none", "selective", "full"] = _f(
@@ -143,7 +143,7 @@ class ParallelConfig:
                      "outputs)")
     # small units' all-gathers are latency, not memory (DeepSpeed's persistence threshold), so auto keeps them
     # gathered from forward to backward and across a step's microbatches
-    fsdp_reshard_after_forward: Union[bool, Literal["auto"]] = _f(
+    fsdp_reshard_after_forward: bool | Literal["auto"] = _f(
         "auto", help="free a unit's gathered parameters after forward (true, ZeRO-3) or keep them to backward (false, "
                      "ZeRO-2); auto: free only units of at least fsdp_keep_gathered_below_mb")
     fsdp_keep_gathered_below_mb: float = _f(32.0, ge=0, help="auto's threshold: units smaller than this (MiB in the "
@@ -256,7 +256,7 @@ class TrainConfig:
     dtype: Literal["auto", "bf16", "fp32"] = _f(
         "auto", help="auto: bf16 on GPU, fp32 on CPU; bf16: one policy in every layout (bf16 compute; fp32 master "
                      "weights, optimizer state and gradient reduction, FSDP2's MixedPrecisionPolicy)")
-    compile: Union[bool, Literal["auto"]] = _f("auto", help="torch.compile each decoder block; auto: on GPU only "
+    compile: bool | Literal["auto"] = _f("auto", help="torch.compile each decoder block; auto: on GPU only "
                                                             "(not TE blocks)")
     device: Literal["auto", "cpu", "cuda"] = _f("auto", help="auto: cuda when a GPU is visible (cuda:LOCAL_RANK), "
                                                              "else cpu")

@@ -30,8 +30,8 @@ from __future__ import annotations
 import os
 import struct
 from array import array
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import numpy as np
 
@@ -285,7 +285,7 @@ class IndexedDatasetWriter:
                 except FileNotFoundError:
                     pass
 
-    def __enter__(self) -> "IndexedDatasetWriter":
+    def __enter__(self) -> IndexedDatasetWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:

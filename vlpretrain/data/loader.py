@@ -33,11 +33,11 @@ import numpy as np
 import torch
 
 from vlpretrain.config import Config
-from vlpretrain.data.step_plan import MAX_CONSECUTIVE_BAD, Slot, StepPlan, StepPlanner  # noqa: F401 (re-exported)
-from vlpretrain.data.preprocess import resize_and_pad
 from vlpretrain.data.encoding import IGNORE, EncodedSample, SampleEncoder, count_labels
+from vlpretrain.data.preprocess import resize_and_pad
 from vlpretrain.data.shards import BadSample
 from vlpretrain.data.sources import Source
+from vlpretrain.data.step_plan import MAX_CONSECUTIVE_BAD, Slot, StepPlan, StepPlanner  # noqa: F401 (re-exported)
 from vlpretrain.data.tokenizer import TextTokenizer
 
 log = logging.getLogger(__name__)
@@ -97,7 +97,7 @@ class GlobalBatch:
     data_state: dict = field(default_factory=dict)  # planner state after this step (for checkpoints)
     bad_reads: int = 0  # planned samples this rank could not read as sized (masked, see the module doc)
 
-    def pin_memory(self) -> "GlobalBatch":
+    def pin_memory(self) -> GlobalBatch:
         """Page-locked host tensors for asynchronous host-to-GPU copies (called by the DataLoader)."""
         for mb in self.microbatches:
             for name in ("tokens", "labels", "images", "positions", "doc_ids"):

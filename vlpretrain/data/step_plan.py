@@ -23,10 +23,10 @@ from functools import cached_property
 import numpy as np
 
 from vlpretrain.config import Config, ConfigError
+from vlpretrain.data.manifest import load_manifest, open_source
 from vlpretrain.data.packing import FirstFit
 from vlpretrain.data.sample_order import ModalitySchedule, SamplePlanner
 from vlpretrain.data.sizes import SizeTable
-from vlpretrain.data.manifest import load_manifest, open_source
 from vlpretrain.data.sources import IndexedSource, Source
 from vlpretrain.data.tokenizer import TextTokenizer
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 
 from vlpretrain.config import Config
-from vlpretrain.data.loader import Microbatch
 from vlpretrain.data.encoding import IGNORE
+from vlpretrain.data.loader import Microbatch
 
 
 def synthetic_microbatches(cfg: Config, seed: int, images_per_sample: int = 2, pad_id: int = 3,

@@ -8,8 +8,8 @@ placeholders per ``<image_placeholder>``.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 

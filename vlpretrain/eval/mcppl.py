@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 
 from vlpretrain.config import Config
-from vlpretrain.data.preprocess import load_image, preprocess_image
 from vlpretrain.data.encoding import SampleEncoder
+from vlpretrain.data.preprocess import load_image, preprocess_image
 from vlpretrain.data.tokenizer import IMAGE, TextTokenizer
 from vlpretrain.errors import UserError
 from vlpretrain.eval.rows import EvalRow

@@ -5,8 +5,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from vlpretrain.data.loader import Microbatch
 from vlpretrain.data.encoding import IGNORE
+from vlpretrain.data.loader import Microbatch
 
 
 @dataclass

@@ -69,7 +69,8 @@ def _vision_value(name: str, leaf: str, t: torch.Tensor, g: torch.Generator, fan
     return nn.init.uniform_(t, -bound, bound, generator=g)
 
 
-def initial_values(model: nn.Module, cfg: ModelConfig, seed: int) -> Iterator[tuple[str, torch.nn.Parameter, torch.Tensor]]:
+def initial_values(model: nn.Module, cfg: ModelConfig,
+                   seed: int) -> Iterator[tuple[str, torch.nn.Parameter, torch.Tensor]]:
     """(name, parameter, full initial value) for every parameter of ``model`` (a whole model or a stage)."""
     shapes = {canonical_name(n): tuple(p.shape) for n, p in model.named_parameters()}
     for name, p in model.named_parameters():

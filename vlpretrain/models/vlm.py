@@ -14,8 +14,8 @@ from torch import nn
 
 from vlpretrain.config import ModelConfig
 from vlpretrain.models.adaptor import VLAdaptor
-from vlpretrain.models.init import initial_values
 from vlpretrain.models.attention import document_mask
+from vlpretrain.models.init import initial_values
 from vlpretrain.models.llm import DecoderBlock, OutputHead, rotary_cos_sin
 from vlpretrain.models.te import TEDecoderBlock, require_te
 from vlpretrain.models.vision import HybridVisionEncoder

@@ -19,8 +19,12 @@ from vlpretrain.models.init import initial_values
 from vlpretrain.models.te import enable_fp8
 from vlpretrain.models.vlm import build_model, set_trainable
 from vlpretrain.parallel.activation_checkpointing import apply_activation_checkpointing
-from vlpretrain.parallel.fsdp import (apply_fsdp, keep_gathered_between_microbatches,
-                                      prepare_unsharded_params, reshard_all)
+from vlpretrain.parallel.fsdp import (
+    apply_fsdp,
+    keep_gathered_between_microbatches,
+    prepare_unsharded_params,
+    reshard_all,
+)
 from vlpretrain.parallel.mesh import ParallelContext
 from vlpretrain.parallel.pipeline import PackedStage, build_schedule, cut_stage, run_microbatches, stage_specs
 from vlpretrain.parallel.tensor import apply_tensor_parallel

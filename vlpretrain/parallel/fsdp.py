@@ -12,6 +12,7 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
+
 def apply_fsdp(stage: nn.Module, dp_mesh: DeviceMesh, reshard_after_forward: bool | str,
                param_dtype: torch.dtype | None, keep_gathered_below_mb: float = 0.0) -> None:
     """FSDP2 units: each vision tower, the rest of the first stage, each decoder block, the head, the root.

@@ -189,7 +189,7 @@ def _check_own_address(addr: str) -> None:
                           f"this host ({e.strerror}); set MASTER_ADDR to the first node's IP address") from None
 
 
-def _client(addr: str, port: int, timeout_s: float, what: str, rank: int) -> "object":
+def _client(addr: str, port: int, timeout_s: float, what: str, rank: int) -> object:
     import torch.distributed as dist
 
     try:

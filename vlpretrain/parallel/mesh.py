@@ -15,9 +15,9 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from vlpretrain.config import Config, ConfigError
-from vlpretrain.parallel.pipeline_split_mix import resolve_layer_split
-from vlpretrain.parallel.launch_env import apply_launch_env, gpu_env_defaults, pg_timeout_s, process_group_store
 from vlpretrain.layout_rules import microbatch_problem, stages_of_rank
+from vlpretrain.parallel.launch_env import apply_launch_env, gpu_env_defaults, pg_timeout_s, process_group_store
+from vlpretrain.parallel.pipeline_split_mix import resolve_layer_split
 
 
 @dataclass(frozen=True)

@@ -35,9 +35,8 @@ import math
 from dataclasses import dataclass
 
 from vlpretrain.config import Config, ModelConfig, trainable_parts
-from vlpretrain.models.flops import (adaptor_flops, decoder_layer_flops, head_flops, sam_flops, siglip_flops,
-                                     step_flops)
 from vlpretrain.layout_rules import placement_rank, schedule_info
+from vlpretrain.models.flops import adaptor_flops, decoder_layer_flops, head_flops, sam_flops, siglip_flops, step_flops
 from vlpretrain.parallel.pipeline_split import part_names, stage_bounds, stage_style, validate_split
 
 EFFICIENCY = 0.4  # fraction of peak FLOP/s the time model assumes for every part (MFU guess)

@@ -21,7 +21,6 @@ step-time formula per schedule.
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 from vlpretrain.config import ConfigError
 from vlpretrain.layout_rules import placement_rank, schedule_info, split_problem
@@ -122,7 +121,7 @@ def _minimax_stage_dp(pre: list[float], v: int) -> float:
     return best[p]
 
 
-def _front_light_under(pre: list[float], v: int, bound: float) -> Optional[list[int]]:
+def _front_light_under(pre: list[float], v: int, bound: float) -> list[int] | None:
     """Lexicographically smallest layer counts (fewest layers on the earliest stages) with every stage <= bound.
     Exact: a suffix-feasibility table, then a greedy pass."""
     p = len(pre) - 1
@@ -154,7 +153,7 @@ class _Budget(Exception):
 
 
 def _search(pre: list[float], v: int, pp: int, style: str, rank_bound: float, stage_bound: float, mode: str,
-            max_nodes: int) -> Optional[list[int]]:
+            max_nodes: int) -> list[int] | None:
     """Branch and bound over stage boundaries (depth first, lexicographic order) with every rank load <=
     ``rank_bound`` and every stage <= ``stage_bound``, minimising the max rank load (mode "rank") or the max
     stage cost (mode "stage"); only strict improvements on the bound count, None if there is none. Prunes: a
@@ -164,7 +163,7 @@ def _search(pre: list[float], v: int, pp: int, style: str, rank_bound: float, st
     ranks = [placement_rank(k, pp, style) for k in range(v)]
     later = [sorted(set(ranks[k + 1:])) for k in range(v)]  # ranks that still receive a stage after stage k
     lim = {"rank": rank_bound, "stage": stage_bound}
-    best: Optional[list[int]] = None
+    best: list[int] | None = None
     nodes = 0
     loads = [0.0] * pp
     cuts: list[int] = []

@@ -26,14 +26,20 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Optional
 
 from vlpretrain.config import Config, ConfigError
-from vlpretrain.parallel.pipeline_cost import PartCost, part_costs
-from vlpretrain.parallel.pipeline_split import (counts_from_cuts, cuts_from_counts, partition, prefix_sums,
-                                                stage_bounds, uniform_split, validate_split)
 from vlpretrain.data.step_mix import StepType, assumed_mix
 from vlpretrain.layout_rules import placement_rank, schedule_info
+from vlpretrain.parallel.pipeline_cost import PartCost, part_costs
+from vlpretrain.parallel.pipeline_split import (
+    counts_from_cuts,
+    cuts_from_counts,
+    partition,
+    prefix_sums,
+    stage_bounds,
+    uniform_split,
+    validate_split,
+)
 
 MAX_NODES = 100_000  # branch-and-bound nodes for vpp > 1 (about a second in Python)
 _TOL = 1e-12
@@ -232,7 +238,7 @@ def partition_mix(type_times: list[list[float]], shares: list[float], n_stages: 
             "exact": exact}
 
 
-def resolve_layer_split(cfg: Config, n_microbatches: int, mix: Optional[list[StepType]] = None,
+def resolve_layer_split(cfg: Config, n_microbatches: int, mix: list[StepType] | None = None,
                         measured: dict[str, float] | None = None, images_per_sample: float = 1.0) -> list[int]:
     """``parallel.layer_split`` -> decoder-layer counts per virtual stage. ``auto``: ``partition_mix`` over
     ``mix`` (default ``step_mix.assumed_mix(cfg, images_per_sample)``)."""

@@ -10,8 +10,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from vlpretrain.files import write_text_atomic
 from vlpretrain.config import Config
+from vlpretrain.files import write_text_atomic
 from vlpretrain.hardware import CPU_DEFAULT_PEAK, device_peak_tflops  # noqa: F401 - re-exported
 
 

@@ -74,7 +74,7 @@ class RunDirLock:
                     raise UserError(
                         f"run dir {self.path.parent} is in use by host {holder.get('host')} pid {holder.get('pid')}"
                         f"{' (' + holder['job'] + ')' if holder.get('job') else ''} since {holder.get('started')}; "
-                        f"use another train.run_dir, or delete {self.path} if that job is dead")
+                        f"use another train.run_dir, or delete {self.path} if that job is dead") from None
                 print(f"warning: taking over the lock of {self.path.parent} from host {holder.get('host')} pid "
                       f"{holder.get('pid')} ({reason})", file=sys.stderr, flush=True)
                 try:
