@@ -1,5 +1,8 @@
 from setuptools import find_packages, setup
 
+# the suite and its lint (launch/test.sh): pytest with a time limit per test, ruff, and the cross-checks' libraries
+TEST = ["pytest>=8", "pytest-timeout>=2.2", "ruff>=0.6", "transformers>=4.40", "webdataset", "tensorboard", "wandb"]
+
 setup(
     name="vlpretrain",
     version="0.1.0",
@@ -21,8 +24,8 @@ setup(
         "pyarrow>=14",  # data sources of type parquet (read one row group at a time)
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-timeout>=2.2", "transformers>=4.40", "webdataset", "tensorboard", "wandb"],
-        "dev": ["pytest>=8", "pytest-timeout>=2.2", "transformers>=4.40", "webdataset", "tensorboard", "wandb", "ruff"],
+        "test": TEST,
+        "dev": TEST,
         "logging": ["wandb", "tensorboard"],
         "megatron": ["megatron-core>=0.16"],  # cross-checks our .bin/.idx reader/writer (tests/test_indexed.py)
     },
