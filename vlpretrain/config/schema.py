@@ -176,7 +176,7 @@ class SourceConfig:
                                            "relative to data.root")
     # webdataset / llava / parquet are read as users have them (docs/data.md)
     type: Literal["auto", "shards", "indexed", "jsonl", "webdataset", "llava", "parquet"] = _f(
-        "auto", help="format; auto: told from the files (data/formats.py)")
+        "auto", help="format; auto: told from the files (data/manifest.py)")
     modality: Literal["text", "multimodal"] = _f("multimodal", help="which steps draw from it (language-only or "
                                                                     "multimodal)")
     category: str = _f("", help="a label (the paper's data categories in configs/data/); training does not read it")
