@@ -69,6 +69,18 @@ def _no_leaked_signal_handlers():
     assert not leaked, f"the test left signal handlers installed: {leaked}"
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models: intra-op threading only adds synchronisation cost (badly so on a busy CPU). A module opts in
+    with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return REPO

@@ -9,7 +9,6 @@ import functools
 import sys
 from pathlib import Path
 
-import pytest
 import torch
 
 from vlpretrain.checkpoint.deepseek_vl import export_deepseek_vl
@@ -63,12 +62,6 @@ def _assert_same_state(a: dict, b: dict) -> None:
         assert torch.equal(a[k], b[k]), k
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 TOKENS = torch.randint(3, 256, (2, 24), generator=torch.Generator().manual_seed(0))

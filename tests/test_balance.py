@@ -10,7 +10,6 @@ import time
 from contextlib import redirect_stdout
 
 import pytest
-import torch
 from conftest import CONFIGS, TINY
 
 from vlpretrain.cli import main
@@ -311,14 +310,6 @@ def test_plan_json_7b_fast():
     assert elapsed < 2.0, elapsed
     text = _run_cli(["plan", "--config", str(SEVEN_B / "stage2.yaml"), "--set", "parallel.pp=4"])
     assert "auto / uniform step time" in text and "[8, 8, 7, 7]" in text
-
-
-@pytest.fixture
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def test_measure_part_times_tiny(one_thread):

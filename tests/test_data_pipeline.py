@@ -108,13 +108,7 @@ def _image_counts(mb, image_id: int) -> list[int]:
     return (n // IMAGE_TOKENS).tolist()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Collating is elementwise work on small tensors: one intra-op thread is faster on a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # collating small tensors: one intra-op thread is faster
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,6 @@ from export_helpers import (
     _assert_same_state,
     _export,
     _model,
-    _one_thread,  # noqa: F401 (autouse fixture)
     _randomise,
     tiny_hybrid,
     tiny_siglip_only,
@@ -50,6 +49,9 @@ OFFICIAL_PROCESSOR_ARGS = {"image_tag", "num_image_tokens", "add_special_token",
 EXPORT_FILES = {"config.json", "model.safetensors", "preprocessor_config.json", "processor_config.json",
                 "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"}
 PROMPT = "User: <image_placeholder>What colour is the circle?\n\nAssistant: It is red, héllo  world."
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 
 def _with_demo_vocab(make):

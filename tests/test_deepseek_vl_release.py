@@ -24,7 +24,6 @@ from export_helpers import (
     _cfg,
     _export,
     _model,
-    _one_thread,  # noqa: F401 (autouse fixture)
     _randomise,
     tiny_hybrid,
     tiny_siglip_only,
@@ -59,6 +58,9 @@ HIGH, LOW, SINGLE = DS_HIGH, DS_LOW, DS_SINGLE
 
 # ----------------------------------------------------------------------------------------------------------------
 # DeepSeek-VL layout: round trips
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 
 @pytest.mark.parametrize("make", [tiny_hybrid, tiny_siglip_only], ids=["hybrid", "siglip_only"])

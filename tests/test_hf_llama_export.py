@@ -17,7 +17,6 @@ from export_helpers import (
     LLAMA_FIELDS,
     TOKENS,
     _model,
-    _one_thread,  # noqa: F401 (autouse fixture)
     _randomise,
     tiny_hybrid,
 )
@@ -27,6 +26,9 @@ from vlpretrain.checkpoint.hf_llama import export_hf_llama
 from vlpretrain.checkpoint.pretrained import load_hf_llm
 
 transformers = pytest.importorskip("transformers")
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 
 def test_hf_llama_export_matches_logits(tmp_path):

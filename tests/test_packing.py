@@ -175,8 +175,7 @@ def test_encoder_labels_never_cross_documents(tokenizer):
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    torch.set_num_threads(1)
+def tiny(one_thread):
     cfg = config_from_dict(tiny_hybrid())
     model = build_model(cfg.model, "cpu", seed=0).eval()
     return cfg, model

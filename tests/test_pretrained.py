@@ -43,13 +43,7 @@ SAM_DS = "vision_model.vision_tower_high.vision_tower."
 SIGLIP_DS = "vision_model.vision_tower_low.vision_tower."
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The models here are tiny: intra-op threading only adds synchronisation cost (badly so on a busy CPU)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _cfg(**overrides):
