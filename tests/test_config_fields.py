@@ -38,6 +38,7 @@ ALLOWED = {
     ("train.min_lr_ratio", 0): "cosine down to zero",
     ("train.eval_interval", 0): "evaluate only at the end",
     ("data.num_workers", 0): "prepare steps in the main process",
+    ("data.max_image_pixels", 0): "0: no pixel budget (Pillow's own decompression-bomb limit only)",
     ("data.language_ratio.start", 0): "a share of 0: no language steps at first",
     ("data.language_ratio.end", 0): "a share of 0: no language steps in the end",
     ("data.language_ratio.warmup_steps", 0): "the end share from the first step",

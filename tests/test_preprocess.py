@@ -258,3 +258,173 @@ def test_decode_image_fast_jpeg_path_equals_pil(kind, monkeypatch):
     assert bool(calls) == (kind not in ("cmyk", "png"))
     with pytest.raises(shards.BadSample, match="undecodable"):
         preprocess.decode_image(raw[: len(raw) // 2] if kind != "png" else b"\x89PNG broken")
+
+
+# ---- bit depth, pixel budget, Pillow's warnings (decode_image / load_image)
+
+def _png_bytes(arr: np.ndarray) -> bytes:
+    import io
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def _flat_png(w: int, h: int) -> bytes:
+    """A w x h 8-bit grey PNG of one colour, written row by row (small file, nothing of w x h in memory)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    z, row, parts = zlib.compressobj(9), b"\x00" + b"\x75" * w, []
+    for _ in range(h):
+        parts.append(z.compress(row))
+    parts.append(z.flush())
+    ihdr = struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", b"".join(parts)) + chunk(b"IEND", b"")
+
+
+def test_16bit_grey_png_scaled_not_saturated(tmp_path):
+    """A 16-bit grey PNG (Pillow's I;16) used to go through convert("RGB"), which clips: mean ~254 instead of
+    the image's ~128. Now v / 257, rounded: exactly the 8-bit values it was made of."""
+    a8 = np.random.default_rng(0).integers(0, 256, (64, 80)).astype(np.uint16)
+    raw = _png_bytes(a8 * 257)
+    import io
+    with Image.open(io.BytesIO(raw)) as im:
+        assert im.mode == "I;16"
+        assert np.asarray(im.convert("RGB")).mean() > 250  # what the old decode gave (measured 253.95)
+    img = pp.decode_image(raw)
+    assert img.dtype == torch.uint8 and img.shape == (3, 64, 80)
+    assert abs(img.float().mean().item() - a8.mean()) < 1e-3  # 127.76
+    assert all(torch.equal(img[c], torch.from_numpy(a8.astype(np.uint8))) for c in range(3))
+    (tmp_path / "g16.png").write_bytes(raw)
+    assert torch.equal(pp.load_image(tmp_path / "g16.png"), img)
+    # not a multiple of 257: rounded to the nearest level
+    half = pp.decode_image(_png_bytes(np.array([[0, 128, 129, 385, 65535]], dtype=np.uint16)))
+    assert half[0, 0].tolist() == [0, 0, 1, 1, 255]
+
+
+def test_high_bit_depth_modes_by_range():
+    """I;16B, a 12-bit TIFF (BitsPerSample 12), 32-bit I without a stated depth, float F."""
+    a8 = np.arange(0, 256, 5, dtype=np.uint16).reshape(4, 13)
+    big = Image.frombytes("I;16B", (13, 4), (a8 * 257).astype(">u2").tobytes())
+    assert pp._grey_to_uint8(big).tolist() == a8.tolist()
+    # mode I from an array: no file format, so the real range decides (<= 65535: 16 bits)
+    assert pp._grey_to_uint8(Image.fromarray((a8 * 257).astype(np.int32))).tolist() == a8.tolist()
+    assert pp._grey_to_uint8(Image.fromarray(a8.astype(np.int32))).tolist() == a8.tolist()  # 8-bit values
+    f = Image.fromarray((a8 / 255).astype(np.float32))
+    assert f.mode == "F" and pp._grey_to_uint8(f).tolist() == a8.tolist()
+    # a 12-bit TIFF read as mode I (BitsPerSample 12): scaled by 4095, not by its range or 65535 (near black)
+    a12 = (a8.astype(np.int64) * 4095 + 127) // 255
+    im = Image.fromarray(a12.astype(np.int32))
+    im.tag_v2 = {258: (12,)}
+    assert pp._grey_to_uint8(im).tolist() == a8.tolist()
+
+
+def test_png_over_pixel_budget_skipped_before_decoding():
+    """A 12000x12000 PNG of one colour (a ~150 KB file, 432 MB of RGB) is a BadSample naming its size and the
+    key, decided from the header: it used to cost 1.9 GB peak (measured) and ~6 s; now ~0 MB and milliseconds.
+    Measured in a fresh process (ru_maxrss is a process peak)."""
+    from tests.conftest import run_script_ok
+    run_script_ok("""
+import resource, time
+from tests.test_preprocess import _flat_png
+from vlpretrain.data.preprocess import decode_image
+from vlpretrain.data.shards import BadSample
+raw = _flat_png(12000, 12000)
+assert len(raw) < 1_000_000, len(raw)
+r0, t0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, time.perf_counter()
+try:
+    decode_image(raw, "s.tar", "k")
+    raise SystemExit("decoded")
+except BadSample as e:
+    msg = str(e)
+dt, grew = time.perf_counter() - t0, (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - r0) / 1024
+assert "12000x12000" in msg and "data.max_image_pixels=67108864" in msg and "'k'" in msg, msg
+assert grew < 200 and dt < 2, (grew, dt)
+print("ok")
+""")
+
+
+def test_pixel_budget_jpeg_decoded_at_reduced_size(monkeypatch):
+    """A JPEG over the budget: libjpeg's scaled decode (draft), the smallest reduction that fits, PIL's pixels
+    of that draft; a note (reported once per source by the loader). Too big even at 1/8: a BadSample."""
+    import io
+
+    from vlpretrain.data.shards import BadSample
+    arr = _photo(600, 800, seed=5)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, "JPEG", quality=90)
+    raw = buf.getvalue()
+    monkeypatch.setattr(pp, "_decode_jpeg", lambda r: pytest.fail("full-size decode"))
+    with pp.decoding(max_pixels=200_000) as notes:  # 480000 px: 1/2 (120000) fits
+        got = pp.decode_image(raw)
+    assert got.shape == (3, 300, 400)
+    with Image.open(io.BytesIO(raw)) as im:
+        im.draft("RGB", (400, 300))
+        ref = torch.from_numpy(np.asarray(im.convert("RGB")).copy()).permute(2, 0, 1)
+    assert torch.equal(got, ref)
+    assert [k for k, _ in notes] == ["reduced"] and "800x600" in notes[0][1] and "400x300" in notes[0][1]
+    with pp.decoding(max_pixels=20_000) as notes:  # 1/8 = 100x75 = 7500
+        assert pp.decode_image(raw).shape == (3, 75, 100)
+    with pp.decoding(max_pixels=5_000), pytest.raises(BadSample, match="even at 1/8 scale"):
+        pp.decode_image(raw)
+    with pp.decoding(max_pixels=0):  # no budget: the full image (PIL's path here: _decode_jpeg is patched away)
+        monkeypatch.setattr(pp, "_decode_jpeg", lambda r: None)
+        assert pp.decode_image(raw).shape == (3, 600, 800)
+    assert pp._SCOPE.get() is None  # the scope is not leaked
+
+
+def test_pil_warnings_reported_once_per_source_not_raw(monkeypatch, caplog):
+    """Pillow's DecompressionBombWarning (here: its limit lowered for the test) is not printed raw at every
+    draw: the loader logs it once per source; the warnings filters are left as they were."""
+    import logging
+    import warnings
+    from types import SimpleNamespace
+
+    from vlpretrain.data.loader import DataPipeline
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 40x40 = 1600 px: a warning (an error above 2000)
+    raw = _png_bytes(np.full((40, 40, 3), 90, np.uint8))
+
+    class Src:
+        def __init__(self, name):
+            self.name = name
+
+        def key(self, i):
+            return f"{self.name}/{i}"
+
+        def image(self, i, j, record):
+            return pp.decode_image(raw)
+
+    pipe = DataPipeline.__new__(DataPipeline)
+    pipe.cfg = SimpleNamespace(data=SimpleNamespace(max_image_pixels=pp.DEFAULT_MAX_IMAGE_PIXELS))
+    pipe.plans = SimpleNamespace(sources=[Src("a"), Src("b")])
+    pipe.image_size, pipe.pad_mean = 64, CLIP_MEAN
+    pipe._warned_images, pipe._warned_decode = set(), set()
+    filters = list(warnings.filters)
+    counter = [0, 0]
+    with warnings.catch_warnings(record=True) as raw_warnings, caplog.at_level(logging.WARNING):
+        warnings.simplefilter("always")
+        for step in range(5):
+            for src in (0, 1):
+                out = pipe._image(SimpleNamespace(source=src, index=step), 0, {}, counter)
+                assert out.shape == (3, 64, 64)
+    assert not [w for w in raw_warnings if issubclass(w.category, Image.DecompressionBombWarning)]
+    lines = [r.getMessage() for r in caplog.records if "DecompressionBombWarning" in r.getMessage()]
+    assert len(lines) == 2 and "a/0" in lines[0] and "b/0" in lines[1], lines
+    assert counter == [0, 0] and warnings.filters == filters
+    # outside a loader (eval, tools): logged once per process, never raw
+    monkeypatch.setattr(pp, "_logged", set())
+    caplog.clear()
+    with warnings.catch_warnings(record=True) as raw_warnings, caplog.at_level(logging.WARNING):
+        warnings.simplefilter("always")
+        for _ in range(3):
+            pp.decode_image(raw)
+    assert not raw_warnings
+    assert len([r for r in caplog.records if "DecompressionBombWarning" in r.getMessage()]) == 1
+
+
+def test_budget_default_is_the_config_default():
+    from vlpretrain.config.schema import DataConfig
+    assert DataConfig().max_image_pixels == pp.DEFAULT_MAX_IMAGE_PIXELS

@@ -207,6 +207,10 @@ class DataConfig:
     num_workers: int = _f(0, ge=0, help="DataLoader worker processes (each prepares whole steps); 0: the main "
                                         "process")
     prefetch_steps: int = _f(2, ge=1, help="steps each worker prepares ahead")
+    max_image_pixels: int = _f(8192 * 8192, ge=0, help="pixel budget per image, read from its header before "
+                               "decoding: a larger JPEG is decoded at 1/2, 1/4 or 1/8 size, other formats are skipped "
+                               "and counted in bad_images (never a decompression bomb decoded in full: ~10 bytes a "
+                               "pixel); 8192^2 keeps Pillow's warning limit (89.5M) out of reach; 0: no budget")
 
 
 @dataclass

@@ -15,7 +15,9 @@ Bad samples, without breaking that determinism:
   corpus ids) is recorded as bad when the size index is built, and "longer than seq_len" follows from the
   size: every rank skips the same draws; the slot takes the source's next draw; counted per source, warned once;
 * an undecodable image is seen only by the rank that decodes it: it is replaced by a blank image (the sample's
-  text still trains) and counted in ``bad_images``;
+  text still trains) and counted in ``bad_images``; so is one over ``data.max_image_pixels`` that its format
+  cannot decode at reduced size (a JPEG can: decoded at 1/2..1/8 size). Pillow's warnings while decoding
+  (``DecompressionBombWarning``, ...) are logged once per source and kind, not printed at every draw;
 * a sample that is good in the size index but cannot be read, or reads differently, when its rank collates it
   (the file changed after it was indexed) keeps its planned place: its span holds its image placeholders
   (blank images) and padding, with no label; counted in ``bad_reads`` on that rank. The loss denominator
@@ -34,7 +36,7 @@ import torch
 
 from vlpretrain.config import Config
 from vlpretrain.data.encoding import IGNORE, EncodedSample, SampleEncoder, count_labels
-from vlpretrain.data.preprocess import resize_and_pad
+from vlpretrain.data.preprocess import decoding, resize_and_pad
 from vlpretrain.data.shards import BadSample
 from vlpretrain.data.sources import Source
 from vlpretrain.data.step_plan import MAX_CONSECUTIVE_BAD, Slot, StepPlan, StepPlanner  # noqa: F401 (re-exported)
@@ -129,6 +131,7 @@ class DataPipeline:
         self.pad_mean = m.sam.mean if m.sam.enabled else m.siglip.mean
         self._warned_images: set[str] = set()  # sources whose blank-image warning was given
         self._warned_reads: set[str] = set()
+        self._warned_decode: set[tuple[str, str]] = set()  # (source, kind) of image-decoding notes given
 
     @property
     def sources(self) -> list[Source]:
@@ -173,15 +176,21 @@ class DataPipeline:
 
     def _image(self, s: Slot, j: int, record: dict, counter: list[int]) -> torch.Tensor:
         src = self.sources[s.source]
-        try:
-            img = src.image(s.index, j, record)
-        except (BadSample, OSError, ValueError, KeyError) as e:
-            counter[0] += 1
-            if src.name not in self._warned_images:  # once per source: the metrics count the rest
-                self._warned_images.add(src.name)
-                log.warning("blank image for %s (image %d): %s (further ones in source %s are only counted)",
-                            src.key(s.index), j, e, src.name)
-            img = torch.zeros(3, self.image_size, self.image_size, dtype=torch.uint8)
+        with decoding(self.cfg.data.max_image_pixels) as notes:
+            try:
+                img = src.image(s.index, j, record)
+            except (BadSample, OSError, ValueError, KeyError) as e:
+                counter[0] += 1
+                if src.name not in self._warned_images:  # once per source: the metrics count the rest
+                    self._warned_images.add(src.name)
+                    log.warning("blank image for %s (image %d): %s (further ones in source %s are only counted)",
+                                src.key(s.index), j, e, src.name)
+                img = torch.zeros(3, self.image_size, self.image_size, dtype=torch.uint8)
+        for kind, message in notes:  # Pillow's warnings, reduced-size decodes: once per source and kind
+            if (src.name, kind) not in self._warned_decode:
+                self._warned_decode.add((src.name, kind))
+                log.warning("image %d of %s: %s (further %s notes in source %s are not repeated)",
+                            j, src.key(s.index), message, kind, src.name)
         return resize_and_pad(img, self.image_size, self.pad_mean)
 
     def _collate(self, rows: list[list[Slot]], modality: str, counter: list[int]) -> Microbatch:
