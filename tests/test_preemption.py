@@ -37,12 +37,16 @@ print("ok")
 
 def test_forked_pool_terminates_while_handlers_installed():
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    # its own process group: on a hang the stuck pool workers (which hold the output pipes) are killed with it
+    proc = subprocess.Popen([sys.executable, "-c", FORK_THEN_TERMINATE, "20"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
     try:
-        proc = subprocess.run([sys.executable, "-c", FORK_THEN_TERMINATE, "20"], capture_output=True, text=True,
-                              env=env, timeout=120)
-    except subprocess.TimeoutExpired as e:  # the hang this guards against
-        raise AssertionError(f"Pool.terminate() hung with the preemption handlers installed: {e}") from None
-    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
+        out, err = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:  # the hang this guards against
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise AssertionError("Pool.terminate() hung with the preemption handlers installed") from None
+    assert proc.returncode == 0 and out.strip().endswith("ok"), err[-3000:]
 
 
 def test_forked_child_gets_default_dispositions():
