@@ -19,8 +19,9 @@ def _add_config_args(p: argparse.ArgumentParser, positional: bool = False) -> No
         p.add_argument("config", help="YAML config file")
     else:
         p.add_argument("--config", "-c", required=True, help="YAML config file")
-    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", dest="overrides",
-                   help="override config values, e.g. --set train.lr=1e-4 parallel.tp=2")
+    p.add_argument("--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE", dest="overrides",
+                   help="override config values, e.g. --set train.lr=1e-4 parallel.tp=2 (repeatable: every "
+                        "--set counts, a later value of the same key wins)")
 
 
 def cmd_train(args: argparse.Namespace, cfg: Config) -> int:
