@@ -14,11 +14,15 @@ mkdir -p "$RUNS"
 common=(data.root="$DATA")
 python3 -m vlpretrain eval --config configs/tiny/stage1.yaml --set "${common[@]}" | tee "$RUNS/eval_before.json"
 
-python3 -m vlpretrain train --config configs/tiny/stage1.yaml --set "${common[@]}" train.run_dir="$RUNS/tiny-stage1"
-python3 -m vlpretrain train --config configs/tiny/stage2.yaml --set "${common[@]}" train.run_dir="$RUNS/tiny-stage2" \
-  train.init_from="$RUNS/tiny-stage1"
-python3 -m vlpretrain train --config configs/tiny/stage3.yaml --set "${common[@]}" train.run_dir="$RUNS/tiny-stage3" \
-  train.init_from="$RUNS/tiny-stage2"
+# --overwrite: each run of the demo trains the three stages afresh; a second run moves the first one's run dirs
+# aside to $RUNS/tiny-stageN.old-<time> (about 30 MB each; delete them at will). Without it, train refuses a
+# run dir that already holds a run.
+python3 -m vlpretrain train --config configs/tiny/stage1.yaml --overwrite --set "${common[@]}" \
+  train.run_dir="$RUNS/tiny-stage1"
+python3 -m vlpretrain train --config configs/tiny/stage2.yaml --overwrite --set "${common[@]}" \
+  train.run_dir="$RUNS/tiny-stage2" train.init_from="$RUNS/tiny-stage1"
+python3 -m vlpretrain train --config configs/tiny/stage3.yaml --overwrite --set "${common[@]}" \
+  train.run_dir="$RUNS/tiny-stage3" train.init_from="$RUNS/tiny-stage2"
 python3 -m vlpretrain eval --config configs/tiny/stage3.yaml --set "${common[@]}" \
   --weights "$RUNS/tiny-stage3" | tee "$RUNS/eval_after.json"
 

@@ -14,7 +14,8 @@
 #   MAX_RESTARTS    after a rank fails (crash, killed, lost node) torchrun restarts the workers of EVERY node
 #                   this many times; they resume from the last checkpoint (--resume auto) (default 2)
 #   LOCAL_ADDR      this node's address for the rendezvous (torchrun --local-addr; default: its host name)
-#   RESUME          auto (default): continue from the run's newest good checkpoint; "" to start over
+#   RESUME          auto (default): continue from the run's newest good checkpoint; "" to start a fresh run
+#                   (refused in a run dir that holds a run: add --set checkpoint.overwrite=true to move it aside)
 #   RUN_DIR         default: the config's train.run_dir
 #   TORCHRUN_ARGS   more torchrun options (e.g. --monitor-interval=1)
 #   PYTHON          default python3

@@ -19,8 +19,9 @@ def _add_config_args(p: argparse.ArgumentParser, positional: bool = False) -> No
         p.add_argument("config", help="YAML config file")
     else:
         p.add_argument("--config", "-c", required=True, help="YAML config file")
-    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", dest="overrides",
-                   help="override config values, e.g. --set train.lr=1e-4 parallel.tp=2")
+    p.add_argument("--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE", dest="overrides",
+                   help="override config values, e.g. --set train.lr=1e-4 parallel.tp=2 (repeatable: every "
+                        "--set counts, a later value of the same key wins)")
 
 
 def cmd_train(args: argparse.Namespace, cfg: Config) -> int:
@@ -289,6 +290,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--resume", default=None, metavar="auto|PATH",
                    help="continue from the newest good checkpoint of the run (auto) or from PATH")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start over in a run dir that holds a run: the old run is moved aside to <run_dir>.old-<time> "
+                        "(checkpoint.overwrite=true)")
     p.set_defaults(func=cmd_train)
     p = sub.add_parser("info", help="parameter counts per part (meta device, instant)")
     _add_config_args(p)
@@ -362,6 +366,8 @@ def main(argv: list[str] | None = None) -> int:
         overrides = list(args.overrides)
         if getattr(args, "resume", None):
             overrides.append(f"checkpoint.resume={args.resume}")
+        if getattr(args, "overwrite", False):
+            overrides.append("checkpoint.overwrite=true")
         cfg = load_config(args.config, overrides)
         if args.command != "train":
             return args.func(args, cfg)

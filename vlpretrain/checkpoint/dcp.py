@@ -44,7 +44,7 @@ from vlpretrain.checkpoint.integrity import (
     single_process_quiet,
     write_manifest,
 )
-from vlpretrain.checkpoint.paths import WEIGHTS
+from vlpretrain.checkpoint.paths import WEIGHTS, read_latest
 from vlpretrain.errors import CheckpointError
 from vlpretrain.files import write_text_atomic
 
@@ -128,10 +128,11 @@ def find_resumable(ckpt_dir: Path, resume: str, move_damaged: bool = False) -> P
             raise CheckpointError(f"checkpoint unusable: {problem}")
         return path
     candidates = step_dirs(ckpt_dir)
-    latest = ckpt_dir / "latest"
-    if latest.is_file() and (ckpt_dir / latest.read_text().strip()) in candidates:
-        newest = ckpt_dir / latest.read_text().strip()
-        candidates = [c for c in candidates if c.name <= newest.name]
+    latest, problem = read_latest(ckpt_dir)
+    if problem:  # as if there were no ``latest``: the newest good checkpoint
+        print(f"warning: {problem}: ignored, resuming from the newest good checkpoint", flush=True)
+    if latest and (ckpt_dir / latest) in candidates:
+        candidates = [c for c in candidates if c.name <= latest]
     for path in reversed(candidates):
         problem = verify(path)
         if problem is None:

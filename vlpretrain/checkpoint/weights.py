@@ -88,11 +88,23 @@ def verified(found: Path) -> Path:
         problem = verify(found) if (found / TRAIN_STATE).is_file() else check_manifest(found)
     else:
         entry = (read_manifest(found.parent) or {}).get(found.name) if (found.parent / MANIFEST).is_file() else None
-        problem = check_file(found.parent, found.name, entry)
+        problem = check_file(found.parent, found.name, entry) or _not_safetensors(found)
     if problem:
         raise CheckpointError(f"checkpoint unusable: {problem}")
     _verified.add(key)
     return found
+
+
+def _not_safetensors(path: Path) -> str | None:
+    """None if ``path`` has a readable safetensors header, else what is wrong (one line): a file given as
+    weights that is not one fails here, not in the middle of a load."""
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            f.keys()
+    except Exception as e:  # noqa: BLE001 - SafetensorError, OSError, ...: any unreadable header
+        why = str(e).splitlines()[0] if str(e) else ""
+        return f"{path} is not a safetensors weights file ({type(e).__name__}: {why})"
+    return None
 
 
 def read_weights(path: str | Path) -> dict[str, torch.Tensor]:

@@ -290,6 +290,9 @@ class CheckpointConfig:
     dir: str = _f("", help="checkpoint folder; empty: <run_dir>/checkpoints")
     keep_last: int = _f(2, ge=1, help="verified checkpoints kept (the newest good one is never pruned)")
     resume: str = _f("", help="auto: the newest good checkpoint in dir (none: start fresh); or a checkpoint path")
+    overwrite: bool = _f(False, help="start over in a run dir that holds a run (checkpoints or metrics): the old "
+                                     "run is moved aside to <run_dir>.old-<time>; without it (and without resume) "
+                                     "such a start is refused")
     async_save: bool = _f(False, help="write interval checkpoints in the background while training continues")
 
 

@@ -1,4 +1,5 @@
-"""An exclusive lock on a run dir, so that two jobs never write one run's metrics and checkpoints.
+"""An exclusive lock on a run dir, so that two jobs never write one run's metrics and checkpoints; what a fresh
+start would overwrite in a run dir (``previous_run``) and moving it aside (``checkpoint.overwrite``).
 
 The lock is a file created with O_EXCL (atomic on local and network file systems) holding the holder's host,
 pid, job id and start time; the holder refreshes its mtime as it trains. A lock is stale, and taken over with
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import sys
 import time
@@ -105,3 +107,63 @@ class RunDirLock:
             except FileNotFoundError:
                 pass
             self.held = False
+
+
+def previous_run(run_dir: Path, ckpt_dir: Path) -> str | None:
+    """What a fresh start would overwrite (checkpoints, or the metrics of a run killed before its first save), in
+    words; None if nothing."""
+    steps = [int(p.name[5:]) for p in (ckpt_dir.iterdir() if ckpt_dir.is_dir() else ())
+             if re.fullmatch(r"step_\d{8}", p.name) and p.is_dir()]
+    if steps:
+        return f"checkpoints up to step {max(steps)}"
+    metrics = run_dir / "metrics.jsonl"
+    if metrics.is_file() and metrics.stat().st_size:
+        last = "?"
+        for line in reversed(metrics.read_bytes().decode("utf-8", "replace").splitlines()):
+            try:
+                last = int(json.loads(line)["step"])
+                break
+            except (ValueError, KeyError, TypeError):
+                continue
+        return f"metrics up to step {last}, no checkpoint"
+    return None
+
+
+def move_previous_run_aside(run_dir: Path, ckpt_dir: Path) -> None:
+    """``checkpoint.overwrite``: the run dir's contents go to a sibling ``<run_dir>.old-<time>``, and a checkpoint
+    dir outside the run dir to ``<dir>.old-<time>``: a fresh start never deletes a run. The lock this job holds
+    and ``logs/`` (the launchers' per-rank logs, open while this job runs) stay. Rank 0, holding the run dir's
+    lock, before any process group exists."""
+    previous = previous_run(run_dir, ckpt_dir)
+    if previous is None:
+        return
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    try:
+        moved = _move_aside(run_dir, ckpt_dir, stamp)
+    except OSError as e:
+        raise UserError(f"checkpoint.overwrite: could not move the previous run of {run_dir} aside "
+                        f"({type(e).__name__}: {e})") from None
+    print(f"warning: checkpoint.overwrite: moved the previous run of {run_dir} ({previous}) aside to "
+          f"{' and '.join(moved)}", file=sys.stderr, flush=True)
+
+
+def _move_aside(run_dir: Path, ckpt_dir: Path, stamp: str) -> list[str]:
+    def aside(path: Path) -> Path:
+        target, n = path.with_name(f"{path.name}.old-{stamp}"), 1
+        while target.exists():
+            target, n = path.with_name(f"{path.name}.old-{stamp}.{n}"), n + 1
+        return target
+
+    moved = []
+    if ckpt_dir.exists() and not ckpt_dir.resolve().is_relative_to(run_dir.resolve()):
+        target = aside(ckpt_dir)
+        os.replace(ckpt_dir, target)
+        moved.append(str(target))
+    entries = [p for p in run_dir.iterdir() if p.name not in (LOCK_NAME, "logs")] if run_dir.is_dir() else []
+    if entries:
+        target = aside(run_dir)
+        target.mkdir()
+        for p in entries:
+            os.replace(p, target / p.name)
+        moved.append(str(target))
+    return moved

@@ -43,7 +43,7 @@ from vlpretrain.train.metrics import MetricsLogger, PeakMemory, device_peak_tflo
 from vlpretrain.train.optim import build_optimizer, lr_multiplier
 from vlpretrain.train.preemption import EXIT_PREEMPTED, PREEMPTED_MARKER, PREEMPTION, Deadline
 from vlpretrain.train.profiling import StepProfiler
-from vlpretrain.train.rundir import RunDirLock
+from vlpretrain.train.rundir import RunDirLock, move_previous_run_aside, previous_run
 
 
 def _check_inputs(cfg: Config) -> tuple[TextTokenizer, tuple[Path | None, Path | None], Path | None, Path | None]:
@@ -67,9 +67,17 @@ def _check_inputs(cfg: Config) -> tuple[TextTokenizer, tuple[Path | None, Path |
         raise FileNotFoundError(f"train.eval_text not found: {text_path}")
     init_file = verified(find_weights(tc.init_from)) if tc.init_from else None  # checksums, before any work
     resume = None
+    if cfg.checkpoint.resume and cfg.checkpoint.overwrite:
+        raise ConfigError(f"config error: checkpoint.resume={cfg.checkpoint.resume} continues the run, "
+                          "checkpoint.overwrite=true starts it over: choose one")
     if cfg.checkpoint.resume:  # checked on every rank alike (a shared file system): the same answer everywhere
         resume = find_resumable(checkpoint_dir(cfg), cfg.checkpoint.resume,
                                 move_damaged=global_rank() == 0)  # one rank moves them aside
+    elif not cfg.checkpoint.overwrite and (previous := previous_run(Path(tc.run_dir), checkpoint_dir(cfg))):
+        # never overwrite a run silently
+        raise UserError(f"train.run_dir {tc.run_dir} already holds a run ({previous}): resume it with --resume "
+                        "auto, choose another train.run_dir, or start over with --overwrite (--set "
+                        "checkpoint.overwrite=true: the old run is moved aside)")
     check_checkpoint_room(cfg, checkpoint_dir(cfg), Path(tc.run_dir))  # writable, room: not at the first save
     for key in ("llm", "siglip", "sam"):
         path = getattr(tc.pretrained, key)
@@ -91,6 +99,8 @@ def train(cfg: Config) -> dict:
         if global_rank() == 0:  # before any process group: a second job on this run dir stops here
             lock.acquire()
         try:
+            if global_rank() == 0 and cfg.checkpoint.overwrite:  # only once the run dir is ours
+                move_previous_run_aside(run_dir, checkpoint_dir(cfg))
             t_start = time.perf_counter()
             run = _build(cfg, tokenizer, eval_paths, init_file, resume, lock)
             _loop(run)
