@@ -132,15 +132,21 @@ def nonfinite_tensors(path: Path, meta=None, chunk_bytes: int = 1 << 28) -> list
         size += group[k].nbytes
         if size >= chunk_bytes or i == len(keys) - 1:
             load_dcp(group, path, no_dist=True)
-            bad += [name for name, t in group.items() if not bool(torch.isfinite(t).all())]
+            bad += [name for name, t in group.items() if t.numel() and not bool(_extremes(t).isfinite().all())]
             group, size = {}, 0
     return bad
+
+
+def _extremes(t: torch.Tensor) -> torch.Tensor:
+    """(min, max) of ``t`` as fp32: both finite iff every element is (NaN propagates, an infinity is an extreme);
+    one pass, no copy of ``t``."""
+    return torch.stack(torch.aminmax(t)).float()
 
 
 def first_nonfinite(state: dict) -> tuple[int, str | None]:
     """How many of the floating-point tensors of a (nested) state dict hold a non-finite value on this rank
     (local shards of DTensors), and the first one's key; one device sync for all of them."""
-    names, flags = [], []
+    names, extremes = [], []
 
     def walk(prefix: str, v) -> None:
         if isinstance(v, dict):
@@ -150,12 +156,12 @@ def first_nonfinite(state: dict) -> tuple[int, str | None]:
             local = v.to_local() if hasattr(v, "to_local") else v
             if local.numel():
                 names.append(prefix[:-1])
-                flags.append(torch.isfinite(local).all())
+                extremes.append(_extremes(local))
 
     walk("", state)
-    if not flags:
+    if not extremes:
         return 0, None
-    ok = torch.stack([f.to(flags[0].device) for f in flags]).cpu()
+    ok = torch.stack([e.to(extremes[0].device) for e in extremes]).isfinite().all(dim=1).cpu()
     bad = [n for n, good in zip(names, ok.tolist()) if not good]
     return len(bad), (bad[0] if bad else None)
 
