@@ -149,3 +149,30 @@ def test_verify_and_resume_find_an_unchecked_non_finite_checkpoint(tmp_path, cap
     assert main(["ckpt", "verify", str(step2)]) == 2
     assert "non-finite" in capsys.readouterr().err
     assert find_resumable(tmp_path / "checkpoints", "auto").name == "step_00000001"
+
+
+@pytest.mark.multiprocess
+def test_dp2_one_rank_sees_nan_every_rank_skips(demo_dir, tmp_path):
+    """Only rank 1 sees a NaN loss at step 2: rank 0 (which writes the metrics) skips too, and the checkpoint
+    of step 2 (every rank's shards) is step 1's state."""
+    from test_resume import _train
+
+    proc = _train(tmp_path, demo_dir, 2, "checkpoint.interval=1", "train.steps=3", "parallel.dp=2",
+                  env_extra={"VLP_FAULT": "nan_loss:2:1"})
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    records = _strict((tmp_path / "metrics.jsonl").read_text())
+    assert [r.get("bad_step_reason") for r in records] == [None, "non-finite loss", None]
+    ck = tmp_path / "checkpoints"
+    names = ["step_00000001", "step_00000002", "step_00000003"]
+    assert all(verify(ck / n, finite=True) is None for n in names)
+    from vlpretrain.checkpoint.integrity import SafeReader, load_dcp
+
+    def state(name):
+        meta = SafeReader(str(ck / name)).read_metadata()
+        st = {k: torch.empty(tuple(m.size), dtype=m.properties.dtype) for k, m in meta.state_dict_metadata.items()
+              if k.startswith(("model.", "optim.state.")) and hasattr(m, "size")}
+        load_dcp(st, ck / name, no_dist=True)
+        return st
+
+    one, two = state(names[0]), state(names[1])
+    assert all(torch.equal(one[k], two[k]) for k in one)
