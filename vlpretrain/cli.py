@@ -195,7 +195,8 @@ def cmd_ckpt_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_ckpt_verify(args: argparse.Namespace) -> int:
-    """Every file of a checkpoint against its manifest (sizes, checksums), its metadata and train state."""
+    """Every file of a checkpoint against its manifest (sizes, checksums), its metadata and train state, and
+    every tensor for NaN / infinity (a full read)."""
     from pathlib import Path
 
     from vlpretrain.checkpoint.dcp import TRAIN_STATE, step_dirs, verify
@@ -214,7 +215,7 @@ def cmd_ckpt_verify(args: argparse.Namespace) -> int:
         dirs = step_dirs(ckpts)
         if not dirs:
             raise CheckpointError(f"no checkpoint under {path}")
-    problems = {str(d): verify(d) for d in dirs}
+    problems = {str(d): verify(d, finite=True) for d in dirs}
     print(json.dumps({"verified": {d: p or "ok" for d, p in problems.items()}}))
     bad = [p for p in problems.values() if p]
     if bad:

@@ -19,6 +19,7 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
+import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemWriter
@@ -54,6 +55,7 @@ TRAIN_STATE_KEYS = ("step", "consumed_samples", "data_state")
 # optimizer states keyed by parameter name ("state.<fqn>.exp_avg"): the same keys in every layout
 FLAT = StateDictOptions(flatten_optimizer_state_dict=True)
 STEP_DIR = re.compile(r"step_\d{8}")  # "step_00000006.damaged" is not one
+CHECKED_FINITE = "checked_finite"  # train_state.json: every tensor was finite when it was saved (else unchecked)
 
 
 class NoCheckpointError(CheckpointError, FileNotFoundError):
@@ -79,9 +81,11 @@ def read_train_state(path: Path) -> dict:
     return state
 
 
-def verify(path: Path, checksums: bool = True) -> str | None:
+def verify(path: Path, checksums: bool = True, finite: bool | None = None) -> str | None:
     """None if ``path`` is a complete, uncorrupted checkpoint, else what is wrong (one line). ``checksums``:
-    re-hash every file against the manifest (else sizes only: for pruning, right after a verified save)."""
+    re-hash every file against the manifest (else sizes only: for pruning, right after a verified save).
+    ``finite``: also read every tensor and name the non-finite ones; None: only where the save did not check
+    them (``train_state.json`` lacks ``checked_finite: true``: older versions, ``train.check_finite: false``)."""
     if not (path / TRAIN_STATE).is_file():
         return f"{path}: no {TRAIN_STATE}"
     try:
@@ -107,7 +111,59 @@ def verify(path: Path, checksums: bool = True) -> str | None:
             return f"{path}: shard {name} is truncated ({f.stat().st_size} < {need} bytes)"
         if manifest is not None and name not in manifest:
             return f"{path}: shard {name} is not in {MANIFEST}"
+    if finite is None:
+        finite = read_train_state(path).get(CHECKED_FINITE) is not True
+    if finite:
+        bad = nonfinite_tensors(path, meta)
+        if bad:
+            return f"{path}: {len(bad)} tensors hold non-finite values, e.g. {bad[0]}"
     return None
+
+
+def nonfinite_tensors(path: Path, meta=None, chunk_bytes: int = 1 << 28) -> list[str]:
+    """The keys of a checkpoint's floating-point tensors that hold a NaN or an infinity, read in groups of about
+    ``chunk_bytes`` (no process group; never the whole checkpoint in memory)."""
+    meta = meta or SafeReader(str(path)).read_metadata()
+    keys = [(k, tuple(m.size), m.properties.dtype) for k, m in meta.state_dict_metadata.items()
+            if hasattr(m, "size") and m.properties.dtype.is_floating_point]
+    bad, group, size = [], {}, 0
+    for i, (k, shape, dtype) in enumerate(keys):
+        group[k] = torch.empty(shape, dtype=dtype)
+        size += group[k].nbytes
+        if size >= chunk_bytes or i == len(keys) - 1:
+            load_dcp(group, path, no_dist=True)
+            bad += [name for name, t in group.items() if t.numel() and not bool(_extremes(t).isfinite().all())]
+            group, size = {}, 0
+    return bad
+
+
+def _extremes(t: torch.Tensor) -> torch.Tensor:
+    """(min, max) of ``t`` as fp32: both finite iff every element is (NaN propagates, an infinity is an extreme);
+    one pass, no copy of ``t``."""
+    return torch.stack(torch.aminmax(t)).float()
+
+
+def first_nonfinite(state: dict) -> tuple[int, str | None]:
+    """How many of the floating-point tensors of a (nested) state dict hold a non-finite value on this rank
+    (local shards of DTensors), and the first one's key; one device sync for all of them."""
+    names, extremes = [], []
+
+    def walk(prefix: str, v) -> None:
+        if isinstance(v, dict):
+            for k, x in v.items():
+                walk(f"{prefix}{k}.", x)
+        elif isinstance(v, torch.Tensor) and v.is_floating_point():
+            local = v.to_local() if hasattr(v, "to_local") else v
+            if local.numel():
+                names.append(prefix[:-1])
+                extremes.append(_extremes(local))
+
+    walk("", state)
+    if not extremes:
+        return 0, None
+    ok = torch.stack([e.to(extremes[0].device) for e in extremes]).isfinite().all(dim=1).cpu()
+    bad = [n for n, good in zip(names, ok.tolist()) if not good]
+    return len(bad), (bad[0] if bad else None)
 
 
 def find_resumable(ckpt_dir: Path, resume: str, move_damaged: bool = False) -> Path | None:
@@ -166,6 +222,7 @@ class Checkpointer:
         self.dir, self.modules, self.optimizers = ckpt_dir, modules, optimizers
         self.keep_last, self.is_main = keep_last, is_main
         self.async_save = async_save
+        self.check_finite = True  # refuse to save a state with a non-finite tensor (train.check_finite)
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self._pending = None  # (future, step, train_state, tmp, final) of an asynchronous save
         # checkpoint bookkeeping (and background saves) talk over their own gloo group: CPU objects, and never
@@ -190,7 +247,13 @@ class Checkpointer:
         self.wait()
         final, tmp = self.dir / f"step_{step:08d}", self.dir / f".tmp_step_{step:08d}"
         problem = None
-        if self.is_main:
+        state = self._state()
+        if self.check_finite:  # agreed with the directory's creation below: one collective for both
+            n, first = first_nonfinite(state)
+            if n:
+                problem = (f"refusing to save step {step}: {n} tensors hold non-finite values on rank {self.rank}, "
+                           f"e.g. {first}; {self.dir / 'latest'} is unchanged")
+        if self.is_main and problem is None:
             try:
                 self.dir.mkdir(parents=True, exist_ok=True)
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -198,16 +261,17 @@ class Checkpointer:
             except OSError as e:
                 problem = describe_write_error(e, tmp)
         self._raise_any([problem], tmp)
+        train_state = {**train_state, CHECKED_FINITE: self.check_finite}
         no_dist = not dist.is_initialized()
         if self.async_save and weights is None:
             with single_process_quiet():
-                future = dcp.async_save(self._state(), storage_writer=_writer(tmp), process_group=self._group,
+                future = dcp.async_save(state, storage_writer=_writer(tmp), process_group=self._group,
                                         no_dist=no_dist)
             self._pending = (future, step, train_state, tmp, final)
             return final
         try:
             with single_process_quiet():
-                dcp.save(self._state(), storage_writer=_writer(tmp), no_dist=no_dist)
+                dcp.save(state, storage_writer=_writer(tmp), no_dist=no_dist)
             problem = None
         except (Exception, CheckpointException) as e:  # noqa: BLE001 - one line, after cleaning up, below
             problem = describe_write_error(e, tmp)
@@ -258,7 +322,7 @@ class Checkpointer:
                 write_text_atomic(tmp / TRAIN_STATE, json.dumps({"step": step, **train_state}, indent=1))
                 files.update(hash_files([tmp / METADATA, tmp / TRAIN_STATE] + ([tmp / WEIGHTS] if weights else [])))
                 write_manifest(tmp, files)
-                bad = verify(tmp, checksums=False)  # just hashed: sizes, names and metadata suffice
+                bad = verify(tmp, checksums=False, finite=False)  # just hashed: sizes, names and metadata suffice
                 if bad:
                     problem = f"checkpoint verification failed: {bad}"
                 else:
@@ -287,7 +351,7 @@ class Checkpointer:
         for d in reversed(step_dirs(self.dir)):
             if d == newest:
                 continue
-            if verify(d, checksums=False):
+            if verify(d, checksums=False, finite=False):
                 move_aside(d)
             elif d.name < newest.name:
                 if kept < self.keep_last:

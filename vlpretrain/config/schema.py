@@ -257,6 +257,9 @@ class TrainConfig:
     beta2: float = _f(0.95, ge=0, lt=1, help="AdamW beta2")
     eps: float = _f(1e-8, gt=0, help="AdamW epsilon")
     grad_clip: float = _f(1.0, ge=0, help="clip the global gradient norm (over dp, tp and pp) to this; 0: off")
+    check_finite: bool = _f(True, help="skip the update of a step whose loss or gradient norm is not finite (counted "
+                                       "as a bad step) and refuse to save non-finite weights; false: no checks")
+    max_bad_steps: int = _f(5, ge=1, help="stop (exit 43, saving nothing) after this many bad steps in a row")
     dtype: Literal["auto", "bf16", "fp32"] = _f(
         "auto", help="auto: bf16 on GPU, fp32 on CPU; bf16: one policy in every layout (bf16 compute; fp32 master "
                      "weights, optimizer state and gradient reduction, FSDP2's MixedPrecisionPolicy)")

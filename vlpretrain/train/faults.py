@@ -2,8 +2,10 @@
 
 ``VLP_FAULT="kind:step:rank[,kind:step:rank...]"`` with kind ``kill`` (SIGKILL: a crash) or ``term``
 (SIGTERM: a preemption) makes that global rank signal itself after that step's backward, before the
-optimizer step. Each fault fires once per job in every launcher: a marker file in the run dir records that
-it fired, so a restarted or requeued job (whatever its restart counter says) runs on.
+optimizer step; kind ``nan_loss`` / ``nan_grad`` makes that rank see a NaN loss / gradient norm at that step
+(every time the step runs: a bad step, see bad_steps.py). Each signal fires once per job in every launcher: a
+marker file in the run dir records that it fired, so a restarted or requeued job (whatever its restart counter
+says) runs on.
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import signal
 from pathlib import Path
 
 _SIGNALS = {"kill": signal.SIGKILL, "term": signal.SIGTERM, "usr1": signal.SIGUSR1, "int": signal.SIGINT}
+_POISON = {"nan_loss": "loss", "nan_grad": "grad"}
 
 
 def _faults() -> list[tuple[str, int, int]]:
@@ -19,15 +22,15 @@ def _faults() -> list[tuple[str, int, int]]:
     out = []
     for item in filter(None, spec.split(",")):
         kind, step, rank = item.split(":")
-        if kind not in _SIGNALS:
-            raise ValueError(f"VLP_FAULT: unknown kind {kind!r} (one of {sorted(_SIGNALS)})")
+        if kind not in _SIGNALS and kind not in _POISON:
+            raise ValueError(f"VLP_FAULT: unknown kind {kind!r} (one of {sorted(_SIGNALS) + sorted(_POISON)})")
         out.append((kind, int(step), int(rank)))
     return out
 
 
 def inject(step: int, rank: int, run_dir: Path) -> None:
     for kind, at, who in _faults():
-        if at != step or who != rank:
+        if at != step or who != rank or kind in _POISON:
             continue
         marker = Path(run_dir) / ".faults" / f"{kind}_{at}_{who}"
         marker.parent.mkdir(parents=True, exist_ok=True)
@@ -36,3 +39,11 @@ def inject(step: int, rank: int, run_dir: Path) -> None:
         except FileExistsError:  # fired before in this job
             continue
         os.kill(os.getpid(), _SIGNALS[kind])
+
+
+def poison(step: int, rank: int, value: float, what: str = "loss") -> float:
+    """``value``, or NaN where VLP_FAULT asks for a ``nan_<what>`` at this step on this rank."""
+    if "nan" not in os.environ.get("VLP_FAULT", ""):
+        return value
+    hit = any(_POISON.get(kind) == what and at == step and who == rank for kind, at, who in _faults())
+    return float("nan") if hit else value

@@ -42,6 +42,22 @@ def truncate_after(path: Path, step: int) -> None:
     write_text_atomic(path, "".join(keep))
 
 
+def json_safe(v):
+    """``v`` with every non-finite float (NaN, +-inf) as None: ``json.dumps`` would write ``NaN``, not JSON."""
+    if isinstance(v, float):
+        return v if math.isfinite(v) else None
+    if isinstance(v, dict):
+        return {k: json_safe(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [json_safe(x) for x in v]
+    return v
+
+
+def json_line(record: dict) -> str:
+    """One strict-JSON line (non-finite numbers as null; the step's ``bad_step_reason`` says why)."""
+    return json.dumps(json_safe(record), allow_nan=False) + "\n"
+
+
 def eval_record(step: int, results: dict) -> dict:
     """Flat eval.jsonl line: step, mcppl_accuracy, mcppl_by_type, text_bpb, text_ppl, eval_time_s."""
     record = {"step": step}
@@ -171,7 +187,7 @@ class MetricsLogger:
             self.time_sum += record["step_time_s"]
         if not self.is_main:
             return
-        self._file.write(json.dumps(record) + "\n")
+        self._file.write(json_line(record))
         self._file.flush()
         self._forward(scalars(record), step)
         if step % self.cfg.logging.log_interval == 0 or step == self.total:
@@ -189,7 +205,7 @@ class MetricsLogger:
         if not self.is_main:
             return record
         with open(self._eval_path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(json_line(record))
         self._forward(scalars(record, "eval/"), step)
         parts = []
         if "mcppl_accuracy" in record:

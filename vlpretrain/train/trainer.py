@@ -39,6 +39,7 @@ from vlpretrain.parallel.engine import ParallelModel
 from vlpretrain.parallel.launch_env import global_rank
 from vlpretrain.parallel.mesh import ParallelContext, init_parallel, local_device, resolve_layout, world_size_from_env
 from vlpretrain.train import faults
+from vlpretrain.train.bad_steps import EXIT_DIVERGED, NONFINITE_LOSS, BadStepPolicy, bad_step_reason
 from vlpretrain.train.metrics import MetricsLogger, PeakMemory, device_peak_tflops
 from vlpretrain.train.optim import build_optimizer, lr_multiplier
 from vlpretrain.train.preemption import EXIT_PREEMPTED, PREEMPTED_MARKER, PREEMPTION, Deadline
@@ -135,7 +136,13 @@ class Run:
     consumed: int = 0  # samples consumed by all steps so far
     data_state: dict = field(default_factory=dict)  # the planner's state after the last step (checkpoints)
     first_loss: float | None = None
-    loss: float | None = None
+    loss: float | None = None  # the last finite loss
+    bad_steps: BadStepPolicy = field(default_factory=lambda: BadStepPolicy(1))  # _build sets max_bad_steps
+    bad_reason: str | None = None  # why the last step's update was skipped (bad_steps)
+
+    def __post_init__(self):
+        self.bad_steps = BadStepPolicy(self.cfg.train.max_bad_steps)
+        self.ckpt.check_finite = self.cfg.train.check_finite  # refuse to save non-finite weights
 
 
 def _build(cfg: Config, tokenizer, eval_paths, init_file, resume, lock: RunDirLock) -> Run:
@@ -251,16 +258,22 @@ def _loop(run: Run) -> None:
 
 def _train_step(run: Run, step: int) -> tuple[GlobalBatch, float, float, float]:
     """One optimizer step: forward/backward over this rank's microbatches, clip by the global norm, step every
-    optimizer and its LR schedule. Returns the batch, the loss, the gradient norm and the step time (s)."""
+    optimizer and its LR schedule. A non-finite loss or gradient norm (every rank agrees: ``bad_steps``) skips
+    the update: the gradients are dropped, the schedule still advances. Returns the batch, the loss, the
+    gradient norm and the step time (s); ``run.bad_reason`` says why the update was skipped (None: it was not)."""
     t0 = time.perf_counter()
     run.profiler.before(step)
     batch = next(run.batches)
     loss = run.model.forward_backward(batch.microbatches, batch.num_label_tokens)
     faults.inject(step, run.ctx.rank, run.run_dir)  # after the backward, before the update
+    loss = faults.poison(step, run.ctx.rank, loss)
     grad_norm = run.model.clip_grad_norm_(run.cfg.train.grad_clip)
+    grad_norm = faults.poison(step, run.ctx.rank, grad_norm, "grad")
+    run.bad_reason = bad_step_reason(loss, grad_norm, run.device) if run.cfg.train.check_finite else None
     for opt in run.optimizers:
         if opt is not None:
-            opt.step()
+            if run.bad_reason is None:
+                opt.step()
             opt.zero_grad(set_to_none=True)
     for sched in run.schedulers:
         sched.step()
@@ -272,12 +285,16 @@ def _train_step(run: Run, step: int) -> tuple[GlobalBatch, float, float, float]:
 
 
 def _record(run: Run, step: int, batch: GlobalBatch, loss: float, grad_norm: float, dt: float) -> None:
-    """Count the step into the run's progress and log its metrics line; a non-finite loss stops the run."""
+    """Count the step into the run's progress and log its metrics line (a bad step's too); after
+    ``train.max_bad_steps`` bad steps in a row the run stops with exit 43, saving nothing."""
     cfg, tc = run.cfg, run.cfg.train
     run.data_state = batch.data_state
     run.consumed += batch.num_samples
-    run.first_loss = loss if run.first_loss is None else run.first_loss
-    run.loss = loss
+    reason = run.bad_reason if tc.check_finite else (None if math.isfinite(loss) else NONFINITE_LOSS)
+    stop = run.bad_steps.observe(reason)
+    if reason is None:
+        run.first_loss = loss if run.first_loss is None else run.first_loss
+        run.loss = loss
     flops = step_flops(cfg.model, tc.global_batch_size, tc.seq_len, batch.num_images, run.trainable).total
     tflops_per_device = flops / run.ctx.layout.world_size / dt / 1e12
     run.logger.log({
@@ -288,10 +305,28 @@ def _record(run: Run, step: int, batch: GlobalBatch, loss: float, grad_norm: flo
         "language_ratio_target": batch.language_ratio_target,
         "language_ratio_realized": batch.language_ratio_realized, "samples_digest": batch.samples_digest,
         "source_counts": batch.source_counts, "bad_samples": batch.bad_samples, "bad_images": batch.bad_images,
-        "skipped_samples": sum(run.data_state["bad_total"].values()), **run.memory.record(step),
+        "skipped_samples": sum(run.data_state["bad_total"].values()), "bad_steps": run.bad_steps.total,
+        **({"bad_step_reason": reason} if reason else {}), **run.memory.record(step),
     })
-    if not math.isfinite(loss):
-        raise FloatingPointError(f"loss is {loss} at step {step}")
+    if stop or (reason and not tc.check_finite):
+        _diverged(run, step, reason)
+
+
+def _diverged(run: Run, step: int, reason: str) -> None:
+    """Too many bad steps in a row: every rank exits 43 together; the state is not saved (a pending
+    asynchronous save, of an earlier good step, is finished)."""
+    run.ckpt.wait()
+    run.logger.close()
+    if run.ctx.is_main:
+        last = run.ckpt.dir / "latest"
+        kept = f"the last checkpoint is {last.read_text().strip()}" if last.is_file() else "no checkpoint was saved"
+        print(f"diverged: {run.bad_steps.in_a_row} bad steps in a row ({reason} at step {step}; "
+              f"train.max_bad_steps={run.cfg.train.max_bad_steps}); not saving; {kept}; exiting with {EXIT_DIVERGED}",
+              flush=True)
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    raise SystemExit(EXIT_DIVERGED)
 
 
 def _save(run: Run, step: int) -> None:
