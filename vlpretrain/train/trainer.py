@@ -137,12 +137,11 @@ class Run:
     data_state: dict = field(default_factory=dict)  # the planner's state after the last step (checkpoints)
     first_loss: float | None = None
     loss: float | None = None  # the last finite loss
-    bad_steps: BadStepPolicy = field(default_factory=lambda: BadStepPolicy(1))  # _build sets max_bad_steps
+    bad_steps: BadStepPolicy = field(init=False)  # counts skipped updates against train.max_bad_steps
     bad_reason: str | None = None  # why the last step's update was skipped (bad_steps)
 
     def __post_init__(self):
         self.bad_steps = BadStepPolicy(self.cfg.train.max_bad_steps)
-        self.ckpt.check_finite = self.cfg.train.check_finite  # refuse to save non-finite weights
 
 
 def _build(cfg: Config, tokenizer, eval_paths, init_file, resume, lock: RunDirLock) -> Run:
@@ -173,6 +172,7 @@ def _build(cfg: Config, tokenizer, eval_paths, init_file, resume, lock: RunDirLo
     optimizers, schedulers = _build_optimizers(model, tc)
     ckpt = Checkpointer(checkpoint_dir(cfg), model.modules, optimizers, cfg.checkpoint.keep_last, ctx.is_main,
                         async_save=cfg.checkpoint.async_save)
+    ckpt.check_finite = tc.check_finite  # refuse to save a state with non-finite tensors
     start, consumed = _resume(ckpt, resume, schedulers, ctx.is_main)
     run = Run(cfg=cfg, ctx=ctx, device=device, run_dir=run_dir, lock=lock, data=data, batches=batches, model=model,
               evaluator=evaluator, optimizers=optimizers, schedulers=schedulers, ckpt=ckpt,
