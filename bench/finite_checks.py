@@ -53,23 +53,6 @@ def run_steps(dp: int, check: bool, warmup_steps: int, steps: int, data: Path, o
     return {"steps_per_s": 1 / med, "step_ms": 1e3 * med}
 
 
-def tiny_state():
-    import torch
-
-    from vlpretrain.config import load_config
-    from vlpretrain.models.vlm import build_model
-
-    cfg = load_config(ROOT / "configs" / "tiny" / "stage2.yaml")
-    model = build_model(cfg.model, "cpu")
-    for p in model.parameters():
-        p.requires_grad_(True)
-    opt = torch.optim.AdamW(model.parameters())
-    for p in model.parameters():
-        p.grad = torch.randn_like(p) * 1e-3
-    opt.step()
-    return model, opt
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--dp", type=int, nargs="*", default=[1, 2])
@@ -85,11 +68,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as d:
         if args.saves:
             import torch
+            from ckpt_checksum import tiny_state  # the same tiny model + AdamW state the checksum bench saves
 
             from vlpretrain.checkpoint.dcp import Checkpointer, first_nonfinite
 
             torch.set_num_threads(1)
-            model, opt = tiny_state()
+            (model,), (opt,) = tiny_state()
 
             def save(check: bool) -> dict:
                 ck = Path(d) / f"save_{check}"
