@@ -3,7 +3,9 @@ a row stop the run with exit 43 without saving; no checkpoint with a non-finite 
 ``ckpt verify`` / ``--resume auto`` find one written without the check."""
 from __future__ import annotations
 
+import functools
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -37,6 +39,17 @@ def _strict(text: str) -> list[dict]:
 def _finite_checkpoints(run_dir) -> list[str]:
     return [d.name for d in step_dirs(run_dir / "checkpoints") if not nonfinite_tensors(d)]
 
+
+
+def _saved_state(ck: Path, name: str) -> dict:
+    """Model and optimizer tensors of checkpoint ``ck/name``, read in one process."""
+    from vlpretrain.checkpoint.integrity import SafeReader, load_dcp
+
+    meta = SafeReader(str(ck / name)).read_metadata()
+    state = {k: torch.empty(tuple(m.size), dtype=m.properties.dtype) for k, m in meta.state_dict_metadata.items()
+             if k.startswith(("model.", "optim.state.")) and hasattr(m, "size")}
+    load_dcp(state, ck / name, no_dist=True)
+    return state
 
 def test_policy_and_reason():
     assert bad_step_reason(1.0, 2.0) is None
@@ -83,16 +96,8 @@ def test_poisoned_step_is_skipped_and_counted(tiny_train_cfg, tmp_path, monkeypa
     assert [r["bad_steps"] for r in records] == [0, 1, 1] and records[1]["loss"] is None
     assert summary["final_loss"] == records[2]["loss"]
     # step 2 did not update: its checkpoint holds step 1's weights and optimizer state
-    from vlpretrain.checkpoint.integrity import SafeReader, load_dcp
-
     ck = run / "checkpoints"
-
-    def model_state(name):
-        meta = SafeReader(str(ck / name)).read_metadata()
-        state = {k: torch.empty(tuple(m.size), dtype=m.properties.dtype) for k, m in meta.state_dict_metadata.items()
-                 if k.startswith(("model.", "optim.state.")) and hasattr(m, "size")}
-        load_dcp(state, ck / name, no_dist=True)
-        return state
+    model_state = functools.partial(_saved_state, ck)
 
     one, two, three = (model_state(f"step_0000000{i}") for i in (1, 2, 3))
     assert all(torch.equal(one[k], two[k]) for k in one)
@@ -165,14 +170,7 @@ def test_dp2_one_rank_sees_nan_every_rank_skips(demo_dir, tmp_path):
     ck = tmp_path / "checkpoints"
     names = ["step_00000001", "step_00000002", "step_00000003"]
     assert all(verify(ck / n, finite=True) is None for n in names)
-    from vlpretrain.checkpoint.integrity import SafeReader, load_dcp
-
-    def state(name):
-        meta = SafeReader(str(ck / name)).read_metadata()
-        st = {k: torch.empty(tuple(m.size), dtype=m.properties.dtype) for k, m in meta.state_dict_metadata.items()
-              if k.startswith(("model.", "optim.state.")) and hasattr(m, "size")}
-        load_dcp(st, ck / name, no_dist=True)
-        return st
+    state = functools.partial(_saved_state, ck)
 
     one, two = state(names[0]), state(names[1])
     assert all(torch.equal(one[k], two[k]) for k in one)
