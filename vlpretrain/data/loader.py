@@ -98,6 +98,7 @@ class GlobalBatch:
     bad_images: int = 0  # images this rank could not decode (replaced by blanks)
     data_state: dict = field(default_factory=dict)  # planner state after this step (for checkpoints)
     bad_reads: int = 0  # planned samples this rank could not read as sized (masked, see the module doc)
+    samples: list[list[tuple[int, int]]] = field(default_factory=list)  # (source, index) of each row, as built
 
     def pin_memory(self) -> GlobalBatch:
         """Page-locked host tensors for asynchronous host-to-GPU copies (called by the DataLoader)."""
@@ -136,6 +137,14 @@ class DataPipeline:
     @property
     def sources(self) -> list[Source]:
         return self.plans.sources
+
+    @property
+    def source_names(self) -> list[str]:
+        return [s.name for s in self.plans.sources]
+
+    def describe(self, source: int, index: int) -> dict:
+        """A sample as a user can find it (``StepPlanner.describe``)."""
+        return self.plans.describe(source, index)
 
     def state_dict(self) -> dict:
         return self.plans.state_dict()
@@ -242,7 +251,8 @@ class DataPipeline:
         micro = [self._collate(local.rows[i:i + mbs], local.modality, counter)
                  for i in range(0, len(local.rows), mbs)]
         return GlobalBatch(step=local.step, modality=local.modality, microbatches=micro, bad_images=counter[0],
-                           bad_reads=counter[1], **local.totals)
+                           bad_reads=counter[1], samples=[[(s.source, s.index) for s in row] for row in local.rows],
+                           **local.totals)
 
     def __iter__(self):
         return self
