@@ -155,3 +155,12 @@ def test_refused_save_during_training_exits_43(tiny_train_cfg, tmp_path, monkeyp
     out = capsys.readouterr().out
     assert "diverged: refusing to save step 1: 1 tensors hold non-finite values on rank 0" in out
     assert not (tmp_path / "run" / "checkpoints" / "latest").exists()
+
+
+def test_vanished_gradients_are_named(tiny_train_cfg, capsys):
+    """The issue's stage 1 at lr 1e4: the gradient norm falls from 2.6 to ~1e-6 and stays there, the loss flat."""
+    train(tiny_train_cfg(1, "train.steps=6", "train.lr=1e4", "train.warmup_steps=0"))
+    lines = [x for x in capsys.readouterr().out.splitlines() if "gradient norm has vanished" in x]
+    assert len(lines) == 1 and "steps 2-4" in lines[0] and "train.lr=10000.0" in lines[0]
+    train(tiny_train_cfg(1, "train.steps=6", run="sane"))
+    assert "vanished" not in capsys.readouterr().out

@@ -56,6 +56,8 @@ class Run:
     bad_reason: str | None = None  # why the last step's update was skipped (bad_steps)
     bad_images: int = 0  # images no rank could decode, over the run (blanks were trained on)
     excluded: list[tuple[int, int]] = field(default_factory=list)  # samples rollbacks took out of the data
+    first_grad_norm: float | None = None  # this run's (or resumed run's) first gradient norm
+    vanished_steps: int = 0  # steps in a row whose gradient norm vanished next to it (the trainer warns)
 
     def __post_init__(self):
         tc = self.cfg.train

@@ -51,6 +51,8 @@ from vlpretrain.train.recovery import bad_step, diverged, own_bad_images
 from vlpretrain.train.run_state import Run, restore_progress, set_rng_state, train_state
 from vlpretrain.train.rundir import RunDirLock, move_previous_run_aside, previous_run
 
+VANISHED_GRAD, VANISHED_STEPS = 1e-4, 3  # a gradient norm under 1e-4 x the first one, 3 steps in a row: warn
+
 
 def _check_inputs(cfg: Config) -> tuple[TextTokenizer, tuple[Path | None, Path | None], Path | None, Path | None]:
     """Everything a user can get wrong, checked before any process group or model exists. Returns the
@@ -296,6 +298,7 @@ def _record(run: Run, step: int, batch: GlobalBatch, loss: float, grad_norm: flo
         run.first_loss = loss if run.first_loss is None else run.first_loss
         run.loss = loss
         run.history.add(batch.modality, loss)
+    _watch_vanished_gradients(run, step, batch, grad_norm)
     flops = step_flops(cfg.model, tc.global_batch_size, tc.seq_len, batch.num_images, run.trainable).total
     tflops_per_device = flops / run.ctx.layout.world_size / dt / 1e12
     run.logger.log({
@@ -310,6 +313,23 @@ def _record(run: Run, step: int, batch: GlobalBatch, loss: float, grad_norm: flo
         **({"bad_step_reason": reason} if reason else {}), **run.memory.record(step),
     })
     return stop
+
+
+def _watch_vanished_gradients(run: Run, step: int, batch: GlobalBatch, grad_norm: float) -> None:
+    """Warn when the gradient norm stays under VANISHED_GRAD x the run's first one on steps that reach the
+    trainable parts (a text step gives the vision side none): nothing is learning, e.g. activations saturated by
+    a too-large update (the issue's stage 1 at lr 1e4: 2.6, then 6e-6 for every step, the loss flat)."""
+    if batch.modality == "text" and all(p in ("siglip", "sam", "adaptor") for p in run.trainable):
+        return
+    if run.first_grad_norm is None:
+        run.first_grad_norm = grad_norm if math.isfinite(grad_norm) and grad_norm > 0 else None
+        return
+    run.vanished_steps = run.vanished_steps + 1 if grad_norm < VANISHED_GRAD * run.first_grad_norm else 0
+    if run.vanished_steps == VANISHED_STEPS and run.ctx.is_main:
+        print(f"warning: the gradient norm has vanished for {VANISHED_STEPS} steps (steps {step - VANISHED_STEPS + 1}"
+              f"-{step}: {grad_norm:.2g}, the first step's {run.first_grad_norm:.2g}): "
+              f"nothing is learning; saturated activations after a too-large update (train.lr={run.cfg.train.lr})?",
+              flush=True)
 
 
 def _save(run: Run, step: int) -> None:
