@@ -204,6 +204,9 @@ class DataConfig:
     language_ratio: LanguageRatioConfig = _f(factory=LanguageRatioConfig, help="the language share of the steps "
                                                                                 "and its warm-down")
     system_prompt: str = _f("", help="text put before every SFT conversation")
+    skip_samples: list[str] = _f(factory=list, help="samples never drawn, as '<source name>:<sample index>' (e.g. from "
+                                                    "<run_dir>/bad_steps.jsonl); a draw of one takes the source's next "
+                                                    "sample")
     num_workers: int = _f(0, ge=0, help="DataLoader worker processes (each prepares whole steps); 0: the main "
                                         "process")
     prefetch_steps: int = _f(2, ge=1, help="steps each worker prepares ahead")

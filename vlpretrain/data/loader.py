@@ -123,8 +123,9 @@ class DataPipeline:
         self.dp_rank, self.dp_size, self.load_images = dp_rank, dp_size, load_images
         self.image_split = image_split
         self.plans = StepPlanner(cfg, tokenizer)  # opens every source now: bad paths fail at start-up
+        self.resume_notes: list[str] = []  # how a restored state met a changed data configuration (one line each)
         if state is not None:
-            self.load_state_dict(state)
+            self.resume_notes = self.load_state_dict(state)
         m = cfg.model
         self.encoder = SampleEncoder(tokenizer, m.image_tokens, cfg.train.seq_len, cfg.data.system_prompt,
                                      truncate=False, vocab_size=m.vocab_size)
@@ -149,8 +150,15 @@ class DataPipeline:
     def state_dict(self) -> dict:
         return self.plans.state_dict()
 
-    def load_state_dict(self, state: dict) -> None:
-        self.plans.load_state_dict(state)
+    def load_state_dict(self, state: dict) -> list[str]:
+        """Continue from a saved state; returns one line per data-configuration change it applied (the rules:
+        ``plan_state.py``), for the caller to print once (rank 0)."""
+        return self.plans.load_state_dict(state)
+
+    def exclude(self, samples) -> int:
+        """``StepPlanner.exclude``: these (source position, sample index) pairs are never drawn from the next
+        planned step on; returns how many were new."""
+        return self.plans.exclude(samples)
 
     def local(self, plan: StepPlan) -> LocalPlan:
         """This dp rank's contiguous share of the step's rows."""
