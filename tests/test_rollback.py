@@ -93,7 +93,16 @@ def test_rollback_replays_exactly_without_the_poisoned_sample(tiny_train_cfg, tm
     b = _saved_state(tmp_path / "clean" / "checkpoints", "step_00000008")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # weights and optimizer: bitwise
     state = json.loads((run / "checkpoints" / "step_00000008" / "train_state.json").read_text())
-    assert state["progress"]["excluded"] and state["progress"]["bad_steps"]["rollbacks"] == [4]
+    assert state["progress"]["excluded"] == [[name, index]] and state["progress"]["bad_steps"]["rollbacks"] == [4]
+    assert state["data_state"]["sources"][name]["excluded"] == [index]  # by name: it survives a layout change
+
+    # stopped after the rollback (step 6) and resumed, the fault still armed: the same weights at step 8
+    monkeypatch.setenv("VLP_FAULT", f"nan_sample:{name}:{index}")
+    short = ("train.steps=6", "checkpoint.interval=2", "checkpoint.keep_last=10", "train.on_bad_step=rollback")
+    train(tiny_train_cfg(3, *short, run="resumed"))
+    train(tiny_train_cfg(3, *common, "train.on_bad_step=rollback", "checkpoint.resume=auto", run="resumed"))
+    c = _saved_state(tmp_path / "resumed" / "checkpoints", "step_00000008")
+    assert all(torch.equal(c[k], b[k]) for k in b)
 
 
 def test_loss_spikes_are_bad_steps_until_the_run_stops(tiny_train_cfg, tmp_path, capsys):

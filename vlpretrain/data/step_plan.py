@@ -125,11 +125,6 @@ class StepPlanner:
             return f"sample of {n} tokens is longer than seq_len={self.seq_len}"
         return Slot(source, index, n, int(t.labels[index]), images)
 
-    def describe(self, source: int, index: int) -> dict:  # TEMP: replaced by the datastate branch's
-        src, t = self.sources[source], self.tables[source]
-        return {"source": src.name, "index": index, "key": src.key(index), "modality": src.modality,
-                "tokens": int(t.text[index]) + int(t.images[index]) * self.image_tokens, "images": int(t.images[index])}
-
     def _probe(self, i: int) -> None:
         """Fail fast on a source none of whose first samples can be used (a wrong path, format or tokenizer), or
         a corpus most of whose first chunks hold ids beyond model.vocab_size (made with another tokenizer)."""

@@ -52,7 +52,8 @@ def bad_step(run: Run, step: int, batch: GlobalBatch, loss: float, grad_norm: fl
         write_bad_step(run, step, batch, loss, grad_norm, rows, set(blamed), action, target)
     if action == "stop":
         diverged(run, step, why_stop(run, step))
-    run.excluded += [s for s in samples if s not in run.excluded]
+    names = run.data.source_names
+    run.excluded += [x for x in ((names[s], i) for s, i in samples) if x not in run.excluded]
     if action == "skip":
         if samples:  # re-planned from right after this step: the same steps whatever was planned ahead
             _replan(run, run.data_state)
@@ -130,6 +131,7 @@ def _replan(run: Run, data_state: dict) -> None:
     (DataLoader workers) are dropped."""
     run.batches = None  # stops the workers of the abandoned steps
     run.data.load_state_dict(data_state)
-    run.data.exclude(run.excluded)
+    where = {name: s for s, name in enumerate(run.data.source_names)}  # a source gone since: nothing to exclude
+    run.data.exclude([(where[name], i) for name, i in run.excluded if name in where])
     run.batches = run.data.steps(pin_memory=run.device.type == "cuda")
     run.data_state = run.data.state_dict()

@@ -55,7 +55,7 @@ class Run:
     history: LossHistory = field(init=False)  # recent good losses per modality: loss spikes
     bad_reason: str | None = None  # why the last step's update was skipped (bad_steps)
     bad_images: int = 0  # images no rank could decode, over the run (blanks were trained on)
-    excluded: list[tuple[int, int]] = field(default_factory=list)  # samples rollbacks took out of the data
+    excluded: list[tuple[str, int]] = field(default_factory=list)  # (source name, index) bad steps took out
     first_grad_norm: float | None = None  # this run's (or resumed run's) first gradient norm
     vanished_steps: int = 0  # steps in a row whose gradient norm vanished next to it (the trainer warns)
 
@@ -80,7 +80,7 @@ def restore_progress(run: Run, train_state: dict) -> None:
     progress = train_state.get("progress", {})
     run.bad_steps.load_state_dict(progress.get("bad_steps", {}))
     run.history.load_state_dict(progress.get("loss_history", {}))
-    run.excluded = [tuple(x) for x in progress.get("excluded", [])]
+    run.excluded = [(name, int(i)) for name, i in progress.get("excluded", [])]
     run.bad_images = progress.get("bad_images", 0)
 
 
