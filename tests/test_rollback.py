@@ -173,3 +173,30 @@ def test_vanished_gradients_are_named(tiny_train_cfg, capsys):
     assert len(lines) == 1 and "steps 2-4" in lines[0] and "train.lr=10000.0" in lines[0]
     train(tiny_train_cfg(1, "train.steps=6", run="sane"))
     assert "vanished" not in capsys.readouterr().out
+
+
+def test_dp2_rollback_equals_a_clean_run(demo_dir, tmp_path):
+    """Two ranks, each scoring its own rows: the blamed sample is found on whichever rank holds it, every rank
+    rolls back alike, and the weights equal a clean two-rank run's."""
+    from test_resume import TINY, _train
+
+    from vlpretrain.config import load_config
+
+    sets = ("train.steps=6", "data.language_ratio.start=0.5", "data.language_ratio.end=0.5")
+    cfg = load_config(TINY / "stage2.yaml", [f"data.root={demo_dir}", "train.global_batch_size=8",
+                                             "train.seq_len=128", "data.packing=false", *sets])
+    step = next(s for s in range(3, 7) if StepPlanner(cfg, TextTokenizer(f"{demo_dir}/{cfg.data.tokenizer}"))
+                .planner.modality(s) == "multimodal")
+    name, index = _sample_first_drawn_at(cfg, step)
+    poisoned = _train(tmp_path / "poisoned", demo_dir, 2, *sets, "parallel.dp=2", "train.on_bad_step=rollback",
+                      env_extra={"VLP_FAULT": f"nan_sample:{name}:{index}"})
+    assert poisoned.returncode == 0, poisoned.stdout[-2000:] + poisoned.stderr[-3000:]
+    assert f"bad step {step} (non-finite loss): rolled back to step {(step - 1) // 2 * 2}" in poisoned.stdout
+    clean = _train(tmp_path / "clean", demo_dir, 2, *sets, "parallel.dp=2", f"data.skip_samples=[{name}:{index}]")
+    assert clean.returncode == 0, clean.stdout[-2000:] + clean.stderr[-3000:]
+    (record,) = _strict((tmp_path / "poisoned" / "bad_steps.jsonl").read_text())
+    assert [(s["source"], s["index"]) for s in record["samples"] if s["blamed"]] == [(name, index)]
+    assert len(record["samples"]) == 8  # both ranks' rows
+    a = _saved_state(tmp_path / "poisoned" / "checkpoints", "step_00000006")
+    b = _saved_state(tmp_path / "clean" / "checkpoints", "step_00000006")
+    assert all(torch.equal(a[k], b[k]) for k in a)
