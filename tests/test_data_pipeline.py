@@ -177,7 +177,6 @@ def test_ungrouped_steps_mix_text_and_multimodal_sources(demo_dir, tokenizer):
     cfg = _cfg(demo_dir, "data.group_by_modality=false")
     text, mm = _names(cfg, "text"), _names(cfg, "multimodal")
     weights = {s.name: s.weight for s in cfg.data.sources}
-    total_w = sum(weights.values())
     steps = _run(cfg, tokenizer, dp=1, n_steps=6, load_images=False)
     counts = dict.fromkeys(weights, 0)
     for k, s in enumerate(steps, 1):

@@ -37,17 +37,14 @@ it is refused with one line.
 from __future__ import annotations
 
 from dataclasses import asdict
-from typing import TYPE_CHECKING
 
 from vlpretrain.config import ConfigError
-
-if TYPE_CHECKING:
-    from vlpretrain.data.step_plan import StepPlanner
 
 VERSION = 2
 
 
-def save(p: StepPlanner) -> dict:
+def save(p) -> dict:
+    """``p``: the ``step_plan.StepPlanner`` (not imported: it imports this module)."""
     sp, cfg = p.planner, p.cfg
     sources = {src.name: {"content": p.content_ids[i], "size": sp.sizes[i], "order_key": sp.order_keys[i],
                           "counter": sp.counters[i], "modality": src.modality, "weight": src.cfg.weight,
@@ -71,7 +68,7 @@ def _refuse_seed(saved: int, now: int) -> None:
                           f"start a new run")
 
 
-def load(p: StepPlanner, state: dict) -> list[str]:
+def load(p, state: dict) -> list[str]:
     if state.get("version") != VERSION:
         return _load_positional(p, state)
     cfg, sp = p.cfg, p.planner
@@ -134,7 +131,7 @@ def load(p: StepPlanner, state: dict) -> list[str]:
     return notes
 
 
-def _match(p: StepPlanner, pool: dict, current: set[str], names: list[str]) -> list[tuple[str, str | None]]:
+def _match(p, pool: dict, current: set[str], names: list[str]) -> list[tuple[str, str | None]]:
     """Per configured source: (how it relates to the saved state, the saved name it continues from);
     ``current``: the names the checkpoint's configuration had (the rest of ``pool`` is retired)."""
     cids = p.content_ids
@@ -161,7 +158,7 @@ def _match(p: StepPlanner, pool: dict, current: set[str], names: list[str]) -> l
     return out
 
 
-def _load_choosers(p: StepPlanner, state: dict, match: list) -> None:
+def _load_choosers(p, state: dict, match: list) -> None:
     """Restore a modality's weighted-mix counts when it has the same sources (by name, after renames) with the same
     weights; else it restarts from zero with the new weights."""
     sp, saved = p.planner, state["sources"]
@@ -175,7 +172,7 @@ def _load_choosers(p: StepPlanner, state: dict, match: list) -> None:
         ch.counts = [int(counts[o]) for o in olds] if same else [0] * len(members)
 
 
-def _settings(p: StepPlanner, state: dict, recut: list[str]) -> list[str]:
+def _settings(p, state: dict, recut: list[str]) -> list[str]:
     d, t, notes, nxt = p.cfg.data, p.cfg.train, [], state["step"] + 1
     if state["seq_len"] != t.seq_len:
         line = (f"train.seq_len {state['seq_len']} -> {t.seq_len}: sources continue where they were; samples "
@@ -200,28 +197,24 @@ def _settings(p: StepPlanner, state: dict, recut: list[str]) -> list[str]:
     return notes
 
 
-def _load_carry(p: StepPlanner, state: dict, match: list, recut: list[str]) -> int:
+def _load_carry(p, state: dict, match: list, recut: list[str]) -> int:
     """The packed samples waiting for their modality's next step, where they still can be used; returns how
     many are dropped."""
-    from vlpretrain.data.step_plan import Slot
-
     where = {old: i for i, (kind, old) in enumerate(match) if kind in ("same", "renamed", "readded")}
     modes = ("mixed",) if not p.cfg.data.group_by_modality else ("text", "multimodal")
     p.carry, dropped = {}, 0
     for m, (name, index) in state.get("carry", {}).items():
         i = where.get(name)
-        got = p.slot(i, index) if i is not None and p.sources[i].name not in recut else None
-        if p.cfg.data.packing and m in modes and isinstance(got, Slot) and index not in p.excluded[i]:
+        got = p.slot(i, index) if i is not None and p.sources[i].name not in recut else "gone"
+        if p.cfg.data.packing and m in modes and not isinstance(got, str) and index not in p.excluded[i]:
             p.carry[m] = got
         else:
             dropped += 1
     return dropped
 
 
-def _load_positional(p: StepPlanner, state: dict) -> list[str]:
+def _load_positional(p, state: dict) -> list[str]:
     """A state from before sources were known by name: the same sources, by position, as it was saved."""
-    from vlpretrain.data.step_plan import Slot
-
     sp, saved = p.planner, state["planner"]
     _refuse_seed(saved["seed"], p.cfg.train.seed)
     if saved["sizes"] != sp.sizes:
@@ -235,7 +228,7 @@ def _load_positional(p: StepPlanner, state: dict) -> list[str]:
     p.carry = {}
     for m, (source, index) in state.get("carry", {}).items():
         got = p.slot(source, index)
-        if isinstance(got, Slot):
+        if not isinstance(got, str):
             p.carry[m] = got
     p.exclude(p.skip_samples)
     return []

@@ -12,6 +12,10 @@ vectorised without changing a single choice (a test compares it with a plain one
   many counters at once) with their usable flags from the size table; a slot takes the source's next usable
   draw, the unusable ones before it are counted as skipped; draws are committed only when used;
 * first fit places a block at a time (``FirstFit.place_many``: binary search over the rows' record rooms).
+
+Excluded samples (``exclude``, ``data.skip_samples``) are skipped like unusable ones wherever they are drawn and
+counted apart (``excluded_total``). The state (``state_dict``) knows sources by name and content; how it is
+applied to an edited data section: ``plan_state.py``.
 """
 from __future__ import annotations
 

@@ -147,6 +147,9 @@ def _build(cfg: Config, tokenizer, eval_paths, init_file, resume, lock: RunDirLo
     # data: every rank follows the same global sample sequence and keeps its dp slice
     data = DataPipeline(cfg, tokenizer, dp_rank=ctx.dp_rank, dp_size=ctx.layout.dp,  # opens every source now
                         state=resumed["data_state"] if resumed else None)
+    if ctx.is_main:  # how the saved data state meets an edited data section (data/plan_state.py): once
+        for line in data.resume_notes:
+            print(f"resume: {line}", flush=True)
     model = ParallelModel(cfg, ctx)
     evaluator = Evaluator(cfg, tokenizer, *eval_paths)  # MCPPL + held-out text, in this layout
     data.load_images = model.has_first  # only ranks that run the vision encoder decode images
