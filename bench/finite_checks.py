@@ -1,8 +1,10 @@
 """What the non-finite checks cost (``train.check_finite``): time per step with them on and off, and the save.
 
-Per step the checks are two ``math.isfinite`` of numbers the step has on the host already, and with more than one
-rank a 2-float all-reduce (MAX) over the world so that every rank skips alike. Each save scans every floating
-tensor it writes (``torch.isfinite(t).all()`` per local shard, one sync for all). This bench:
+Per step the checks are two ``math.isfinite`` of numbers the step has on the host already, the loss-spike test
+(a median of at most ``train.spike_window`` floats), and with more than one rank a 3-float all-reduce over the
+world so that every rank skips alike (it also sums the step's undecodable images). A bad step's forward re-run
+costs only on bad steps. Each save scans every floating tensor it writes (min / max per local shard, one sync for
+all). This bench:
 
 - step: launches ``vlpretrain train`` (tiny hybrid model, stage 2, demo data) under torchrun at each ``--dp``, with
   ``train.check_finite`` true and false, interleaved on, off, on, off ... (``bench/_ab.py``); a launch's figure is

@@ -2,6 +2,11 @@
 
     python -m data_tools inspect SHARDS... [--tokenizer tokenizer.json] [--image-tokens 576]
                                            [--grid out.png] [--n 8] [--cols 4] [--limit N] [--json]
+    python -m data_tools inspect --config CFG --sample SOURCE:INDEX [--set KEY=VALUE ...] [--json]
+
+The second form shows one sample of a training config's source, as the planner numbers them (the ``source`` and
+``index`` of a line of ``<run_dir>/bad_steps.jsonl``, or an entry of ``data.skip_samples``): where it lives (file or
+shard and key), its planned size, its text and its images.
 
 SHARDS are shard files, directories (their *.tar) or globs. Token length = the input positions a sample needs
 (``len(SampleEncoder.encode(record).tokens)``: BOS, text, ``image_tokens`` per image, EOS, minus the last id which
@@ -253,7 +258,7 @@ def render_grid(reader: ShardReader, out_path: str | os.PathLike, n: int = 8, co
 
 def add_inspect_parser(commands: argparse._SubParsersAction) -> None:
     p = commands.add_parser("inspect", help="counts, token lengths and a sample grid of webdataset shards")
-    p.add_argument("shards", nargs="+", help="shard files, directories or globs")
+    p.add_argument("shards", nargs="*", help="shard files, directories or globs")
     p.add_argument("--tokenizer", default=None, help="tokenizer.json: adds token length statistics")
     p.add_argument("--image-tokens", type=int, default=DEFAULT_IMAGE_TOKENS, help="tokens per image")
     p.add_argument("--grid", default=None, help="write a PNG grid of samples here")
@@ -261,9 +266,70 @@ def add_inspect_parser(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--cols", type=int, default=4, help="grid columns")
     p.add_argument("--limit", type=int, default=None, help="only the first N samples for the statistics")
     p.add_argument("--json", action="store_true", help="print the statistics as JSON")
+    p.add_argument("--config", default=None, help="with --sample: the training config whose sources are meant")
+    p.add_argument("--set", nargs="*", default=[], help="with --config: overrides KEY=VALUE, as for training")
+    p.add_argument("--sample", default=None, help="SOURCE:INDEX: show this sample of the config's source")
+
+
+def sample_view(cfg, spec: str) -> dict:
+    """Sample ``spec`` ("<source name>:<sample index>", the planner's numbering) of ``cfg``'s sources: where it
+    lives and its planned size (``StepPlanner.describe``), its text and its images."""
+    from vlpretrain.data.loader import StepPlanner, resolve
+    from vlpretrain.data.tokenizer import TextTokenizer
+    from vlpretrain.errors import UserError
+
+    name, sep, index = spec.rpartition(":")
+    if not sep or not index.isdigit():
+        raise UserError(f"--sample: '{spec}' is not SOURCE:INDEX")
+    tok = TextTokenizer(resolve(cfg.data.root, cfg.data.tokenizer))
+    planner = StepPlanner(cfg, tok)
+    names = [s.name for s in planner.sources]
+    if name not in names:
+        raise UserError(f"--sample: no source named '{name}' (sources: {', '.join(names)})")
+    i, n = names.index(name), int(index)
+    src = planner.sources[i]
+    if n >= len(src):
+        raise UserError(f"--sample: source '{name}' has {len(src)} samples, no sample {n}")
+    out = planner.describe(i, n)
+    ids = src.tokens(n)
+    if ids is not None:
+        out["text"] = tok.decode(ids.tolist())
+        return out
+    try:
+        rec = src.record(n)
+    except (BadSample, KeyError, OSError) as e:
+        out["unreadable"] = str(e)
+        return out
+    out["text"] = rec["text"] if "text" in rec else rec.get("conversation")
+    root = getattr(src, "image_root", None) or getattr(src, "root", None)
+    where = f"{out['shard']}:{out['member_key']}." if "shard" in out else ""
+    out["image_files"] = [str(Path(root) / str(x)) if root else f"{where}{str(x).lower()}" for x in rec["images"]]
+    return out
+
+
+def _run_sample(args: argparse.Namespace) -> int:
+    from vlpretrain.config import load_config
+
+    if not args.config:
+        print("error: --sample needs --config (the training config whose sources are meant)", file=sys.stderr)
+        return 2
+    view = sample_view(load_config(args.config, args.set), args.sample)
+    if args.json:
+        print(json.dumps(view, indent=2, ensure_ascii=False))
+        return 0
+    for k, v in view.items():
+        if k == "text" and not isinstance(v, str):
+            v = json.dumps(v, ensure_ascii=False, indent=1)
+        print(f"{k}: {v}")
+    return 0
 
 
 def run_inspect(args: argparse.Namespace) -> int:
+    if args.sample:
+        return _run_sample(args)
+    if not args.shards:
+        print("error: inspect needs SHARDS, or --config CFG --sample SOURCE:INDEX", file=sys.stderr)
+        return 2
     try:
         reader = ShardReader(args.shards)
     except (FileNotFoundError, ShardError) as e:

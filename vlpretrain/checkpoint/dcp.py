@@ -58,6 +58,13 @@ STEP_DIR = re.compile(r"step_\d{8}")  # "step_00000006.damaged" is not one
 CHECKED_FINITE = "checked_finite"  # train_state.json: every tensor was finite when it was saved (else unchecked)
 
 
+REFUSAL = "refusing to save"  # how a save refused for non-finite values starts (NonFiniteStateError)
+
+
+class NonFiniteStateError(CheckpointError):
+    """A save refused: the state to save holds non-finite values (a diverged run, not a user's input)."""
+
+
 class NoCheckpointError(CheckpointError, FileNotFoundError):
     """No usable checkpoint where one was asked for."""
 
@@ -251,7 +258,7 @@ class Checkpointer:
         if self.check_finite:  # agreed with the directory's creation below: one collective for both
             n, first = first_nonfinite(state)
             if n:
-                problem = (f"refusing to save step {step}: {n} tensors hold non-finite values on rank {self.rank}, "
+                problem = (f"{REFUSAL} step {step}: {n} tensors hold non-finite values on rank {self.rank}, "
                            f"e.g. {first}; {self.dir / 'latest'} is unchanged")
         if self.is_main and problem is None:
             try:
@@ -260,7 +267,7 @@ class Checkpointer:
                 tmp.mkdir()
             except OSError as e:
                 problem = describe_write_error(e, tmp)
-        self._raise_any([problem], tmp)
+        self._raise_any([problem], tmp, NonFiniteStateError if self.check_finite else CheckpointError)
         train_state = {**train_state, CHECKED_FINITE: self.check_finite}
         no_dist = not dist.is_initialized()
         if self.async_save and weights is None:
@@ -304,13 +311,14 @@ class Checkpointer:
         dist.all_gather_object(out, obj, group=self._group)
         return out
 
-    def _raise_any(self, problems: list, tmp: Path) -> None:
-        """Collective: if any rank had a problem, remove the partial dir and raise it on every rank."""
+    def _raise_any(self, problems: list, tmp: Path, error: type[CheckpointError] = CheckpointError) -> None:
+        """Collective: if any rank had a problem, remove the partial dir and raise it on every rank (as
+        ``error`` when it is a refusal to save non-finite values, the only problem found before writing)."""
         problem = next((p for p in self._gather(next((p for p in problems if p), None)) if p), None)
         if problem:
             if self.is_main:
                 shutil.rmtree(tmp, ignore_errors=True)
-            raise CheckpointError(problem)
+            raise (error if problem.startswith(REFUSAL) else CheckpointError)(problem)
 
     def _publish(self, step: int, train_state: dict, tmp: Path, final: Path, weights: Callable | None,
                  local: tuple) -> None:

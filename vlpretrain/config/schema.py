@@ -204,6 +204,9 @@ class DataConfig:
     language_ratio: LanguageRatioConfig = _f(factory=LanguageRatioConfig, help="the language share of the steps "
                                                                                 "and its warm-down")
     system_prompt: str = _f("", help="text put before every SFT conversation")
+    skip_samples: list[str] = _f(factory=list, help="samples never drawn, as '<source name>:<sample index>' (e.g. from "
+                                                    "<run_dir>/bad_steps.jsonl); a draw of one takes the source's next "
+                                                    "sample")
     num_workers: int = _f(0, ge=0, help="DataLoader worker processes (each prepares whole steps); 0: the main "
                                         "process")
     prefetch_steps: int = _f(2, ge=1, help="steps each worker prepares ahead")
@@ -259,7 +262,15 @@ class TrainConfig:
     grad_clip: float = _f(1.0, ge=0, help="clip the global gradient norm (over dp, tp and pp) to this; 0: off")
     check_finite: bool = _f(True, help="skip the update of a step whose loss or gradient norm is not finite (counted "
                                        "as a bad step) and refuse to save non-finite weights; false: no checks")
-    max_bad_steps: int = _f(5, ge=1, help="stop (exit 43, saving nothing) after this many bad steps in a row")
+    max_bad_steps: int = _f(5, ge=1, help="stop (exit 43, saving nothing) after this many bad steps in a row (a "
+                                          "rolled-back step counts until a step after it succeeds)")
+    on_bad_step: Literal["skip", "rollback", "stop"] = _f(
+        "skip", help="a bad step (non-finite, or a loss spike): skip its update; rollback: reload the newest good "
+                     "checkpoint, never draw the step's offending samples again and replay (exact); stop: exit 43")
+    spike_factor: float = _f(3.0, ge=0, help="a step whose loss exceeds this times the median of its modality's last "
+                                             "train.spike_window good losses is a bad step (loss spike); 0: off")
+    spike_window: int = _f(50, ge=2, help="good steps per modality (text, multimodal, mixed) the spike median is "
+                                          "taken over; detection starts once half of them are seen")
     dtype: Literal["auto", "bf16", "fp32"] = _f(
         "auto", help="auto: bf16 on GPU, fp32 on CPU; bf16: one policy in every layout (bf16 compute; fp32 master "
                      "weights, optimizer state and gradient reduction, FSDP2's MixedPrecisionPolicy)")

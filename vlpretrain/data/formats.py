@@ -319,6 +319,12 @@ class LlavaSource(Source):
     def __len__(self) -> int:
         return len(self.starts)
 
+    def where(self, i: int) -> dict:
+        return {"file": str(self.path), "item": i}
+
+    def _content_parts(self) -> list:
+        return [self.file_hash]
+
     def record(self, i: int) -> dict:
         raw = self.file.read(int(self.starts[i]), int(self.ends[i] - self.starts[i]))
         try:

@@ -98,6 +98,7 @@ class GlobalBatch:
     bad_images: int = 0  # images this rank could not decode (replaced by blanks)
     data_state: dict = field(default_factory=dict)  # planner state after this step (for checkpoints)
     bad_reads: int = 0  # planned samples this rank could not read as sized (masked, see the module doc)
+    samples: list[list[tuple[int, int]]] = field(default_factory=list)  # (source, index) of each row, as built
 
     def pin_memory(self) -> GlobalBatch:
         """Page-locked host tensors for asynchronous host-to-GPU copies (called by the DataLoader)."""
@@ -122,8 +123,9 @@ class DataPipeline:
         self.dp_rank, self.dp_size, self.load_images = dp_rank, dp_size, load_images
         self.image_split = image_split
         self.plans = StepPlanner(cfg, tokenizer)  # opens every source now: bad paths fail at start-up
+        self.resume_notes: list[str] = []  # how a restored state met a changed data configuration (one line each)
         if state is not None:
-            self.load_state_dict(state)
+            self.resume_notes = self.load_state_dict(state)
         m = cfg.model
         self.encoder = SampleEncoder(tokenizer, m.image_tokens, cfg.train.seq_len, cfg.data.system_prompt,
                                      truncate=False, vocab_size=m.vocab_size)
@@ -137,11 +139,26 @@ class DataPipeline:
     def sources(self) -> list[Source]:
         return self.plans.sources
 
+    @property
+    def source_names(self) -> list[str]:
+        return [s.name for s in self.plans.sources]
+
+    def describe(self, source: int, index: int) -> dict:
+        """A sample as a user can find it (``StepPlanner.describe``)."""
+        return self.plans.describe(source, index)
+
     def state_dict(self) -> dict:
         return self.plans.state_dict()
 
-    def load_state_dict(self, state: dict) -> None:
-        self.plans.load_state_dict(state)
+    def load_state_dict(self, state: dict) -> list[str]:
+        """Continue from a saved state; returns one line per data-configuration change it applied (the rules:
+        ``plan_state.py``), for the caller to print once (rank 0)."""
+        return self.plans.load_state_dict(state)
+
+    def exclude(self, samples) -> int:
+        """``StepPlanner.exclude``: these (source position, sample index) pairs are never drawn from the next
+        planned step on; returns how many were new."""
+        return self.plans.exclude(samples)
 
     def local(self, plan: StepPlan) -> LocalPlan:
         """This dp rank's contiguous share of the step's rows."""
@@ -242,7 +259,8 @@ class DataPipeline:
         micro = [self._collate(local.rows[i:i + mbs], local.modality, counter)
                  for i in range(0, len(local.rows), mbs)]
         return GlobalBatch(step=local.step, modality=local.modality, microbatches=micro, bad_images=counter[0],
-                           bad_reads=counter[1], **local.totals)
+                           bad_reads=counter[1], samples=[[(s.source, s.index) for s in row] for row in local.rows],
+                           **local.totals)
 
     def __iter__(self):
         return self

@@ -217,6 +217,13 @@ class ParquetSource(Source):
         f_i = self.units[u][0]
         return f"{self.name}/{self.files[f_i].stem}/{i - self.file_first[f_i]}"
 
+    def where(self, i: int) -> dict:
+        f_i = self.units[self._where(i)[0]][0]
+        return {"file": str(self.files[f_i]), "row": i - self.file_first[f_i]}
+
+    def _content_parts(self) -> list:
+        return [fingerprint(f) for f in self.files]
+
     def _column(self, u: int, column: str):
         import pyarrow as pa
 

@@ -2,8 +2,11 @@
 
 ``ModalitySchedule`` gives the target language share r(step) and decides each global step's modality by
 deterministic error diffusion: after any step t, |language steps so far - sum of r(1..t)| < 1.
-``SamplePlanner`` picks each slot's source (``WeightedChooser``) and sample (``FeistelPermutation`` per epoch);
-its state is a small dict, so a resumed run continues the exact sequence.
+Mixed steps (``group_by_modality: false``) follow the same target per sample instead (``MixedChooser``: each
+slot's modality by error diffusion over slots, so the expected language share of the samples is r(step)).
+``SamplePlanner`` picks each slot's source (``WeightedChooser`` within its modality) and sample
+(``FeistelPermutation`` per epoch, keyed by the source's order key); its state is a small dict, so a resumed run
+continues the exact sequence.
 """
 from __future__ import annotations
 
@@ -173,6 +176,64 @@ class WeightedChooser:
             self.counts[i] -= 1
 
 
+class MixedChooser:
+    """Mixed steps: each slot's modality by error diffusion over the slots (after j slots of a step with target
+    r, the language slots of the run are round(T + j r), T the target summed over earlier steps' slots), then
+    its source by weight within that modality. ``take`` / ``give_back`` keep the state exact (integers and one
+    float folded once per step)."""
+
+    def __init__(self, choosers: dict[str, WeightedChooser], by_modality: dict[str, list[int]]):
+        self.choosers, self.by_modality = choosers, by_modality
+        self.target = 0.0  # language slots targeted before this step
+        self.samples = 0  # slots before this step
+        self.used, self.ratio = 0, 0.0  # this step's slots so far and its target share
+
+    def start(self, ratio: float) -> None:
+        self.target, self.samples = self.target + self.used * self.ratio, self.samples + self.used
+        self.used, self.ratio = 0, ratio
+
+    def _pattern(self, n: int) -> np.ndarray:
+        """Language (True) or multimodal for this step's next ``n`` slots."""
+        if not self.by_modality["multimodal"] or not self.by_modality["text"]:
+            return np.full(n, bool(self.by_modality["text"]))
+        j = np.arange(self.used, self.used + n + 1, dtype=np.int64)
+        lang = np.floor(self.target + j * self.ratio + 0.5)
+        return lang[1:] > lang[:-1]
+
+    def take(self, n: int) -> list[int]:
+        lang = self._pattern(n)
+        out = np.zeros(n, np.int64)
+        for m, mask in (("text", lang), ("multimodal", ~lang)):
+            k = int(mask.sum())
+            if k:
+                idx = self.by_modality[m]
+                out[mask] = [idx[c] for c in self.choosers[m].take(k)]
+        self.used += n
+        return out.tolist()
+
+    def next(self) -> int:
+        return self.take(1)[0]
+
+    def give_back(self, sources: list[int], modality_of: list[str]) -> None:
+        for m, ch in self.choosers.items():
+            where = {s: i for i, s in enumerate(self.by_modality[m])}
+            ch.give_back([where[s] for s in sources if modality_of[s] == m])
+        self.used -= len(sources)
+
+    def language_samples(self) -> int:
+        """Language slots of the run so far (the current step's included)."""
+        if not self.by_modality["multimodal"] or not self.by_modality["text"]:
+            return self.samples + self.used if self.by_modality["text"] else 0
+        return math.floor(self.target + self.used * self.ratio + 0.5)
+
+    def state_dict(self) -> dict:
+        return {"target": self.target, "samples": self.samples, "used": self.used, "ratio": self.ratio}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.target, self.samples = float(state["target"]), int(state["samples"])
+        self.used, self.ratio = int(state["used"]), float(state["ratio"])
+
+
 @dataclass
 class Draw:
     source: int
@@ -184,18 +245,20 @@ class SamplePlanner:
     """Which sample fills each slot of each global step: a deterministic function of the seed and the step
     sequence, the same on every rank whatever the layout, saved and restored as a small state dict.
 
-    Per source, draws walk a fresh shuffled order every epoch (``FeistelPermutation`` keyed by seed, source,
-    epoch); sources are blended by weight within a modality (``WeightedChooser``); the step's modality comes
-    from the ``ModalitySchedule``.
+    Per source, draws walk a fresh shuffled order every epoch (``FeistelPermutation`` keyed by seed, the
+    source's order key, epoch); sources are blended by weight within a modality (``WeightedChooser``); the
+    step's modality (grouped) or each slot's (mixed) comes from the ``ModalitySchedule``. ``order_keys``: one per
+    source, its position in a fresh run (a resumed run keeps each source's own, wherever it now is in the list).
     """
 
     def __init__(self, sizes: list[int], modalities: list[str], weights: list[float], seed: int,
-                 schedule: ModalitySchedule, group_by_modality: bool):
+                 schedule: ModalitySchedule, group_by_modality: bool, order_keys: list[int] | None = None):
         self.sizes, self.modalities, self.seed = sizes, modalities, seed
         self.schedule, self.group = schedule, group_by_modality
+        self.order_keys = list(range(len(sizes))) if order_keys is None else list(order_keys)
         self.by_modality = {m: [i for i, x in enumerate(modalities) if x == m] for m in ("text", "multimodal")}
         self.choosers = {m: WeightedChooser([weights[i] for i in idx]) for m, idx in self.by_modality.items() if idx}
-        self.mixed = WeightedChooser(weights)
+        self.mixed = MixedChooser(self.choosers, self.by_modality)
         self.counters = [0] * len(sizes)
         self.step = 0  # global steps planned so far (this object is the only one that advances it)
         self.language_steps = 0  # of which all-language
@@ -213,6 +276,8 @@ class SamplePlanner:
         """Advance to the next global step: (step, its modality)."""
         self.step += 1
         modality = self.modality(self.step)
+        if modality == "mixed":
+            self.mixed.start(self.schedule.ratio(self.step))
         self.language_steps += modality == "text"
         return self.step, modality
 
@@ -236,7 +301,7 @@ class SamplePlanner:
 
     def give_back_sources(self, modality: str, sources: list[int]) -> None:
         if modality == "mixed":
-            return self.mixed.give_back(sources)
+            return self.mixed.give_back(sources, self.modalities)
         where = {s: i for i, s in enumerate(self.by_modality[modality])}
         self.choosers[modality].give_back([where[s] for s in sources])
 
@@ -255,7 +320,8 @@ class SamplePlanner:
         perm = self._perms.get((source, epoch))
         if perm is None:
             self._perms = {k: v for k, v in self._perms.items() if k[0] != source}  # keep one epoch per source
-            perm = self._perms[(source, epoch)] = FeistelPermutation(self.sizes[source], self.seed, source, epoch)
+            perm = self._perms[(source, epoch)] = FeistelPermutation(self.sizes[source], self.seed,
+                                                                         self.order_keys[source], epoch)
         return perm
 
     def epochs(self) -> list[int]:
@@ -264,14 +330,15 @@ class SamplePlanner:
     def state_dict(self) -> dict:
         return {"step": self.step, "seed": self.seed, "counters": list(self.counters), "epochs": self.epochs(),
                 "chooser_counts": {m: list(ch.counts) for m, ch in self.choosers.items()},
-                "mixed_counts": list(self.mixed.counts), "sizes": list(self.sizes)}
+                "mixed": self.mixed.state_dict(), "sizes": list(self.sizes), "order_keys": list(self.order_keys)}
 
     def load_state_dict(self, state: dict) -> None:
-        if state["sizes"] != self.sizes or state["seed"] != self.seed:
-            raise ValueError(f"data state was saved for sources of sizes {state['sizes']} and seed "
-                             f"{state['seed']}, not {self.sizes} / {self.seed}")
+        """The positional state of the same sources (``StepPlanner`` maps a changed configuration by name). A
+        state from before mixed steps followed the schedule ("mixed_counts") restarts the mixed slots' target."""
         self.step = state["step"]
         self.counters = list(state["counters"])
         for m, counts in state["chooser_counts"].items():
             self.choosers[m].counts = list(counts)
-        self.mixed.counts = list(state["mixed_counts"])
+        if "mixed" in state:
+            self.mixed.load_state_dict(state["mixed"])
+        self.order_keys = list(state.get("order_keys", range(len(self.sizes))))

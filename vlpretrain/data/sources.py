@@ -69,6 +69,19 @@ class Source:
     def key(self, i: int) -> str:
         return f"{self.name}/{i}"
 
+    def where(self, i: int) -> dict:
+        """Where sample ``i`` lives, for a user to find it (file or shard, and its place there)."""
+        return {"file": self.cfg.path}
+
+    def content_id(self) -> str:
+        """What the sample indices refer to: a cheap, stable hash of the source's files (what its size index is
+        keyed by), independent of its name, path and seq_len. The data state knows a source by it
+        (``plan_state.py``): renamed or moved, the same files continue; other files are another source."""
+        return _digest(type(self).__name__, len(self), *self._content_parts())
+
+    def _content_parts(self) -> list:
+        raise NotImplementedError
+
     def record(self, i: int) -> dict:
         raise NotImplementedError
 
@@ -82,6 +95,10 @@ class Source:
         """Every sample's size (``sizes.py``), from the stored size index when it matches, else computed (and
         stored, best effort)."""
         raise NotImplementedError
+
+
+def _digest(*parts) -> str:
+    return hashlib.blake2b(json.dumps([str(p) for p in parts]).encode(), digest_size=12).hexdigest()
 
 
 class JsonlSource(Source):
@@ -127,6 +144,12 @@ class JsonlSource(Source):
     def key(self, i: int) -> str:
         return f"{self.name}/{i}"
 
+    def where(self, i: int) -> dict:
+        return {"file": str(self.path), "line": i}  # among its non-blank lines, from 0
+
+    def _content_parts(self) -> list:
+        return [self.content_hash]
+
     def image(self, i: int, j: int, record: dict) -> torch.Tensor:
         path = self.root / record["images"][j]
         try:
@@ -149,6 +172,15 @@ class ShardSource(Source):
     def key(self, i: int) -> str:
         shard, key = self.reader.locate(i)
         return f"{self.name}/{shard.stem}/{key}"
+
+    def where(self, i: int) -> dict:
+        shard, key = self.reader.locate(i)
+        return {"shard": str(shard), "member_key": key}
+
+    def _content_parts(self) -> list:
+        # each shard's fingerprint (size + first and last 64 KiB; an older index: its size and sample keys)
+        return [ix.get("shard_hash") or _digest(ix.get("shard_bytes"), *[x["key"] for x in ix["samples"]])
+                for ix in self.reader.indexes]
 
     def record(self, i: int) -> dict:
         shard, key = self.reader.locate(i)
@@ -199,6 +231,15 @@ class IndexedSource(Source):
 
     def key(self, i: int) -> str:
         return f"{self.name}/{int(self.seq_of_chunk[i])}:{int(self.offset_of_chunk[i])}"
+
+    def where(self, i: int) -> dict:
+        return {"file": f"{self.ds.prefix}.bin", "document": int(self.seq_of_chunk[i]),
+                "offset": int(self.offset_of_chunk[i])}
+
+    def content_id(self) -> str:
+        """The corpus (its .idx fingerprint and .bin size), not its chunking: a new seq_len re-cuts the same
+        corpus (``plan_state.py`` has the rule)."""
+        return _digest(type(self).__name__, idx_fingerprint(self.ds.prefix))
 
     def record(self, i: int) -> dict:
         return {"images": []}

@@ -54,8 +54,8 @@ def language_share(cfg: Config) -> float:
 def assumed_mix(cfg: Config, images_per_sample: float = 1.0) -> list[StepType]:
     """The step types without reading the data: every multimodal sample (or packed row) carries
     ``images_per_sample`` images. Grouped: text steps with the language share, multimodal steps with the rest.
-    Mixed: the multimodal share of the samples is the sources' multimodal weight share (1 - language_ratio.end
-    when the sources are unknown)."""
+    Mixed: the multimodal share of the samples is 1 - the language share (mixed steps draw language samples at
+    ``language_ratio``, as grouped runs draw language steps)."""
     b = cfg.train.micro_batch_size
     per_mb = b * images_per_sample
     note = f"assumed: {images_per_sample:g} image(s) per multimodal {'row' if cfg.data.packing else 'sample'}"
@@ -67,9 +67,7 @@ def assumed_mix(cfg: Config, images_per_sample: float = 1.0) -> list[StepType]:
         if lang < 1:
             out.append(StepType("multimodal", 1 - lang, (_whole(per_mb),), note))
         return out
-    w = _modality_weights(cfg)
-    mm = w[1] / (w[0] + w[1]) if w is not None else 1 - cfg.data.language_ratio.end
-    return [StepType("mixed", 1.0, (_whole(per_mb * mm),), note)]
+    return [StepType("mixed", 1.0, (_whole(per_mb * (1 - language_share(cfg))),), note)]
 
 
 def _whole(x: float):

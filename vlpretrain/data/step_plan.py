@@ -12,17 +12,23 @@ vectorised without changing a single choice (a test compares it with a plain one
   many counters at once) with their usable flags from the size table; a slot takes the source's next usable
   draw, the unusable ones before it are counted as skipped; draws are committed only when used;
 * first fit places a block at a time (``FirstFit.place_many``: binary search over the rows' record rooms).
+
+Excluded samples (``exclude``, ``data.skip_samples``) are skipped like unusable ones wherever they are drawn and
+counted apart (``excluded_total``). The state (``state_dict``) knows sources by name and content; how it is
+applied to an edited data section: ``plan_state.py``.
 """
 from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import cached_property
 
 import numpy as np
 
 from vlpretrain.config import Config, ConfigError
+from vlpretrain.data import plan_state
 from vlpretrain.data.manifest import load_manifest, open_source
 from vlpretrain.data.packing import FirstFit
 from vlpretrain.data.sample_order import ModalitySchedule, SamplePlanner
@@ -73,6 +79,7 @@ class _Lookahead:
         self.start, self.table, self.length, self.limit = start, table, 0, None
         self.pos = np.zeros(0, np.int64)
         self.idx = np.zeros(0, np.int64)
+        self.xpos = np.zeros(0, np.int64)  # positions of excluded draws (skipped, counted apart from bad ones)
 
 
 class StepPlanner:
@@ -87,6 +94,8 @@ class StepPlanner:
         for src in self.sources:
             if len(src) == 0:
                 raise ConfigError(f"data error: source '{src.name}' has no samples")
+        self.skip_samples = parse_skip_samples(cfg.data.skip_samples, self.sources)  # before the size tables
+        self.content_ids = [s.content_id() for s in self.sources]  # what the data state knows them by
         self.tables: list[SizeTable] = [src.size_table(tokenizer, cfg.data.system_prompt, cfg.model.vocab_size)
                                         for src in self.sources]
         self.image_tokens, self.seq_len = cfg.model.image_tokens, cfg.train.seq_len
@@ -95,10 +104,15 @@ class StepPlanner:
                                      [s.cfg.weight for s in self.sources], cfg.train.seed, self.schedule,
                                      cfg.data.group_by_modality)
         self.bad_total = {s.name: 0 for s in self.sources}
+        self.excluded_total = {s.name: 0 for s in self.sources}  # draws skipped because they were excluded
+        self.excluded: list[set[int]] = [set() for _ in self.sources]  # sample indices never drawn (exclude)
+        self.retired: dict[str, dict] = {}  # saved state of sources no longer configured (plan_state.py)
         self.carry: dict[str, Slot] = {}  # packing: a drawn sample waiting for its modality's next step
         self._warned: set[str] = set()
         self._ahead: dict[int, _Lookahead] = {}
         self._bad_masks: dict[int, tuple[SizeTable, np.ndarray]] = {}
+        self._excluded_masks: dict[int, np.ndarray] = {}
+        self.exclude(self.skip_samples)
         self._last_count: dict[str, int] = {}  # slots of the modality's last step: the first block's size
         for i in range(len(self.sources)):
             self._probe(i)
@@ -139,6 +153,15 @@ class StepPlanner:
 
     # ---- per-source look-ahead of usable draws
 
+    def _excluded(self, source: int, idx: np.ndarray) -> np.ndarray:
+        if not self.excluded[source]:
+            return np.zeros(len(idx), bool)
+        mask = self._excluded_masks.get(source)
+        if mask is None:
+            mask = self._excluded_masks[source] = np.zeros(len(self.tables[source]), bool)
+            mask[np.fromiter(self.excluded[source], np.int64, len(self.excluded[source]))] = True
+        return mask[idx]
+
     def _usable(self, source: int, idx: np.ndarray) -> np.ndarray:
         t = self.tables[source]
         ok = t.text[idx].astype(np.int64) + t.images[idx].astype(np.int64) * self.image_tokens <= self.seq_len
@@ -160,7 +183,9 @@ class StepPlanner:
         while len(la.pos) < need and la.limit is None:
             m = max(1024, (need - len(la.pos)) * 5 // 4 + 64)
             idx = self.planner.indices(source, la.start + la.length, m)
-            ok = self._usable(source, idx)
+            excluded = self._excluded(source, idx)
+            ok = self._usable(source, idx) & ~excluded
+            la.xpos = np.concatenate([la.xpos, np.flatnonzero(excluded) + la.length])
             la.pos = np.concatenate([la.pos, np.flatnonzero(ok) + la.length])
             la.idx = np.concatenate([la.idx, idx[ok]])
             la.length += m
@@ -179,17 +204,21 @@ class StepPlanner:
         la = self._ahead[source]
         pos = la.pos[:used]
         drawn = int(pos[-1]) + 1
-        skipped = drawn - used
+        name = self.sources[source].name
+        excluded = int(np.searchsorted(la.xpos, drawn))
+        self.excluded_total[name] += excluded
+        skipped = drawn - used - excluded
         if skipped:
-            name = self.sources[source].name
-            runs = np.diff(pos, prepend=-1) - 1
-            j = int(np.flatnonzero(runs)[0])  # the first slot that skipped one
+            # bad draws before each slot's sample: all unusable ones less the excluded ones
+            cum = pos - np.arange(used) - np.searchsorted(la.xpos, pos)
+            j = int(np.flatnonzero(cum)[0])  # the first slot that skipped a bad one
             first_bad.setdefault(name, at + int(first_slot[j]))
             bad[name] = bad.get(name, 0) + skipped
             self.bad_total[name] += skipped
             if name not in self._warned:
                 self._warned.add(name)
-                k = int(pos[j]) - int(runs[j])  # the first skipped draw
+                prev = int(pos[j - 1]) + 1 if j else 0
+                k = next(k for k in range(prev, int(pos[j])) if k not in set(la.xpos.tolist()))
                 index = int(self.planner.indices(source, la.start + k, 1)[0])
                 log.warning("skipping bad sample %s of source %s: %s (further ones are only counted)",
                             self.sources[source].key(index), name, self.slot(source, index))
@@ -197,6 +226,7 @@ class StepPlanner:
         la.start += drawn
         la.length -= drawn
         la.pos, la.idx = la.pos[used:] - drawn, la.idx[used:]
+        la.xpos = la.xpos[excluded:] - drawn
         if la.limit is not None:
             la.limit -= used
 
@@ -287,24 +317,81 @@ class StepPlanner:
             num_label_tokens=int(table[:, 3].sum()), num_tokens=int(table[:, 2].sum()),
             num_images=int(table[:, 4].sum()), num_samples=len(table),
             # the schedule applies to grouped steps only; mixed steps have no language:multimodal target
-            language_ratio_target=self.schedule.ratio(step) if self.cfg.data.group_by_modality else None,
-            language_ratio_realized=self.planner.language_steps / step,
+            **self._language_share(step),
             samples_digest=hashlib.sha1("\n".join(keys).encode()).hexdigest()[:16],
             source_counts=counts, bad_samples=bad, data_state=self.state_dict())
 
-    def state_dict(self) -> dict:
-        return {"planner": self.planner.state_dict(), "language_steps": self.planner.language_steps,
-                "bad_total": dict(self.bad_total),
-                "carry": {m: [s.source, s.index] for m, s in self.carry.items()}}
+    # ---- excluded samples, attribution, state
 
-    def load_state_dict(self, state: dict) -> None:
-        self.planner.load_state_dict(state["planner"])
-        self.planner.language_steps = state["language_steps"]
-        self.bad_total.update(state.get("bad_total", {}))
-        self.carry = {}
-        self._ahead = {}
-        for m, (source, index) in state.get("carry", {}).items():
-            t = self.tables[source]
-            images = int(t.images[index])
-            self.carry[m] = Slot(source, index, int(t.text[index]) + images * self.image_tokens,
-                                 int(t.labels[index]), images)
+    def exclude(self, samples: Iterable[tuple[int, int]]) -> int:
+        """Never draw these samples ((source position, sample index) pairs) from the next ``plan()`` on: a draw
+        of one is skipped like an unusable sample (the slot takes the source's next usable draw) and counted in
+        ``excluded_total``. Deterministic: excluding a sample before its draw changes nothing before it. A
+        carried sample (drawn, waiting for its packed step) that is excluded is dropped. Returns how many were
+        new."""
+        new = 0
+        for source, index in samples:
+            source, index = int(source), int(index)
+            if not 0 <= source < len(self.sources) or not 0 <= index < len(self.sources[source]):
+                raise IndexError(f"no sample {index} in source {source}")
+            if index in self.excluded[source]:
+                continue
+            self.excluded[source].add(index)
+            self._ahead.pop(source, None)
+            self._excluded_masks.pop(source, None)
+            new += 1
+        self.carry = {m: c for m, c in self.carry.items() if c.index not in self.excluded[c.source]}
+        return new
+
+    def describe(self, source: int, index: int) -> dict:
+        """One sample, for a user to find it: source name, file or shard and key, modality, planned size."""
+        src, t = self.sources[source], self.tables[source]
+        out = {"source": src.name, "index": int(index), "key": src.key(index), **src.where(index),
+               "modality": src.modality, "tokens": int(t.text[index]) + int(t.images[index]) * self.image_tokens,
+               "labels": int(t.labels[index]), "images": int(t.images[index])}
+        reason = t.reasons.get(index)
+        if reason is not None:
+            out["bad"] = reason
+        return out
+
+    def _language_share(self, step: int) -> dict:
+        """Grouped: the target and realised share of language steps; mixed: of language samples (no target
+        when only one modality is configured)."""
+        p = self.planner
+        if self.cfg.data.group_by_modality:
+            return dict(language_ratio_target=self.schedule.ratio(step),
+                        language_ratio_realized=p.language_steps / step)
+        both = all(p.by_modality.values())
+        samples = p.mixed.samples + p.mixed.used
+        return dict(language_ratio_target=self.schedule.ratio(step) if both else None,
+                    language_ratio_realized=p.mixed.language_samples() / max(samples, 1))
+
+    def state_dict(self) -> dict:
+        """The planner's position, by source name and content (``plan_state.py``): small, taken every step."""
+        return plan_state.save(self)
+
+    def load_state_dict(self, state: dict) -> list[str]:
+        """Continue from ``state``, also under a changed data configuration (the rules: ``plan_state.py``);
+        returns one line per change applied, for the caller to print once. A change that cannot be applied
+        raises ``ConfigError`` naming the key."""
+        self._ahead, self._excluded_masks = {}, {}
+        return plan_state.load(self, state)
+
+
+def parse_skip_samples(entries: list[str], sources: list[Source]) -> list[tuple[int, int]]:
+    """``data.skip_samples`` ("<source name>:<sample index>") as (source position, index); one line naming the
+    key for an unknown source or an index out of range."""
+    where = {s.name: i for i, s in enumerate(sources)}
+    out = []
+    for k, entry in enumerate(entries):
+        name, sep, index = str(entry).rpartition(":")
+        key = f"data.skip_samples[{k}]"
+        if not sep or not index.strip().isdigit():
+            raise ConfigError(f"config error: {key}: '{entry}' is not '<source name>:<sample index>'")
+        if name not in where:
+            raise ConfigError(f"config error: {key}: no source named '{name}' (sources: {', '.join(where)})")
+        i, n = where[name], int(index)
+        if n >= len(sources[i]):
+            raise ConfigError(f"config error: {key}: source '{name}' has {len(sources[i])} samples, no sample {n}")
+        out.append((i, n))
+    return out

@@ -5,7 +5,8 @@
 optimizer step; kind ``nan_loss`` / ``nan_grad`` makes that rank see a NaN loss / gradient norm at that step
 (every time the step runs: a bad step, see bad_steps.py). Each signal fires once per job in every launcher: a
 marker file in the run dir records that it fired, so a restarted or requeued job (whatever its restart counter
-says) runs on.
+says) runs on. ``nan_sample:SOURCE:INDEX`` poisons one sample wherever it is drawn: its images reach the model
+as NaN (a corrupt image decoded to NaN), so its row's loss is NaN (the sample must have an image).
 """
 from __future__ import annotations
 
@@ -13,8 +14,11 @@ import os
 import signal
 from pathlib import Path
 
+import torch
+
 _SIGNALS = {"kill": signal.SIGKILL, "term": signal.SIGTERM, "usr1": signal.SIGUSR1, "int": signal.SIGINT}
 _POISON = {"nan_loss": "loss", "nan_grad": "grad"}
+_SAMPLE = "nan_sample"
 
 
 def _faults() -> list[tuple[str, int, int]]:
@@ -22,6 +26,8 @@ def _faults() -> list[tuple[str, int, int]]:
     out = []
     for item in filter(None, spec.split(",")):
         kind, step, rank = item.split(":")
+        if kind == _SAMPLE:
+            continue
         if kind not in _SIGNALS and kind not in _POISON:
             raise ValueError(f"VLP_FAULT: unknown kind {kind!r} (one of {sorted(_SIGNALS) + sorted(_POISON)})")
         out.append((kind, int(step), int(rank)))
@@ -47,3 +53,29 @@ def poison(step: int, rank: int, value: float, what: str = "loss") -> float:
         return value
     hit = any(_POISON.get(kind) == what and at == step and who == rank for kind, at, who in _faults())
     return float("nan") if hit else value
+
+
+def poisoned_samples() -> set[tuple[str, int]]:
+    """The (source name, sample index) pairs VLP_FAULT poisons."""
+    out = set()
+    for item in filter(None, os.environ.get("VLP_FAULT", "").split(",")):
+        kind, _, rest = item.partition(":")
+        if kind == _SAMPLE:
+            source, _, index = rest.rpartition(":")
+            out.add((source, int(index)))
+    return out
+
+
+def poison_samples(batch, names: list[str]) -> None:
+    """Turn the images of every poisoned sample in this rank's rows into NaN (in place, floats in [0, 1])."""
+    if _SAMPLE not in os.environ.get("VLP_FAULT", ""):
+        return
+    poisoned, rows = poisoned_samples(), iter(batch.samples)
+    for mb in batch.microbatches:
+        for r in range(mb.tokens.shape[0]):
+            row = next(rows)
+            if mb.images is None or not any((names[s], i) in poisoned for s, i in row):
+                continue
+            if mb.images.dtype == torch.uint8:  # the engine's own scaling, so that other rows are unchanged
+                mb.images = mb.images.float().div_(255.0)
+            mb.images[r] = float("nan")

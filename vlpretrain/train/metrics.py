@@ -199,6 +199,15 @@ class MetricsLogger:
                   + (f"mem {record['gpu_mem_reserved_gib']:.1f} GiB | " if "gpu_mem_reserved_gib" in record else "")
                   + f"ETA {format_duration(eta)}", flush=True)
 
+    def rewind(self, step: int) -> None:
+        """A rollback to ``step``: drop the lines after it (the replay logs those steps again)."""
+        if not self.is_main:
+            return
+        self._file.close()
+        truncate_after(self._eval_path.with_name("metrics.jsonl"), step)
+        truncate_after(self._eval_path, step)
+        self._file = open(self._eval_path.with_name("metrics.jsonl"), "a", encoding="utf-8")
+
     def log_eval(self, step: int, results: dict) -> dict:
         """One line of ``<run_dir>/eval.jsonl`` (and the loggers, the console) from ``Evaluator.run``."""
         record = eval_record(step, results)

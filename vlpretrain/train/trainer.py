@@ -11,19 +11,16 @@ evaluate for every step; ``_finish`` writes the final checkpoint, evaluation and
 """
 from __future__ import annotations
 
-import base64
 import json
 import math
+import os
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from torch.optim.lr_scheduler import LRScheduler
 
-from vlpretrain.checkpoint.dcp import TRAIN_STATE, Checkpointer, find_resumable
+from vlpretrain.checkpoint.dcp import TRAIN_STATE, Checkpointer, NonFiniteStateError, find_resumable
 from vlpretrain.checkpoint.integrity import check_checkpoint_room
 from vlpretrain.checkpoint.pretrained import load_pretrained_parts
 from vlpretrain.checkpoint.sharded_weights import write_full_weights
@@ -37,14 +34,24 @@ from vlpretrain.eval.mcppl import check_eval_file
 from vlpretrain.models.flops import step_flops
 from vlpretrain.parallel.engine import ParallelModel
 from vlpretrain.parallel.launch_env import global_rank
-from vlpretrain.parallel.mesh import ParallelContext, init_parallel, local_device, resolve_layout, world_size_from_env
+from vlpretrain.parallel.mesh import init_parallel, local_device, resolve_layout, world_size_from_env
 from vlpretrain.train import faults
-from vlpretrain.train.bad_steps import EXIT_DIVERGED, NONFINITE_LOSS, BadStepPolicy, bad_step_reason
+from vlpretrain.train.bad_steps import (
+    DIVERGED_MARKER,
+    EXIT_DIVERGED,
+    LOSS_SPIKE,
+    NONFINITE_LOSS,
+    step_flags,
+)
 from vlpretrain.train.metrics import MetricsLogger, PeakMemory, device_peak_tflops
 from vlpretrain.train.optim import build_optimizer, lr_multiplier
 from vlpretrain.train.preemption import EXIT_PREEMPTED, PREEMPTED_MARKER, PREEMPTION, Deadline
 from vlpretrain.train.profiling import StepProfiler
+from vlpretrain.train.recovery import bad_step, diverged, own_bad_images
+from vlpretrain.train.run_state import Run, restore_progress, set_rng_state, train_state
 from vlpretrain.train.rundir import RunDirLock, move_previous_run_aside, previous_run
+
+VANISHED_GRAD, VANISHED_STEPS = 1e-4, 3  # a gradient norm under 1e-4 x the first one, 3 steps in a row: warn
 
 
 def _check_inputs(cfg: Config) -> tuple[TextTokenizer, tuple[Path | None, Path | None], Path | None, Path | None]:
@@ -87,6 +94,17 @@ def _check_inputs(cfg: Config) -> tuple[TextTokenizer, tuple[Path | None, Path |
     return tokenizer, (eval_path, text_path), init_file, resume
 
 
+def _refuse_retry_after_divergence(run_dir: Path) -> None:
+    """torchrun --max-restarts restarts every rank after any failure: a run that diverged (exit 43) would diverge
+    again. Stop such a restart at once; a run started by hand (or requeued on purpose) goes on."""
+    marker = run_dir / DIVERGED_MARKER
+    if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) > 0 and marker.is_file():
+        if global_rank() == 0:
+            print(f"not retrying: this run diverged ({marker}: {marker.read_text(errors='replace').strip()}); "
+                  "change what made it diverge and start it again by hand", flush=True)
+        raise SystemExit(EXIT_DIVERGED)
+
+
 def checkpoint_dir(cfg: Config) -> Path:
     return Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else Path(cfg.train.run_dir) / "checkpoints"
 
@@ -96,6 +114,7 @@ def train(cfg: Config) -> dict:
     with PREEMPTION.handling(cfg.train.preempt_signals):  # the CLI did it already, before torch was imported
         tokenizer, eval_paths, init_file, resume = _check_inputs(cfg)
         run_dir = Path(cfg.train.run_dir)
+        _refuse_retry_after_divergence(run_dir)
         lock = RunDirLock(run_dir)
         if global_rank() == 0:  # before any process group: a second job on this run dir stops here
             lock.acquire()
@@ -108,40 +127,6 @@ def train(cfg: Config) -> dict:
             return _finish(run, t_start)
         finally:
             lock.release()
-
-
-@dataclass
-class Run:
-    """What one run holds: built once by ``_build``; ``_record`` advances the progress fields after each step."""
-    cfg: Config
-    ctx: ParallelContext
-    device: torch.device
-    run_dir: Path
-    lock: RunDirLock
-    data: DataPipeline
-    batches: Iterator[GlobalBatch]
-    model: ParallelModel
-    evaluator: Evaluator
-    optimizers: list[torch.optim.Optimizer | None]  # one per model part; None where the part trains nothing
-    schedulers: list[LRScheduler]  # the ones build_optimizer returned, one per optimizer
-    ckpt: Checkpointer
-    resumed: bool  # restored from a checkpoint of step ``start``
-    deadline: Deadline
-    trainable: list[str]
-    peak_tflops: float
-    logger: MetricsLogger
-    memory: PeakMemory
-    profiler: StepProfiler
-    start: int = 0  # the step the run starts after
-    consumed: int = 0  # samples consumed by all steps so far
-    data_state: dict = field(default_factory=dict)  # the planner's state after the last step (checkpoints)
-    first_loss: float | None = None
-    loss: float | None = None  # the last finite loss
-    bad_steps: BadStepPolicy = field(init=False)  # counts skipped updates against train.max_bad_steps
-    bad_reason: str | None = None  # why the last step's update was skipped (bad_steps)
-
-    def __post_init__(self):
-        self.bad_steps = BadStepPolicy(self.cfg.train.max_bad_steps)
 
 
 def _build(cfg: Config, tokenizer, eval_paths, init_file, resume, lock: RunDirLock) -> Run:
@@ -157,10 +142,14 @@ def _build(cfg: Config, tokenizer, eval_paths, init_file, resume, lock: RunDirLo
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(cfg.to_yaml())
         (run_dir / PREEMPTED_MARKER).unlink(missing_ok=True)
+        (run_dir / DIVERGED_MARKER).unlink(missing_ok=True)  # a new attempt, started on purpose
 
     # data: every rank follows the same global sample sequence and keeps its dp slice
     data = DataPipeline(cfg, tokenizer, dp_rank=ctx.dp_rank, dp_size=ctx.layout.dp,  # opens every source now
                         state=resumed["data_state"] if resumed else None)
+    if ctx.is_main:  # how the saved data state meets an edited data section (data/plan_state.py): once
+        for line in data.resume_notes:
+            print(f"resume: {line}", flush=True)
     model = ParallelModel(cfg, ctx)
     evaluator = Evaluator(cfg, tokenizer, *eval_paths)  # MCPPL + held-out text, in this layout
     data.load_images = model.has_first  # only ranks that run the vision encoder decode images
@@ -182,6 +171,8 @@ def _build(cfg: Config, tokenizer, eval_paths, init_file, resume, lock: RunDirLo
               logger=MetricsLogger(cfg, run_dir, tc.steps, is_main=ctx.is_main, resume_step=start),
               memory=PeakMemory(device, cfg.logging.log_interval),  # GPU only: peak memory per log interval
               profiler=StepProfiler(cfg, run_dir, ctx, model))  # train.profile.steps: traces + pipeline timeline
+    if resumed:
+        restore_progress(run, resumed)
     if ctx.is_main:
         lay = ctx.layout
         print(f"training stage {tc.stage} ({'+'.join(run.trainable)}) of {cfg.model.name} on {device}: "
@@ -222,7 +213,7 @@ def _resume(ckpt: Checkpointer, resume: Path | None, schedulers: list, is_main: 
     if resume is None:
         return 0, 0
     state = ckpt.load(resume)
-    _set_rng_state(state.get("rng"))
+    set_rng_state(state.get("rng"))
     for sched in schedulers:  # the schedule is a function of the step: resume by moving to it
         for _ in range(state["step"]):
             sched.step()
@@ -241,11 +232,18 @@ def _loop(run: Run) -> None:
                   flush=True)
     elif _preempted(run.ctx, run.deadline):  # a signal during start-up: a step-`start` checkpoint, then exit
         _stop(run, run.start, save=not run.resumed)
-    for step in range(run.start + 1, tc.steps + 1):
+    step = run.start
+    while step < tc.steps:
+        step += 1
         batch, loss, grad_norm, dt = _train_step(run, step)
-        _record(run, step, batch, loss, grad_norm, dt)
+        stop = _record(run, step, batch, loss, grad_norm, dt)
         run.lock.refresh()
         run.deadline.observe(step_s=dt)
+        if run.bad_reason or stop:
+            back = bad_step(run, step, batch, loss, grad_norm, stop)
+            if back is not None:  # rolled back: replay from there
+                step = back
+                continue
         if step == tc.steps:  # the last step: _finish saves and evaluates it
             break
         if _preempted(run.ctx, run.deadline):  # a signal or the deadline: save this step, exit
@@ -264,12 +262,17 @@ def _train_step(run: Run, step: int) -> tuple[GlobalBatch, float, float, float]:
     t0 = time.perf_counter()
     run.profiler.before(step)
     batch = next(run.batches)
+    faults.poison_samples(batch, run.data.source_names)
     loss = run.model.forward_backward(batch.microbatches, batch.num_label_tokens)
     faults.inject(step, run.ctx.rank, run.run_dir)  # after the backward, before the update
     loss = faults.poison(step, run.ctx.rank, loss)
     grad_norm = run.model.clip_grad_norm_(run.cfg.train.grad_clip)
     grad_norm = faults.poison(step, run.ctx.rank, grad_norm, "grad")
-    run.bad_reason = bad_step_reason(loss, grad_norm, run.device) if run.cfg.train.check_finite else None
+    run.bad_reason = None
+    if run.cfg.train.check_finite:
+        run.bad_reason, batch.bad_images = step_flags(loss, grad_norm, own_bad_images(run, batch), run.device)
+        if run.bad_reason is None and run.history.is_spike(batch.modality, loss):
+            run.bad_reason = LOSS_SPIKE
     for opt in run.optimizers:
         if opt is not None:
             if run.bad_reason is None:
@@ -284,17 +287,21 @@ def _train_step(run: Run, step: int) -> tuple[GlobalBatch, float, float, float]:
     return batch, loss, grad_norm, dt
 
 
-def _record(run: Run, step: int, batch: GlobalBatch, loss: float, grad_norm: float, dt: float) -> None:
-    """Count the step into the run's progress and log its metrics line (a bad step's too); after
-    ``train.max_bad_steps`` bad steps in a row the run stops with exit 43, saving nothing."""
+def _record(run: Run, step: int, batch: GlobalBatch, loss: float, grad_norm: float, dt: float) -> bool:
+    """Count the step into the run's progress and log its metrics line (a bad step's too). True: the run must
+    stop (``train.max_bad_steps`` bad steps in a row, or a non-finite loss without checks)."""
     cfg, tc = run.cfg, run.cfg.train
     run.data_state = batch.data_state
     run.consumed += batch.num_samples
+    run.bad_images += batch.bad_images
     reason = run.bad_reason if tc.check_finite else (None if math.isfinite(loss) else NONFINITE_LOSS)
-    stop = run.bad_steps.observe(reason)
+    run.bad_reason = reason
+    stop = run.bad_steps.observe(reason, step) or (reason is not None and not tc.check_finite)
     if reason is None:
         run.first_loss = loss if run.first_loss is None else run.first_loss
         run.loss = loss
+        run.history.add(batch.modality, loss)
+    _watch_vanished_gradients(run, step, batch, grad_norm)
     flops = step_flops(cfg.model, tc.global_batch_size, tc.seq_len, batch.num_images, run.trainable).total
     tflops_per_device = flops / run.ctx.layout.world_size / dt / 1e12
     run.logger.log({
@@ -308,32 +315,34 @@ def _record(run: Run, step: int, batch: GlobalBatch, loss: float, grad_norm: flo
         "skipped_samples": sum(run.data_state["bad_total"].values()), "bad_steps": run.bad_steps.total,
         **({"bad_step_reason": reason} if reason else {}), **run.memory.record(step),
     })
-    if stop or (reason and not tc.check_finite):
-        _diverged(run, step, reason)
+    return stop
 
 
-def _diverged(run: Run, step: int, reason: str) -> None:
-    """Too many bad steps in a row: every rank exits 43 together; the state is not saved (a pending
-    asynchronous save, of an earlier good step, is finished)."""
-    run.ckpt.wait()
-    run.logger.close()
-    if run.ctx.is_main:
-        last = run.ckpt.dir / "latest"
-        kept = f"the last checkpoint is {last.read_text().strip()}" if last.is_file() else "no checkpoint was saved"
-        print(f"diverged: {run.bad_steps.in_a_row} bad steps in a row ({reason} at step {step}; "
-              f"train.max_bad_steps={run.cfg.train.max_bad_steps}); not saving; {kept}; exiting with {EXIT_DIVERGED}",
+def _watch_vanished_gradients(run: Run, step: int, batch: GlobalBatch, grad_norm: float) -> None:
+    """Warn when the gradient norm stays under VANISHED_GRAD x the run's first one on steps that reach the
+    trainable parts (a text step gives the vision side none): nothing is learning, e.g. activations saturated by
+    a too-large update (the issue's stage 1 at lr 1e4: 2.6, then 6e-6 for every step, the loss flat)."""
+    if batch.modality == "text" and all(p in ("siglip", "sam", "adaptor") for p in run.trainable):
+        return
+    if run.first_grad_norm is None:
+        run.first_grad_norm = grad_norm if math.isfinite(grad_norm) and grad_norm > 0 else None
+        return
+    run.vanished_steps = run.vanished_steps + 1 if grad_norm < VANISHED_GRAD * run.first_grad_norm else 0
+    if run.vanished_steps == VANISHED_STEPS and run.ctx.is_main:
+        print(f"warning: the gradient norm has vanished for {VANISHED_STEPS} steps (steps {step - VANISHED_STEPS + 1}"
+              f"-{step}: {grad_norm:.2g}, the first step's {run.first_grad_norm:.2g}): "
+              f"nothing is learning; saturated activations after a too-large update (train.lr={run.cfg.train.lr})?",
               flush=True)
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
-    raise SystemExit(EXIT_DIVERGED)
 
 
 def _save(run: Run, step: int) -> None:
     """An interval checkpoint; its duration feeds the deadline. A preemption that arrived during the save finds
     it complete: then just exit."""
     t_save = time.perf_counter()
-    run.ckpt.save(step, _train_state(run))
+    try:
+        run.ckpt.save(step, train_state(run))
+    except NonFiniteStateError as e:  # a diverged state: exit 43
+        diverged(run, step, str(e))
     run.deadline.observe(save_s=time.perf_counter() - t_save)
     if _preempted(run.ctx, run.deadline):
         _stop(run, step, save=False)
@@ -342,7 +351,7 @@ def _save(run: Run, step: int) -> None:
 def _stop(run: Run, step: int, save: bool = True) -> None:
     """Preempted: every rank saves this step (unless it is saved already) and exits 42 together."""
     if save:
-        run.ckpt.save(step, _train_state(run))
+        run.ckpt.save(step, train_state(run))
     run.ckpt.wait()
     run.logger.close()
     reason = PREEMPTION.signal_name or "deadline"
@@ -355,22 +364,19 @@ def _stop(run: Run, step: int, save: bool = True) -> None:
     raise SystemExit(EXIT_PREEMPTED)
 
 
-def _train_state(run: Run) -> dict:
-    """What a checkpoint's train_state.json holds beside the step."""
-    lay = run.ctx.layout
-    return {"consumed_samples": run.consumed, "data_state": run.data_state, "config": run.cfg.to_dict(),
-            "layout": [lay.dp, lay.tp, lay.pp, lay.vpp], "split": run.model.split, "rng": _rng_state()}
-
-
 def _finish(run: Run, t_start: float) -> dict:
     """The final checkpoint (with the full weights: init_from, eval, export) and evaluation, the summary."""
     cfg, tc, ctx = run.cfg, run.cfg.train, run.ctx
     if run.start < tc.steps:  # streamed: no rank holds more than its share + one tensor
-        run.ckpt.save(tc.steps, _train_state(run), weights=lambda path: write_full_weights(
-            run.model.modules, ctx, path, {"step": str(tc.steps)}))
+        try:
+            run.ckpt.save(tc.steps, train_state(run), weights=lambda path: write_full_weights(
+                run.model.modules, ctx, path, {"step": str(tc.steps)}))
+        except NonFiniteStateError as e:
+            diverged(run, tc.steps, str(e))
     summary = {"steps": tc.steps, "first_loss": run.first_loss, "final_loss": run.loss,
                "wall_time_s": round(time.perf_counter() - t_start, 2),
-               "skipped_samples": run.data_state["bad_total"], "checkpoint": str(checkpoint_dir(cfg))}
+               "skipped_samples": run.data_state["bad_total"], "bad_images": run.bad_images,
+               "bad_steps": run.bad_steps.total, "checkpoint": str(checkpoint_dir(cfg))}
     if run.evaluator and run.start < tc.steps:
         summary["eval"] = run.logger.log_eval(tc.steps, run.evaluator.run(run.model))
     run.logger.close()
@@ -395,22 +401,6 @@ def _step_mix(cfg: Config):
     except (UserError, OSError, ValueError) as e:
         print(f"warning: layer_split auto uses the assumed step mix ({str(e).splitlines()[0]})", flush=True)
         return None
-
-
-def _rng_state() -> dict:
-    """The RNG states (every rank seeds alike and draws alike, so rank 0's stand for all)."""
-    state = {"torch": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode()}
-    if torch.cuda.is_available():
-        state["cuda"] = base64.b64encode(torch.cuda.get_rng_state().numpy().tobytes()).decode()
-    return state
-
-
-def _set_rng_state(state: dict | None) -> None:
-    if not state:
-        return
-    torch.set_rng_state(torch.frombuffer(bytearray(base64.b64decode(state["torch"])), dtype=torch.uint8))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(torch.frombuffer(bytearray(base64.b64decode(state["cuda"])), dtype=torch.uint8))
 
 
 def _preempted(ctx, deadline: Deadline) -> bool:
