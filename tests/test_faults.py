@@ -124,6 +124,7 @@ def test_lost_peer_maps_the_gloo_address_to_a_rank():
     assert lost_peer(exact, peers, 0) == "rank 2 (host c, pid 33)"
     assert lost_peer(RuntimeError("Connection closed by peer [10.9.9.9]:1"), peers, 0) == "a rank at 10.9.9.9"
     assert lost_peer(RuntimeError("CUDA out of memory"), peers, 0) is None
+    assert lost_peer(exact, [], 0) is None  # one process
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     here = [{"host": socket.gethostname(), "pid": os.getpid(), "endpoints": _tcp_endpoints()},

@@ -35,12 +35,12 @@ def gather_peers() -> list[dict]:
 
 def lost_peer(exc: BaseException, peers: list[dict], rank: int) -> str | None:
     """"rank N (host H, pid P)" (or what is known) when ``exc`` says a peer of a collective went away; None
-    when it is some other error."""
+    when it is some other error, or there are no peers (``gather_peers`` of one process)."""
     text = str(exc)
-    if not _PEER_GONE.search(text):
+    if not peers or not _PEER_GONE.search(text):  # one process: no peer to lose
         return None
     address = _ADDRESS.search(text)
-    if address and peers:
+    if address:
         ip, port = _plain(address.group(1)), int(address.group(2))
         for guess in (port, int.from_bytes(port.to_bytes(2, "little"), "big")):  # gloo prints it byte-swapped
             hit = [r for r, p in enumerate(peers) if r != rank and f"{ip}:{guess}" in p["endpoints"]]
