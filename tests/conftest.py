@@ -38,7 +38,8 @@ MODULE_MARKS = {
     "test_weights_stream": ("multiprocess",), "test_slurm": ("slurm", "multiprocess"),
 }
 TEST_MARKS = {"test_every_figure_loads_in_chromium": ("browser",),
-              "test_dp2_rollback_equals_a_clean_run": ("multiprocess",)}
+              "test_dp2_rollback_equals_a_clean_run": ("multiprocess",),
+              "test_lost_rank_is_named_by_the_survivor": ("multiprocess",)}
 SLOW = ("test_resume_across_layouts", "test_eval_in_layouts_equals_single_process",
         "test_resume_in_the_same_3d_layout_is_bitwise", "test_pretrained_parts_load_into_layouts_and_stream_back_out",
         "test_preempted_job_requeues_and_resumes", "test_layouts_match_single_process",

@@ -150,9 +150,11 @@ PartitionName=debug Nodes=node[1-2] Default=YES MaxTime=INFINITE State=UP
             raise RuntimeError(f"{' '.join(args)}: {proc.stderr.strip()}")
         return proc
 
-    def submit(self, script: Path, *args: str, env: dict | None = None, sbatch_args: tuple = ()) -> int:
+    def submit(self, script: Path, *args: str, env: dict | None = None, sbatch_args: tuple = (),
+               cwd: Path | None = None) -> int:
+        """``sbatch`` from ``cwd`` (default: the cluster's directory, where the job logs then go)."""
         proc = subprocess.run(["sbatch", "--parsable", *sbatch_args, str(script), *args], capture_output=True,
-                              text=True, env={**self.env, **(env or {})}, timeout=30, cwd=str(self.root))
+                              text=True, env={**self.env, **(env or {})}, timeout=30, cwd=str(cwd or self.root))
         if proc.returncode != 0:
             raise RuntimeError(f"sbatch: {proc.stderr.strip()}")
         return int(proc.stdout.strip().split(";")[0])

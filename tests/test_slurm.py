@@ -1,13 +1,15 @@
 """launch/slurm/ on a real Slurm cluster: slurmctld + two slurmd on this machine (tests/slurm_cluster.py),
 installed from Debian's packages when running as root, skipped otherwise.
 
-The tiny two-node job (one CPU rank per node) runs to completion with the single-process run's losses;
+The tiny two-node job (one CPU rank per node) runs to completion with the single-process run's losses, and as
+the README's smoke test on a fresh checkout (no earlier stage, only the demo data);
 `scancel --signal=USR1` and an outside `scontrol requeue` (SIGTERM) make it save, exit 42, requeue and finish
 with the uninterrupted run's losses, no duplicate metric lines; the same with one torchrun agent per node
 (torchrun exits 1: the `preempted` marker tells the script)."""
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -100,6 +102,24 @@ def test_tiny_two_node_job_completes(cluster, single, demo_dir, tmp_path):
     assert "2 nodes (node1 node2) x 1 ranks, srun" in log and "finished" in log
     assert {p.name for p in (tmp_path / "run" / "logs").glob("rank_*.log")} == {"rank_0.log", "rank_1.log"}
     assert_same_training(_metrics(tmp_path / "run"), ref, tmp_path / "run", ref_dir)
+
+
+def test_smoke_test_runs_on_a_fresh_checkout(cluster, demo_dir, tmp_path):
+    """README: `sbatch launch/slurm/tiny-2node.sbatch data.root=...` from the root of a fresh checkout (no
+    runs/tiny-stage1, which the config's train.init_from names): it trains, evaluates and finishes."""
+    checkout = tmp_path / "checkout"
+    for part in ("vlpretrain", "configs", "launch"):
+        shutil.copytree(REPO / part, checkout / part, ignore=shutil.ignore_patterns("__pycache__"))
+    t0 = time.monotonic()
+    job = cluster.submit(checkout / "launch" / "slurm" / "tiny-2node.sbatch", f"data.root={demo_dir}", cwd=checkout,
+                         env={"PYTHON": sys.executable, "OMP_NUM_THREADS": "1", "VLP_PG_TIMEOUT_S": "60"})
+    info = _finished(cluster, job, 0, 240)
+    print(f"smoke test (tiny-2node.sbatch, fresh checkout): {time.monotonic() - t0:.1f} s")
+    log = "".join(p.read_text() for p in checkout.glob(f"*-{job}.out"))
+    run = checkout / "runs" / f"tiny-2node-{job}"
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", log + _rank_logs(run)
+    assert "finished" in log and [r["step"] for r in _metrics(run)] == list(range(1, 21))
+    assert (run / "summary.json").is_file() and not (checkout / "runs" / "tiny-stage1").exists()
 
 
 @pytest.mark.parametrize("how,launcher", [("usr1", "srun"), ("requeue", "srun"), ("usr1", "torchrun")],

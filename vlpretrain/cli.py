@@ -10,7 +10,7 @@ import json
 import sys
 
 from vlpretrain.config import Config, ConfigError, load_config, trainable_parts
-from vlpretrain.errors import UserError
+from vlpretrain.errors import RunFault, UserError
 from vlpretrain.parallel.launch_env import global_rank
 
 
@@ -385,6 +385,9 @@ def main(argv: list[str] | None = None) -> int:
     except FileNotFoundError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except RunFault as e:  # a lost data worker or rank: its exit code (train/lost_processes.py)
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return e.exit_code
     except KeyboardInterrupt:  # a second Ctrl-C: abort without a traceback
         print("aborted", file=sys.stderr)
         return 130

@@ -24,10 +24,16 @@ Bad samples, without breaking that determinism:
   (from the plan) still counts its labels: a rare, bounded under-weighting of that step, never a hang.
 
 A source with no usable sample among its first draws fails at start-up.
+
+A worker that dies (the kernel's OOM killer, a crash) ends the run: ``worker_death`` turns torch's error into
+which worker, which pid and which signal, for the trainer's one-line message.
 """
 from __future__ import annotations
 
 import logging
+import re
+import signal
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -134,6 +140,9 @@ class DataPipeline:
         self._warned_images: set[str] = set()  # sources whose blank-image warning was given
         self._warned_reads: set[str] = set()
         self._warned_decode: set[tuple[str, str]] = set()  # (source, kind) of image-decoding notes given
+        # called in a worker with the step number before it builds that step (the trainer's fault injection)
+        self.before_build: Callable[[int], None] | None = None
+        self._loader_iter = None  # the DataLoader's iterator (its workers), with data.num_workers > 0
 
     @property
     def sources(self) -> list[Source]:
@@ -277,10 +286,44 @@ class DataPipeline:
         loader = torch.utils.data.DataLoader(
             _Builder(self), sampler=_Plans(self), batch_size=None, num_workers=self.cfg.data.num_workers,
             prefetch_factor=self.cfg.data.prefetch_steps, collate_fn=_identity, pin_memory=pin_memory)
-        return iter(loader)
+        self._loader_iter = iter(loader)
+        return self._loader_iter
+
+    def worker_death(self, exc: BaseException) -> WorkerDeath | None:
+        """What torch's "DataLoader worker (pid N) is killed by signal: Killed" (or "... exited unexpectedly")
+        error ``exc`` says, with the worker's number; None for any other error."""
+        m = _WORKER_DIED.search(str(exc))
+        if m is None:
+            return None
+        pids = [int(p) for p in re.findall(r"\d+", m.group(1))]
+        workers = list(getattr(self._loader_iter, "_workers", []))  # torch's, by worker id
+        for i, w in enumerate(workers):
+            if w.pid in pids:
+                return WorkerDeath(i, w.pid, _signal_name(w.exitcode, m.group(2)))
+        return WorkerDeath(None, pids[0] if pids else None, _signal_name(None, m.group(2)))
 
     def skipped(self) -> dict[str, int]:
         return dict(self.plans.bad_total)
+
+
+_WORKER_DIED = re.compile(r"DataLoader worker \(pid(?:\(s\))? ([\d, ]+)\) (?:is killed by signal: ([^.]+)|exited)")
+
+
+@dataclass
+class WorkerDeath:
+    worker: int | None  # the worker's number (None: not found among the loader's workers)
+    pid: int | None
+    signal: str  # "SIGKILL", "SIGSEGV", ... or "exit code N" / "unknown"
+
+
+def _signal_name(exitcode: int | None, description: str | None) -> str:
+    """A signal's name from a process's exit code (-N) or from its description ("Killed", as strsignal says)."""
+    if exitcode is not None and exitcode < 0:
+        return signal.Signals(-exitcode).name
+    for sig in signal.Signals:
+        if description and signal.strsignal(sig) == description.strip():
+            return sig.name
+    return f"exit code {exitcode}" if exitcode is not None else (description or "unknown")
 
 
 def _identity(x):
@@ -306,4 +349,6 @@ class _Builder(torch.utils.data.Dataset):
         self.pipeline = pipeline
 
     def __getitem__(self, plan: LocalPlan) -> GlobalBatch:
+        if self.pipeline.before_build is not None:
+            self.pipeline.before_build(plan.step)
         return self.pipeline.build(plan)

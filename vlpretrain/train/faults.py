@@ -7,6 +7,10 @@ optimizer step; kind ``nan_loss`` / ``nan_grad`` makes that rank see a NaN loss 
 marker file in the run dir records that it fired, so a restarted or requeued job (whatever its restart counter
 says) runs on. ``nan_sample:SOURCE:INDEX`` poisons one sample wherever it is drawn: its images reach the model
 as NaN (a corrupt image decoded to NaN), so its row's loss is NaN (the sample must have an image).
+
+Kind ``kill_worker`` SIGKILLs (as the kernel's OOM killer does) the DataLoader worker of that rank that is handed
+that step to build (``data.num_workers`` > 0): the trainer gives the data pipeline ``in_worker`` as its
+``before_build`` hook, so the data layer never imports this module.
 """
 from __future__ import annotations
 
@@ -19,24 +23,26 @@ import torch
 _SIGNALS = {"kill": signal.SIGKILL, "term": signal.SIGTERM, "usr1": signal.SIGUSR1, "int": signal.SIGINT}
 _POISON = {"nan_loss": "loss", "nan_grad": "grad"}
 _SAMPLE = "nan_sample"
+_WORKER = {"kill_worker": signal.SIGKILL}  # signals to a data worker (in_worker)
 
 
 def _faults() -> list[tuple[str, int, int]]:
     spec = os.environ.get("VLP_FAULT", "")
     out = []
     for item in filter(None, spec.split(",")):
-        kind, step, rank = item.split(":")
-        if kind == _SAMPLE:
+        if item.startswith(f"{_SAMPLE}:"):  # nan_sample:SOURCE:INDEX (poisoned_samples)
             continue
-        if kind not in _SIGNALS and kind not in _POISON:
-            raise ValueError(f"VLP_FAULT: unknown kind {kind!r} (one of {sorted(_SIGNALS) + sorted(_POISON)})")
+        kind, step, rank = item.split(":")
+        if kind not in _SIGNALS and kind not in _POISON and kind not in _WORKER:
+            known = sorted(_SIGNALS) + sorted(_POISON) + sorted(_WORKER)
+            raise ValueError(f"VLP_FAULT: unknown kind {kind!r} (one of {known})")
         out.append((kind, int(step), int(rank)))
     return out
 
 
 def inject(step: int, rank: int, run_dir: Path) -> None:
     for kind, at, who in _faults():
-        if at != step or who != rank or kind in _POISON:
+        if at != step or who != rank or kind not in _SIGNALS:
             continue
         marker = Path(run_dir) / ".faults" / f"{kind}_{at}_{who}"
         marker.parent.mkdir(parents=True, exist_ok=True)
@@ -79,3 +85,19 @@ def poison_samples(batch, names: list[str]) -> None:
             if mb.images.dtype == torch.uint8:  # the engine's own scaling, so that other rows are unchanged
                 mb.images = mb.images.float().div_(255.0)
             mb.images[r] = float("nan")
+
+
+def in_worker(step: int, rank: int, run_dir: Path) -> None:
+    """Called in a DataLoader worker before it builds ``step``: a ``kill_worker`` fault kills this worker."""
+    if "worker" not in os.environ.get("VLP_FAULT", ""):
+        return
+    for kind, at, who in _faults():
+        if kind not in _WORKER or at != step or who != rank:
+            continue
+        marker = Path(run_dir) / ".faults" / f"{kind}_{at}_{who}"
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:  # fired before in this job: a resumed run builds this step
+            continue
+        os.kill(os.getpid(), _WORKER[kind])

@@ -47,6 +47,8 @@ class Run:
     memory: PeakMemory
     profiler: StepProfiler
     start: int = 0  # the step the run starts after
+    step: int = 0  # the step in progress (for fault messages)
+    peers: list[dict] = field(default_factory=list)  # every rank's host, pid, endpoints (naming a lost rank)
     consumed: int = 0  # samples consumed by all steps so far
     data_state: dict = field(default_factory=dict)  # the planner's state after the last step (checkpoints)
     first_loss: float | None = None

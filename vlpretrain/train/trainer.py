@@ -11,6 +11,7 @@ evaluate for every step; ``_finish`` writes the final checkpoint, evaluation and
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -35,6 +36,7 @@ from vlpretrain.models.flops import step_flops
 from vlpretrain.parallel.engine import ParallelModel
 from vlpretrain.parallel.launch_env import global_rank
 from vlpretrain.parallel.mesh import init_parallel, local_device, resolve_layout, world_size_from_env
+from vlpretrain.parallel.peers import gather_peers
 from vlpretrain.train import faults
 from vlpretrain.train.bad_steps import (
     DIVERGED_MARKER,
@@ -43,6 +45,7 @@ from vlpretrain.train.bad_steps import (
     NONFINITE_LOSS,
     step_flags,
 )
+from vlpretrain.train.lost_processes import lost_process
 from vlpretrain.train.metrics import MetricsLogger, PeakMemory, device_peak_tflops
 from vlpretrain.train.optim import build_optimizer, lr_multiplier
 from vlpretrain.train.preemption import EXIT_PREEMPTED, PREEMPTED_MARKER, PREEMPTION, Deadline
@@ -123,8 +126,14 @@ def train(cfg: Config) -> dict:
                 move_previous_run_aside(run_dir, checkpoint_dir(cfg))
             t_start = time.perf_counter()
             run = _build(cfg, tokenizer, eval_paths, init_file, resume, lock)
-            _loop(run)
-            return _finish(run, t_start)
+            try:
+                _loop(run)
+                return _finish(run, t_start)
+            except RuntimeError as e:  # a data worker or another rank lost: one line, not torch's traceback
+                fault = lost_process(e, run.data, run.peers, run.ctx.rank, run.step, run.ckpt.dir)
+                if fault is None:
+                    raise
+                raise fault from None
         finally:
             lock.release()
 
@@ -155,6 +164,7 @@ def _build(cfg: Config, tokenizer, eval_paths, init_file, resume, lock: RunDirLo
     data.load_images = model.has_first  # only ranks that run the vision encoder decode images
     if cfg.parallel.vision_split == "images":  # and each TP rank only the images it encodes
         data.image_split = (ctx.tp_rank, ctx.layout.tp)
+    data.before_build = functools.partial(faults.in_worker, rank=ctx.rank, run_dir=run_dir)  # in data workers
     batches = data.steps(pin_memory=device.type == "cuda")
 
     _load_weights(model, tc, init_file)
@@ -179,6 +189,7 @@ def _build(cfg: Config, tokenizer, eval_paths, init_file, resume, lock: RunDirLo
               f"{tc.steps} steps x {tc.global_batch_size} samples x {tc.seq_len} tokens; layout dp={lay.dp} "
               f"tp={lay.tp} pp={lay.pp} vpp={lay.vpp} split={model.split}", flush=True)
     run.data_state = data.state_dict()
+    run.peers = gather_peers()  # after every process group exists: their connections are among the endpoints
     return run
 
 
@@ -235,6 +246,7 @@ def _loop(run: Run) -> None:
     step = run.start
     while step < tc.steps:
         step += 1
+        run.step = step
         batch, loss, grad_norm, dt = _train_step(run, step)
         stop = _record(run, step, batch, loss, grad_norm, dt)
         run.lock.refresh()
