@@ -38,6 +38,7 @@ from vlpretrain.models.flops import step_flops
 from vlpretrain.parallel.engine import ParallelModel
 from vlpretrain.parallel.launch_env import global_rank
 from vlpretrain.parallel.mesh import ParallelContext, init_parallel, local_device, resolve_layout, world_size_from_env
+from vlpretrain.parallel.pipeline_cost import row_cost
 from vlpretrain.train import faults
 from vlpretrain.train.bad_steps import EXIT_DIVERGED, NONFINITE_LOSS, BadStepPolicy, bad_step_reason
 from vlpretrain.train.metrics import MetricsLogger, PeakMemory, device_peak_tflops
@@ -160,7 +161,7 @@ def _build(cfg: Config, tokenizer, eval_paths, init_file, resume, lock: RunDirLo
 
     # data: every rank follows the same global sample sequence and keeps its dp slice
     data = DataPipeline(cfg, tokenizer, dp_rank=ctx.dp_rank, dp_size=ctx.layout.dp,  # opens every source now
-                        state=resumed["data_state"] if resumed else None)
+                        state=resumed["data_state"] if resumed else None, row_cost=row_cost(cfg))
     model = ParallelModel(cfg, ctx)
     evaluator = Evaluator(cfg, tokenizer, *eval_paths)  # MCPPL + held-out text, in this layout
     data.load_images = model.has_first  # only ranks that run the vision encoder decode images
@@ -306,6 +307,8 @@ def _record(run: Run, step: int, batch: GlobalBatch, loss: float, grad_norm: flo
         "language_ratio_realized": batch.language_ratio_realized, "samples_digest": batch.samples_digest,
         "source_counts": batch.source_counts, "bad_samples": batch.bad_samples, "bad_images": batch.bad_images,
         "skipped_samples": sum(run.data_state["bad_total"].values()), "bad_steps": run.bad_steps.total,
+        "rank_cost_imbalance": batch.rank_cost_imbalance,
+        "rank_cost_imbalance_contiguous": batch.rank_cost_imbalance_contiguous,
         **({"bad_step_reason": reason} if reason else {}), **run.memory.record(step),
     })
     if stop or (reason and not tc.check_finite):
