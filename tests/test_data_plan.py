@@ -516,8 +516,9 @@ def test_balanced_rows_are_the_same_step_in_any_layout_and_resume(demo_dir, toke
             assert len({b.rank_cost_imbalance for b in step}) == 1
         order = [mb.tokens for b in got[4][s] for mb in b.microbatches]
         moved += not all(torch.equal(a, b) for a, b in zip(order, [mb.tokens for mb in w.microbatches]))
-    assert moved > 0 or not packing  # rows did move (unpacked demo rows alternate 1 and 3 images: not needed)
-    assert any(b[0].rank_cost_imbalance < b[0].rank_cost_imbalance_contiguous for b in got[4])
+    if packing:  # rows moved, predicted faster (unpacked demo rows alternate 1 and 3 images: already balanced)
+        assert moved > 0
+        assert any(b[0].rank_cost_imbalance < b[0].rank_cost_imbalance_contiguous for b in got[4])
     # resume after step 3, in the same layout (the same tensors) and in another one (the same rows)
     for dp, resumed_dp in ((4, 4), (4, 2)):
         state = got[dp][2][0].data_state

@@ -138,7 +138,7 @@ def main() -> None:
         b_loss = par.forward_backward(placed, n_labels)
         b_grads = {canonical_name(n): full(p.grad) for n, p in par.named_parameters() if p.grad is not None}
         b_norm = par.clip_grad_norm_(0.0)
-        for p in par.parameters():
+        for _, p in par.named_parameters():
             p.grad = None
         p_seen = count_encoded_images(par)
         p_loss, p_grads, p_norm, p_after = run_step(par, cfg, local_share(mbs, ctx.dp_rank, layout.dp), n_labels)
