@@ -60,10 +60,11 @@ def write_data(demo: Path, image_tokens: int, n: int = 400, seed: int = 0) -> No
     lines = []
     for i in range(n):
         k = rng.randint(0, MAX_IMAGES)
-        target = rng.randint(SEQ_LEN // 2 + 8, SEQ_LEN - 8) - k * image_tokens  # text tokens wanted
-        text = ""
-        while len(tok.encode(text)) < target:
-            text += " " + " ".join(rng.choice(words) for _ in range(4))
+        target = max(8, rng.randint(SEQ_LEN // 2 + 8, SEQ_LEN - 16) - k * image_tokens)  # text tokens wanted
+        text, got = "", 0
+        while got < target:  # chunk by chunk (a chunk's tokens: about its share of the whole text's)
+            chunk = " " + " ".join(rng.choice(words) for _ in range(4))
+            text, got = text + chunk, got + len(tok.encode(chunk))
         parts = ["<image_placeholder>"] * k
         lines.append(json.dumps({"id": f"b{i:05d}", "images": [f"images/{rng.choice(images)}" for _ in range(k)],
                                  "text": " ".join(parts) + text}))

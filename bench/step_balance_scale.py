@@ -4,13 +4,17 @@ No training: for the 7B configs at ``--dp`` (default 128) data-parallel replicas
 ``StepPlanner`` plans ``--steps`` global steps on the demo data (its samples and images, the 7B's 576 tokens per
 image and 4096-token rows), and ``data/placement.py`` places each step's rows contiguously and balanced, with
 the row costs of ``pipeline_cost.row_cost`` (forward + backward FLOPs of one replica: images through the towers,
-decoder and head per row position, attention per document). A replica's predicted time is the sum of its
-microbatches' costs (the pipeline inside a replica is not modelled); a step's is its slowest replica's.
+decoder and head per row position, attention per document). Two replica models: the sum of its
+microbatches' costs (what the placement balances), and a pipelined one for the configs' pp (4): stage 0 runs the
+towers and a share f of the decoder chosen so that it equals each other stage for the mean microbatch (as
+``layer_split: auto`` balances for the mix), each microbatch takes its slowest stage's time, plus (pp - 1) x the
+slowest microbatch for the fill and drain. A step takes its slowest replica's time.
 
-Reported per setting: the mean slowest / mean replica cost (imbalance) under each placement, the predicted
-steps/s gain of balanced over contiguous (sum of the steps' slowest-replica costs, contiguous / balanced), the
-mean time to place a step next to planning it (one core), and for stage 2 grouped vs mixed (both balanced and
-both contiguous): samples per predicted second, since the two draw the same mixture but not the same steps.
+Reported per setting: the mean slowest / mean replica cost (imbalance) under each placement, the predicted gain
+in steps/s of balanced over contiguous under both models (sum of the steps' times, contiguous / balanced), the
+median time to plan and to place a step (one core), and for stage 2 grouped over mixed: the efficiency (useful
+FLOPs, no blank images, / the replicas' predicted time) ratio, contiguous and balanced, since the two draw the
+same mixture but not the same steps.
 
 Settings: 7B stage 2 (packed 2304 x 4096, modality-grouped, language share 0.7) and the same mixed; 7B stage 3
 (mixed SFT, unpacked 256 x 4096, multimodal SFT 52.1 : text 47.9 as Table 2).
@@ -50,14 +54,16 @@ def _config(demo: Path, tok, stage: int, grouped: bool):
 
 
 def simulate(cfg, tok, dp: int, steps: int) -> dict:
-    from vlpretrain.data.placement import place
+    import numpy as np
+
+    from vlpretrain.data.placement import place, row_features
     from vlpretrain.data.step_plan import StepPlanner
     from vlpretrain.parallel.pipeline_cost import row_cost
 
     planner, cost, mbs = StepPlanner(cfg, tok), row_cost(cfg), cfg.train.micro_batch_size
-    worst = {"rows": [], "none": []}
-    imb = {"rows": [], "none": []}
-    samples, t_plan, t_place = 0, [], []
+    pp = cfg.parallel.pp
+    per = {"rows": [], "none": []}  # per step: (vision, decoder) cost of every microbatch, (dp, n_mb) arrays
+    useful, samples, t_plan, t_place = 0.0, 0, [], []
     for _ in range(steps):
         t0 = time.process_time()
         plan = planner.plan()
@@ -65,15 +71,42 @@ def simulate(cfg, tok, dp: int, steps: int) -> dict:
         at = place(plan, dp, mbs, cost)
         t_place.append(time.process_time() - t1)
         t_plan.append(t1 - t0)
+        images, decoder = row_features(plan, cost)
+        useful += float(cost.image * images.sum() + decoder.sum())  # no blank images
         samples += len(plan.table)
-        for name, costs in (("rows", at.rank_cost), ("none", at.rank_cost_contiguous)):
-            worst[name].append(max(costs))
-            imb[name].append(max(costs) / statistics.fmean(costs))
-    return {"imbalance_rows": statistics.fmean(imb["rows"]), "imbalance_none": statistics.fmean(imb["none"]),
-            "imbalance_none_max": max(imb["none"]), "gain": sum(worst["none"]) / sum(worst["rows"]),
-            "samples_per_flop_rows": samples / sum(worst["rows"]),
-            "samples_per_flop_none": samples / sum(worst["none"]),
-            "plan_s": statistics.median(t_plan), "place_s": statistics.median(t_place), "samples": samples}
+        n = len(plan.rows) // dp
+        for name, rows in (("rows", at.rows), ("none", [list(range(r * n, (r + 1) * n)) for r in range(dp)])):
+            idx = np.asarray(rows).reshape(dp, -1, mbs)
+            im = images[idx].sum(axis=2)
+            enc = np.maximum(1, -(-im // cost.tp)) if plan.modality != "text" else np.zeros_like(im)
+            per[name].append((cost.image * enc, decoder[idx].sum(axis=2)))
+    # pipelined replica: stage 0 runs the towers and a share f of the decoder, chosen (as layer_split: auto
+    # does for the mix) so that it equals each other stage for the mean microbatch
+    v_mean = float(np.mean([v.mean() for v, _ in per["none"]]))
+    d_mean = float(np.mean([d.mean() for _, d in per["none"]]))
+    f = min(max((d_mean / (pp - 1) - v_mean) / (d_mean * pp / (pp - 1)), 0.0), 1.0) if pp > 1 else 1.0
+    out = {"plan_s": statistics.median(t_plan), "place_s": statistics.median(t_place), "samples": samples,
+           "stage0_decoder_share": f}
+    for name, steps_ in per.items():
+        flat, piped, imb = 0.0, 0.0, []
+        for v, d in steps_:
+            rank = (v + d).sum(axis=1)
+            flat += float(rank.max())
+            imb.append(float(rank.max() / rank.mean()))
+            if pp > 1:
+                stage = np.maximum(v + f * d, (1 - f) * d / (pp - 1))  # the slowest stage per microbatch
+                piped += float((stage.sum(axis=1) + (pp - 1) * stage.max(axis=1)).max())
+        out[f"imbalance_{name}"] = statistics.fmean(imb)
+        out[f"imbalance_{name}_max"] = max(imb)
+        out[f"time_{name}"] = flat
+        out[f"efficiency_{name}"] = useful / (dp * flat)  # useful work / (replicas x the slowest one's time)
+        if pp > 1:
+            out[f"time_pp_{name}"] = piped
+            out[f"efficiency_pp_{name}"] = useful / (dp * pp * piped)
+    out["gain"] = out["time_none"] / out["time_rows"]
+    if pp > 1:
+        out["gain_pp"] = out["time_pp_none"] / out["time_pp_rows"]
+    return out
 
 
 def main() -> None:
@@ -100,16 +133,17 @@ def main() -> None:
                                      ("stage3_mixed", 3, False)):
             res[name] = simulate(_config(demo, tok, stage, grouped), tok, args.dp, args.steps)
     print(f"7B, dp={args.dp} replicas, {args.steps} planned steps per setting, demo data; predicted from FLOPs")
-    print(f"{'setting':<16}{'imbalance none':>16}{'(worst)':>9}{'imbalance rows':>16}{'gain rows/none':>16}"
-          f"{'plan s':>9}{'place s':>9}")
+    print(f"{'setting':<16}{'imbalance none':>15}{'(worst)':>9}{'imbalance rows':>15}{'gain':>8}{'gain pp':>9}"
+          f"{'plan s':>8}{'place s':>9}")
     for name, r in res.items():
-        print(f"{name:<16}{r['imbalance_none']:>16.4f}{r['imbalance_none_max']:>9.4f}{r['imbalance_rows']:>16.4f}"
-              f"{r['gain']:>16.4f}{r['plan_s']:>9.3f}{r['place_s']:>9.4f}")
+        print(f"{name:<16}{r['imbalance_none']:>15.4f}{r['imbalance_none_max']:>9.4f}{r['imbalance_rows']:>15.4f}"
+              f"{r['gain']:>8.4f}{r.get('gain_pp', float('nan')):>9.4f}{r['plan_s']:>8.3f}{r['place_s']:>9.4f}")
     g, m = res["stage2_grouped"], res["stage2_mixed"]
-    grouping = {"contiguous": g["samples_per_flop_none"] / m["samples_per_flop_none"],
-                "balanced": g["samples_per_flop_rows"] / m["samples_per_flop_rows"]}
-    print(f"stage 2, grouped / mixed samples per predicted second: contiguous {grouping['contiguous']:.4f}, "
-          f"balanced {grouping['balanced']:.4f}")
+    grouping = {f"{k}_{b}": g[f"efficiency_{k}{b}"] / m[f"efficiency_{k}{b}"]
+                for k in ("", "pp_") for b in ("none", "rows")}
+    grouping = {k.replace("__", "_"): v for k, v in grouping.items()}
+    print("stage 2, grouped / mixed efficiency (useful FLOPs / predicted time): " + ", ".join(
+        f"{k} {v:.4f}" for k, v in grouping.items()))
     print(json.dumps({"bench": "step_balance_scale", "dp": args.dp, "steps": args.steps, **res,
                       "grouped_over_mixed": grouping}))
 
