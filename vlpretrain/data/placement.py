@@ -8,8 +8,9 @@ placement gives the same loss and gradients up to the order of float sums. ``sam
 samples in draw order and does not change either.
 
 ``none``: rank r takes rows [r n, (r + 1) n) and its microbatches in order (n = rows / dp). ``rows``: rows go
-longest first (by predicted cost) to the least loaded rank that still has room, every rank taking n rows; then,
-within a rank, longest first onto its microbatches of ``micro_batch_size`` rows. Within a microbatch rows keep
+longest first (by predicted cost) to the least loaded rank that still has room, every rank taking n rows, then
+pairwise swaps between the heaviest and the lightest rank narrow the gap; then, within a rank, longest first
+onto its microbatches of ``micro_batch_size`` rows. Within a microbatch rows keep
 their plan order, and microbatches are ordered by their first row. Where the contiguous placement predicts a
 step no slower (a text step: every row costs the same), it is kept.
 
@@ -99,6 +100,27 @@ def _longest_first(order: list[int], weight: np.ndarray, bins: int, capacity: in
     return out
 
 
+def _swap_down(bins: list[list[int]], weight: np.ndarray, rounds: int) -> None:
+    """Local search after longest first: swap one row of the heaviest bin with one of the lightest when that
+    narrows their gap (the pair whose difference is nearest half the gap), up to ``rounds`` times. A swap
+    never raises the heaviest load."""
+    loads = np.array([float(weight[b].sum()) for b in bins])
+    for _ in range(rounds):
+        hi, lo = int(np.argmax(loads)), int(np.argmin(loads))
+        gap = loads[hi] - loads[lo]
+        if gap <= 0:
+            return
+        d = weight[bins[hi]][:, None] - weight[bins[lo]][None, :]
+        score = np.where((d > 0) & (d < gap), np.abs(d - gap / 2), np.inf)
+        k = int(np.argmin(score))
+        if not np.isfinite(score.flat[k]):
+            return
+        a, b = divmod(k, len(bins[lo]))
+        bins[hi][a], bins[lo][b] = bins[lo][b], bins[hi][a]
+        loads[hi] -= d[a, b]
+        loads[lo] += d[a, b]
+
+
 def place(plan: StepPlan, dp: int, mbs: int, cost: RowCost, balance: str = "rows") -> Placement:
     """The rows of each dp rank in microbatch order (``balance``: "none" or "rows", see the module doc)."""
     n_rows = len(plan.rows)
@@ -118,6 +140,7 @@ def place(plan: StepPlan, dp: int, mbs: int, cost: RowCost, balance: str = "rows
         return Placement(contiguous, c_cost, c_cost)
     order = np.argsort(-weight, kind="stable").tolist()
     ranks = _longest_first(order, weight, dp, n)
+    _swap_down(ranks, weight, 2 * dp)
     placed = []
     for rows in ranks:
         mine = sorted(rows, key=lambda i: (-weight[i], i))
