@@ -139,9 +139,8 @@ def main() -> None:
         print(f"{name:<16}{r['imbalance_none']:>15.4f}{r['imbalance_none_max']:>9.4f}{r['imbalance_rows']:>15.4f}"
               f"{r['gain']:>8.4f}{r.get('gain_pp', float('nan')):>9.4f}{r['plan_s']:>8.3f}{r['place_s']:>9.4f}")
     g, m = res["stage2_grouped"], res["stage2_mixed"]
-    grouping = {f"{k}_{b}": g[f"efficiency_{k}{b}"] / m[f"efficiency_{k}{b}"]
+    grouping = {f"{k or 'flat_'}{b}": g[f"efficiency_{k}{b}"] / m[f"efficiency_{k}{b}"]
                 for k in ("", "pp_") for b in ("none", "rows")}
-    grouping = {k.replace("__", "_"): v for k, v in grouping.items()}
     print("stage 2, grouped / mixed efficiency (useful FLOPs / predicted time): " + ", ".join(
         f"{k} {v:.4f}" for k, v in grouping.items()))
     print(json.dumps({"bench": "step_balance_scale", "dp": args.dp, "steps": args.steps, **res,
