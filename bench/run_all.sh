@@ -5,7 +5,7 @@
 #
 #   bench/run_all.sh [--quick] [--out FILE]
 #
-# Default settings take about 9 minutes on 2 cores (estimated from the --quick smoke runs; the budget is 20).
+# Default settings take about 12 minutes on 2 cores (estimated from the --quick smoke runs; the budget is 20).
 # --quick: 1 repeat and the fewest steps, only to check that every bench runs end to end (its figures mean
 # nothing). Run it alone on the machine: it times. BENCH_LOCK=/path/to/lockfile runs each bench under
 # `flock` on that file (a machine shared with other jobs). Each bench's full output is kept in the log folder
@@ -63,13 +63,15 @@ if [ $QUICK -eq 1 ]; then
   run_bench data_throughput --samples 16 --per-shard 8 --workers 1 2 --repeats 1 --warmup 1
   run_bench pipeline_balance --pp 2 --repeats 1
   run_bench vision_split --repeats 1 --stages 2
+  run_bench step_balance --steps 3 --repeats 1 --warmup 0
 else
-  # estimates on 2 idle cores, from the --quick runs: ~5 min, ~0.5, ~1, ~1, ~1 (total ~9 min)
+  # estimates on 2 idle cores, from the --quick runs: ~5 min, ~0.5, ~1, ~1, ~1, ~3 (total ~12 min)
   run_bench modality_grouping --dp 1 2 --repeats 5 --warmup 0 --warmup-steps 10 --steps 20
   run_bench decoder_vs_hf --repeats 5 --warmup 1 --iters 10 --threads 2
   run_bench data_throughput --samples 128 --per-shard 16 --workers 1 2 --repeats 3 --warmup 1
   run_bench pipeline_balance --pp 2 --repeats 5
   run_bench vision_split --repeats 5 --stages 2 3
+  run_bench step_balance --steps 12 --repeats 5 --warmup 1
 fi
 
 TOTAL=$(( $(date +%s) - T_ALL ))

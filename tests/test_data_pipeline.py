@@ -40,11 +40,13 @@ GLOBAL_FIELDS = ("step", "modality", "num_label_tokens", "num_tokens", "num_imag
 
 def _cfg(demo_dir: Path, *overrides: str):
     """The tiny stage-2 config on the demo data: global batch 8 of micro batches of 2, seq_len 128, unpacked,
-    language share 0.5 (steps alternate text / multimodal) unless overridden."""
+    language share 0.5 (steps alternate text / multimodal) unless overridden; rows in contiguous shares
+    (``data.balance: none``: rank r's rows are the dp = 1 step's r-th share; balanced placement:
+    tests/test_data_plan.py)."""
     return load_config(TINY / "stage2.yaml", [
         f"data.root={demo_dir}", "train.init_from=", "train.eval_file=", f"train.global_batch_size={GBS}",
         f"train.micro_batch_size={MBS}", f"train.seq_len={SEQ}", "data.packing=false", "data.num_workers=0",
-        HALF, *overrides])
+        "data.balance=none", HALF, *overrides])
 
 
 def _merge(batches: list) -> dict:

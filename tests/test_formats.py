@@ -168,7 +168,7 @@ def _cfg(demo_dir: Path, path: Path, *extra: str, **kw):
     opts = "".join(f", {k}: '{v}'" for k, v in kw.items())
     return load_config(TINY / "stage2.yaml", [
         f"data.root={demo_dir}", "train.init_from=", "train.eval_file=", "train.global_batch_size=8",
-        "train.micro_batch_size=4", "train.seq_len=256", "data.num_workers=0", MM,
+        "train.micro_batch_size=4", "train.seq_len=256", "data.num_workers=0", MM, "data.balance=none",
         f"data.sources=[{{name: x, path: '{path}', modality: multimodal{opts}}}]", *extra])
 
 

@@ -2,7 +2,8 @@
 
 Each torchrun launch runs several layout cases (start-up dominates the cost on 2 cores); the worker
 (tests/dist/equivalence_worker.py) measures, per rank, the loss, the gradient of every parameter the rank
-holds, the global gradient norm, and the parameters after one AdamW step, against the reference. Cases with
+holds, the global gradient norm, and the parameters after one AdamW step, against the reference; and the
+loss, gradients and norm of the same step with its rows placed by cost (``data.balance: rows``). Cases with
 ``data.packing`` feed packed rows (positions restarting per document, document-causal masks) through every
 pipeline stage, with the varlen attention kernel against the reference's dense mask.
 
@@ -110,6 +111,13 @@ def test_layouts_match_single_process(world, tmp_path):
             assert res["grads"] == res["ref_grads_owned"], where
             assert res["grad_rel_max"] <= 2e-6, f"{where}: worst gradient {res['worst_grad']}"
             assert res["param_abs_max"] <= 1e-5, where
+            # the same rows placed by cost on other ranks and microbatches: the same global mean
+            assert res["balanced_loss"] == pytest.approx(res["ref_loss"], rel=1e-6), where
+            assert res["balanced_grad_norm"] == pytest.approx(res["ref_grad_norm"], rel=1e-6), where
+            assert res["balanced_grads"] == res["grads"], where
+            assert res["balanced_grad_rel_max"] <= 2e-6, f"{where}: balanced placement"
+        if case.get("images", True) is True:  # random 0-2 images per row: the placement moved rows
+            assert per_rank[0]["balanced_moved"], name
         assert len(owned) > 0
         first = [res for res in per_rank if res["has_first"]]
         # each TP rank encodes only a share of the images (without a pipeline, whose first step also runs a

@@ -49,6 +49,9 @@ def test_torchrun_layout_matches_single_process(layout, single, demo_dir, tmp_pa
     ref_dir, ref = single
     rows = _run(2, tmp_path, demo_dir, *layout)
     assert_same_training(rows, ref, tmp_path, ref_dir)
+    # rows placed by cost (data.balance: rows, the default): logged, never predicted slower than contiguous
+    for r in rows:
+        assert 1.0 <= r["rank_cost_imbalance"] <= r["rank_cost_imbalance_contiguous"] + 1e-12
 
 
 def assert_same_training(rows: list[dict], ref: list[dict], run_dir: Path, ref_dir: Path) -> None:

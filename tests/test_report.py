@@ -44,7 +44,8 @@ def write_synthetic_run(run: Path, steps: int, seed: int = 0, evals: bool = True
             "images": 0 if text else 16, "language_ratio_target": target, "language_ratio_realized": lang / s,
             "samples_digest": f"{rng.getrandbits(64):016x}", "source_counts": counts,
             "bad_samples": {"ocr": 1} if rng.random() < 0.01 else {}, "bad_images": int(rng.random() < 0.005),
-            "skipped_samples": 0}))
+            "skipped_samples": 0, "rank_cost_imbalance": 1.0 if text else 1 + rng.random() * 0.02,
+            "rank_cost_imbalance_contiguous": 1.0 if text else 1.05 + rng.random() * 0.1}))
     (run / "metrics.jsonl").write_text("\n".join(lines) + "\n")
     if evals:
         with open(run / "eval.jsonl", "w") as f:
@@ -70,13 +71,14 @@ def long_report(tmp_path_factory):
 def test_report_of_two_long_runs(long_report):
     out, result = long_report
     assert result["runs"] == ["grouped", "mixed"] and result["steps"] == [10_000, 10_000]
-    stems = {"loss", "lr", "language_share", "throughput", "eval", "sources", "bad_data"}
+    stems = {"loss", "lr", "language_share", "throughput", "eval", "sources", "bad_data", "balance"}
     assert {f[:-4] for f in result["figures"]} == stems
     page = (out / "index.html").read_text()
     for f in result["figures"]:
         assert (out / f).stat().st_size > 10_000, f  # a drawn figure, not an empty canvas
         assert f'src="{f}"' in page
     assert not re.search(r"(src|href)=\"(https?:)?//", page)  # nothing from the network
+    assert re.search(r"<td>1\.0\d\d / 1\.0\d\d</td>", page)  # the mean predicted imbalance, placed / contiguous
 
 
 def test_report_reads_damaged_and_partial_runs(tmp_path):

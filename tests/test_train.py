@@ -18,7 +18,7 @@ from vlpretrain.train.optim import build_optimizer, lr_multiplier
 from vlpretrain.train.trainer import train
 
 METRIC_KEYS = {"step", "loss", "modality", "lr", "grad_norm", "tokens", "tokens_per_s", "step_time_s", "mfu",
-               "model_tflops", "consumed_samples"}
+               "model_tflops", "consumed_samples", "rank_cost_imbalance", "rank_cost_imbalance_contiguous"}
 
 
 def _metrics(run_dir: Path) -> list[dict]:

@@ -2,6 +2,10 @@
 single-process run of the same model, data and seed. Every rank writes its measured differences to
 ``<out>/rank<r>.json``; the pytest wrapper (tests/test_parallel_equivalence.py) asserts on them.
 
+Each layout runs the step twice: first with the rows placed by cost (``data.balance: rows``,
+``data/placement.py``: other rows on each rank and in each microbatch), loss and gradients only, then with
+the contiguous shares (loss, gradients and one AdamW step); both against the same reference.
+
     torchrun --nproc_per_node W tests/dist/equivalence_worker.py OUT CASES_JSON
 """
 from __future__ import annotations
@@ -17,10 +21,13 @@ from torch.distributed.tensor import DTensor
 
 from vlpretrain.config import config_from_dict
 from vlpretrain.data.loader import Microbatch
+from vlpretrain.data.placement import place
+from vlpretrain.data.step_plan import StepPlan
 from vlpretrain.data.synthetic import synthetic_microbatches
 from vlpretrain.models.init import canonical_name
 from vlpretrain.parallel.engine import ParallelModel
 from vlpretrain.parallel.mesh import ParallelContext, build_mesh, resolve_layout
+from vlpretrain.parallel.pipeline_cost import row_cost
 from vlpretrain.train.optim import build_optimizer
 
 IMAGE_ID = 2
@@ -52,6 +59,30 @@ def tiny_hybrid(**over) -> dict:
 def local_share(microbatches: list[Microbatch], dp_rank: int, dp: int) -> list[Microbatch]:
     k = len(microbatches) // dp
     return microbatches[dp_rank * k:(dp_rank + 1) * k]
+
+
+def balanced_share(microbatches: list[Microbatch], cfg, dp_rank: int, dp: int) -> tuple[list[Microbatch], bool]:
+    """This rank's microbatches under ``data.balance: rows``: the rows placed by ``placement.place`` on the
+    step seen as a plan of one slot per row (its tokens, labels, images), regrouped; and whether any rank's
+    rows differ from the contiguous placement."""
+    rows = [(mb, r) for mb in microbatches for r in range(mb.tokens.shape[0])]
+    it = cfg.model.image_tokens
+    table = [[0, i, int((mb.tokens[r] != 3).sum()), int((mb.labels[r] != -100).sum()),
+              int((mb.tokens[r] == IMAGE_ID).sum()) // it] for i, (mb, r) in enumerate(rows)]
+    modality = "multimodal" if microbatches[0].images is not None else "text"
+    plan = StepPlan(1, modality, torch.tensor(table).numpy(), [[i] for i in range(len(rows))], {})
+    at = place(plan, dp, cfg.train.micro_batch_size, row_cost(cfg))
+    n = len(rows) // dp
+    moved = at.rows != [list(range(k * n, (k + 1) * n)) for k in range(dp)]
+
+    def cat(name: str, picked: list[int]) -> torch.Tensor | None:
+        parts = [getattr(rows[i][0], name) for i in picked]
+        if parts[0] is None:
+            return None
+        return torch.cat([t[rows[i][1]:rows[i][1] + 1] for t, i in zip(parts, picked)])
+    mine, b = at.rows[dp_rank], cfg.train.micro_batch_size
+    return [Microbatch(*(cat(f, mine[k:k + b]) for f in ("tokens", "labels", "images", "positions", "doc_ids")))
+            for k in range(0, len(mine), b)], moved
 
 
 def full(t: torch.Tensor) -> torch.Tensor:
@@ -103,8 +134,16 @@ def main() -> None:
         layout = resolve_layout(cfg, world)
         ctx = ParallelContext(layout, device, build_mesh(layout, device))
         par = ParallelModel(cfg, ctx)
+        placed, moved = balanced_share(mbs, cfg, ctx.dp_rank, layout.dp)
+        b_loss = par.forward_backward(placed, n_labels)
+        b_grads = {canonical_name(n): full(p.grad) for n, p in par.named_parameters() if p.grad is not None}
+        b_norm = par.clip_grad_norm_(0.0)
+        for _, p in par.named_parameters():
+            p.grad = None
         p_seen = count_encoded_images(par)
         p_loss, p_grads, p_norm, p_after = run_step(par, cfg, local_share(mbs, ctx.dp_rank, layout.dp), n_labels)
+        b_rel = [float((b_grads[k] - r_grads[k]).abs().max() / r_grads[k].abs().max().clamp_min(1e-12))
+                 for k in b_grads]
         owned = sorted(p_after)
         grad_rel = {k: float((p_grads[k] - r_grads[k]).abs().max() / r_grads[k].abs().max().clamp_min(1e-12))
                     for k in p_grads}
@@ -118,7 +157,9 @@ def main() -> None:
             "param_abs_max": max(param_abs.values(), default=0.0),
             "worst_grad": max(grad_rel, key=grad_rel.get) if grad_rel else None,
             "images_encoded": p_seen[0], "ref_images_encoded": r_seen[0], "has_first": par.has_first,
-            "split_images": par.split_images,
+            "split_images": par.split_images, "balanced_loss": b_loss, "balanced_grad_norm": b_norm,
+            "balanced_grads": sorted(b_grads), "balanced_grad_rel_max": max(b_rel, default=0.0),
+            "balanced_moved": moved,
         }
         dist.barrier()
     (out / f"rank{rank}.json").write_text(json.dumps(results, indent=1))

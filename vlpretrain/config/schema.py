@@ -203,6 +203,9 @@ class DataConfig:
     document_causal: bool = _f(True, help="with packing: no attention across packed documents")
     language_ratio: LanguageRatioConfig = _f(factory=LanguageRatioConfig, help="the language share of the steps "
                                                                                 "and its warm-down")
+    balance: Literal["none", "rows"] = _f("rows", help="which dp rank and microbatch trains each row of a step: "
+                                                      "rows: balanced by predicted cost (images, attention), "
+                                                      "none: contiguous shares in plan order (data/placement.py)")
     system_prompt: str = _f("", help="text put before every SFT conversation")
     skip_samples: list[str] = _f(factory=list, help="samples never drawn, as '<source name>:<sample index>' (e.g. from "
                                                     "<run_dir>/bad_steps.jsonl); a draw of one takes the source's next "

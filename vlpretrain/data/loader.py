@@ -4,7 +4,9 @@ Every rank plans the whole global step with the same deterministic ``StepPlanner
 per-sample SIZES only (``sizes.py``: tokens, supervised labels, images, or why the sample is bad): which
 samples, in which order, in which packed row, which draws are skipped. So the global sample sequence, the loss
 denominator and the sample digest are the same for any dp size and worker count, and planning never reads
-text. Each rank then reads, tokenises and collates only its own dp slice of the rows, and decodes images only
+text. Each rank then reads, tokenises and collates only its own share of the rows (which rank and microbatch
+trains each row: ``placement.py``, ``data.balance``; a function of the plan, so equal on every rank and on
+resume), and decodes images only
 if it runs the vision encoder, and then only its TP rank's share of each microbatch's images
 (``image_split``). The cost per rank is O(global samples) of cheap, mostly vectorised arithmetic for the plan
 plus O(global step / dp) of real data work.
@@ -42,6 +44,7 @@ import torch
 
 from vlpretrain.config import Config
 from vlpretrain.data.encoding import IGNORE, EncodedSample, SampleEncoder, count_labels
+from vlpretrain.data.placement import RowCost, place
 from vlpretrain.data.preprocess import decoding, resize_and_pad
 from vlpretrain.data.shards import BadSample
 from vlpretrain.data.sources import Source
@@ -85,6 +88,7 @@ class LocalPlan:
     modality: str
     rows: list[list[Slot]]
     totals: dict
+    balance: dict = field(default_factory=dict)  # the placement's predicted imbalance (GlobalBatch fields)
 
 
 @dataclass
@@ -105,6 +109,9 @@ class GlobalBatch:
     data_state: dict = field(default_factory=dict)  # planner state after this step (for checkpoints)
     bad_reads: int = 0  # planned samples this rank could not read as sized (masked, see the module doc)
     samples: list[list[tuple[int, int]]] = field(default_factory=list)  # (source, index) of each row, as built
+    # predicted slowest / mean dp-rank cost of the step as placed (data.balance) and as contiguous shares
+    rank_cost_imbalance: float = 1.0
+    rank_cost_imbalance_contiguous: float = 1.0
 
     def pin_memory(self) -> GlobalBatch:
         """Page-locked host tensors for asynchronous host-to-GPU copies (called by the DataLoader)."""
@@ -121,13 +128,17 @@ class DataPipeline:
 
     ``load_images``: this rank runs the vision encoder (else no image tensors at all). ``image_split``:
     ``(tp_rank, tp)``: decode only this TP rank's share of every microbatch's images (``image_share``), the
-    rest stay zero; ``(0, 1)`` decodes them all (``parallel.vision_split: replicate``, or tp = 1)."""
+    rest stay zero; ``(0, 1)`` decodes them all (``parallel.vision_split: replicate``, or tp = 1).
+    ``row_cost``: the cost weights of ``data.balance: rows`` (``placement.py``); training passes the FLOP
+    model's (``parallel.pipeline_cost.row_cost``); default: images only."""
 
     def __init__(self, cfg: Config, tokenizer: TextTokenizer, dp_rank: int = 0, dp_size: int = 1,
-                 load_images: bool = True, state: dict | None = None, image_split: tuple[int, int] = (0, 1)):
+                 load_images: bool = True, state: dict | None = None, image_split: tuple[int, int] = (0, 1),
+                 row_cost: RowCost | None = None):
         self.cfg, self.tok = cfg, tokenizer
         self.dp_rank, self.dp_size, self.load_images = dp_rank, dp_size, load_images
         self.image_split = image_split
+        self.row_cost = row_cost or RowCost()
         self.plans = StepPlanner(cfg, tokenizer)  # opens every source now: bad paths fail at start-up
         self.resume_notes: list[str] = []  # how a restored state met a changed data configuration (one line each)
         if state is not None:
@@ -170,10 +181,11 @@ class DataPipeline:
         return self.plans.exclude(samples)
 
     def local(self, plan: StepPlan) -> LocalPlan:
-        """This dp rank's contiguous share of the step's rows."""
-        n = len(plan.rows) // self.dp_size
-        mine = plan.rows[self.dp_rank * n:(self.dp_rank + 1) * n]
-        return LocalPlan(plan.step, plan.modality, plan.slots_of(mine), plan.totals)
+        """This dp rank's share of the step's rows, in microbatch order (``data.balance``, ``placement.py``)."""
+        at = place(plan, self.dp_size, self.cfg.train.micro_batch_size, self.row_cost, self.cfg.data.balance)
+        mine = [plan.rows[i] for i in at.rows[self.dp_rank]]
+        balance = {"rank_cost_imbalance": at.imbalance, "rank_cost_imbalance_contiguous": at.imbalance_contiguous}
+        return LocalPlan(plan.step, plan.modality, plan.slots_of(mine), plan.totals, balance)
 
     # ---- building this rank's share of one step
 
@@ -269,7 +281,7 @@ class DataPipeline:
                  for i in range(0, len(local.rows), mbs)]
         return GlobalBatch(step=local.step, modality=local.modality, microbatches=micro, bad_images=counter[0],
                            bad_reads=counter[1], samples=[[(s.source, s.index) for s in row] for row in local.rows],
-                           **local.totals)
+                           **local.totals, **local.balance)
 
     def __iter__(self):
         return self

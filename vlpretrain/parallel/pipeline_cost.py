@@ -35,6 +35,7 @@ import math
 from dataclasses import dataclass
 
 from vlpretrain.config import Config, ModelConfig, trainable_parts
+from vlpretrain.data.placement import RowCost
 from vlpretrain.layout_rules import placement_rank, schedule_info
 from vlpretrain.models.flops import adaptor_flops, decoder_layer_flops, head_flops, sam_flops, siglip_flops, step_flops
 from vlpretrain.parallel.pipeline_split import part_names, stage_bounds, stage_style, validate_split
@@ -228,6 +229,29 @@ def part_costs(cfg: Config, device_tflops: float | None = None, measured: dict[s
                             static_bytes=st, activation_bytes=act, params=n, trainable_params=tr,
                             measured=measured is not None))
     return out
+
+
+def row_cost(cfg: Config) -> RowCost:
+    """The weights ``data.balance: rows`` places rows by (``data/placement.py``), in forward+backward FLOPs of
+    one device, with the backward rules of ``part_costs``: per image the busiest first-stage TP rank encodes,
+    per token slot of a row (decoder layers and head, divided by tp), per squared document length (the
+    attention scores of the decoder layers, per packed document when document-causal)."""
+    m, par = cfg.model, cfg.parallel
+    trainable = trainable_parts(cfg)
+    emb = step_flops(m, 0, 1, 1, trainable)  # sequences=0: one image through the towers and the adaptor
+    fwd = siglip_flops(m) + sam_flops(m) + adaptor_flops(m)
+    image = fwd * emb.total / emb.forward if emb.forward > 0 else 0.0
+    llm = step_flops(m, 1, 1, 0, trainable)
+    ratio = llm.total / llm.forward
+    # a layer costs s x a + s^2 x q for a sequence of s tokens (flops.decoder_layer_flops)
+    f1, f2 = decoder_layer_flops(m, 1), decoder_layer_flops(m, 2)
+    q = (f2 - 2 * f1) / 2
+    layer_ratio = ratio + (1 if par.activation_checkpointing == "full" and ratio > 1 else 0)
+    position = (m.n_layers * (f1 - q) * layer_ratio + head_flops(m, 1) * ratio) / par.tp
+    split = par.vision_split == "images" and par.tp > 1
+    return RowCost(image=image, position=position, attention=m.n_layers * q * layer_ratio / par.tp,
+                   seq_len=cfg.train.seq_len, per_document=cfg.data.packing and cfg.data.document_causal,
+                   tp=par.tp if split else 1)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -68,6 +68,14 @@ def _median(a: np.ndarray, skip_first: bool = True):
     return float(np.median(a)) if len(a) else None
 
 
+def _imbalance(c: dict) -> str:
+    """Mean predicted slowest / mean dp-rank cost, as placed and contiguous ("-" for runs that do not log it)."""
+    placed, contiguous = c["rank_cost_imbalance"], c["rank_cost_imbalance_contiguous"]
+    if not np.isfinite(placed).any():
+        return "-"
+    return f"{np.nanmean(placed):.3f} / {np.nanmean(contiguous):.3f}"
+
+
 def _summary_rows(runs) -> str:
     rows = []
     for r in runs:
@@ -82,11 +90,12 @@ def _summary_rows(runs) -> str:
                  _fmt(float(c["loss"][0]) if len(r.steps) else None),
                  _fmt(float(c["loss"][-1]) if len(r.steps) else None),
                  _fmt(_median(c["tokens_per_s"]), 5), _fmt(100 * (_median(c["mfu"]) or math.nan), 3),
-                 _fmt(_median(c["step_time_s"]), 3), _fmt(acc), _fmt(last_eval.get("text_bpb")),
+                 _fmt(_median(c["step_time_s"]), 3), _imbalance(c), _fmt(acc), _fmt(last_eval.get("text_bpb")),
                  _fmt(r.summary.get("wall_time_s"))]
         rows.append("<tr>" + "".join(f"<td>{html.escape(str(x))}</td>" for x in cells) + "</tr>")
     head = ["run", "stage", "steps", "dp/tp/pp", "first loss", "last loss", "tokens/s (median)", "MFU % (median)",
-            "step s (median)", "MCPPL acc (last)", "bits/byte (last)", "wall s"]
+            "step s (median)", "rank imbalance placed / contiguous (mean)", "MCPPL acc (last)",
+            "bits/byte (last)", "wall s"]
     return ("<table><tr>" + "".join(f"<th>{h}</th>" for h in head) + "</tr>\n" + "\n".join(rows)
             + "</table>")
 

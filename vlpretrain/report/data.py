@@ -25,7 +25,7 @@ except ImportError:  # pragma: no cover - depends on the environment
 MAX_POINTS = 1500
 SCALARS = ("loss", "lr", "grad_norm", "tokens", "tokens_per_s", "step_time_s", "mfu", "model_tflops",
            "consumed_samples", "images", "language_ratio_target", "language_ratio_realized", "bad_images",
-           "skipped_samples")
+           "skipped_samples", "rank_cost_imbalance", "rank_cost_imbalance_contiguous")
 
 
 def read_jsonl(path: Path) -> list[dict]:

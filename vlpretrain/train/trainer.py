@@ -37,6 +37,7 @@ from vlpretrain.parallel.engine import ParallelModel
 from vlpretrain.parallel.launch_env import global_rank
 from vlpretrain.parallel.mesh import init_parallel, local_device, resolve_layout, world_size_from_env
 from vlpretrain.parallel.peers import gather_peers
+from vlpretrain.parallel.pipeline_cost import row_cost
 from vlpretrain.train import faults
 from vlpretrain.train.bad_steps import (
     DIVERGED_MARKER,
@@ -155,7 +156,7 @@ def _build(cfg: Config, tokenizer, eval_paths, init_file, resume, lock: RunDirLo
 
     # data: every rank follows the same global sample sequence and keeps its dp slice
     data = DataPipeline(cfg, tokenizer, dp_rank=ctx.dp_rank, dp_size=ctx.layout.dp,  # opens every source now
-                        state=resumed["data_state"] if resumed else None)
+                        state=resumed["data_state"] if resumed else None, row_cost=row_cost(cfg))
     if ctx.is_main:  # how the saved data state meets an edited data section (data/plan_state.py): once
         for line in data.resume_notes:
             print(f"resume: {line}", flush=True)
@@ -325,6 +326,8 @@ def _record(run: Run, step: int, batch: GlobalBatch, loss: float, grad_norm: flo
         "language_ratio_realized": batch.language_ratio_realized, "samples_digest": batch.samples_digest,
         "source_counts": batch.source_counts, "bad_samples": batch.bad_samples, "bad_images": batch.bad_images,
         "skipped_samples": sum(run.data_state["bad_total"].values()), "bad_steps": run.bad_steps.total,
+        "rank_cost_imbalance": batch.rank_cost_imbalance,
+        "rank_cost_imbalance_contiguous": batch.rank_cost_imbalance_contiguous,
         **({"bad_step_reason": reason} if reason else {}), **run.memory.record(step),
     })
     return stop
