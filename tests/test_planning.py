@@ -157,3 +157,15 @@ def test_fitted_table_names_its_rows():
     for fam in ("a100", "h100"):
         row = table["families"][fam]
         assert row["widths"] == sorted(row["widths"]) and all(0.05 < e <= 1.0 for e in row["efficiency"])
+
+
+def test_paper_scale_plan_of_the_1_3b_adds_up():
+    sys.path.insert(0, str(REPO / "bench"))
+    from paper_scale_plan import plan_model
+
+    out = plan_model("deepseek-vl-1.3b", 128, "a100-80gb")
+    assert [s["stage"] for s in out["stages"]] == [1, 2, 3] and out["paper_days"] == 7.0
+    for s in out["stages"]:
+        assert s["days"] == pytest.approx(s["steps"] * s["step_time_s"] / 86400, abs=0.01)
+        assert s["memory_gib"] <= 80
+    assert out["total_days"] == pytest.approx(sum(s["days"] for s in out["stages"]), abs=0.02)
