@@ -110,6 +110,11 @@ def test_cli_search_json_write_config_and_sbatch(tmp_path, capsys):
     assert "#SBATCH --nodes=2" in text and str(out_cfg) in text and "launch/slurm/train.sbatch" in text
     rc = main(["plan", "--config", TINY, "--search"])
     assert rc == 2 and "--world-size" in capsys.readouterr().err
+    # the config's own layout, evaluated by the same model (the written one: the search's best)
+    assert main(["plan", "--config", str(out_cfg), "--evaluate", "--world-size", "8", "--gpus-per-node", "4",
+                 "--json"]) == 0
+    row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert row["step_time_s"] == pytest.approx(best["step_time_s"], rel=1e-9)
 
 
 def _row(**kw) -> dict:

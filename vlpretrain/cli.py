@@ -156,11 +156,29 @@ def cmd_plan_search(args: argparse.Namespace, cfg: Config) -> int:
     return 0
 
 
+def cmd_plan_evaluate(args: argparse.Namespace, cfg: Config) -> int:
+    from vlpretrain.planning.search import describe, evaluate_config
+
+    cl = _cluster(args)
+    row = evaluate_config(cfg, args.world_size, cl)
+    row["fits_memory"] = row["memory_gib"] <= cl.mem_gib
+    if args.json:
+        print(json.dumps(row))
+        return 0
+    print(f"{describe(row)}, layer_split {row['layer_split']}: {row['step_time_s']:.3f} s/step, "
+          f"{row['tokens_per_s_per_gpu']:.0f} tokens/s per GPU, MFU {row['mfu']:.2f}, {row['memory_gib']:.1f} GiB "
+          f"per GPU (compute {row['compute_s']:.3f} s, exposed communication {row['exposed_comm_s']:.3f} s, bubble "
+          f"{row['bubble_s']:.3f} s)" + ("" if row["fits_memory"] else f"; does NOT fit {cl.mem_gib:g} GiB"))
+    return 0
+
+
 def cmd_plan(args: argparse.Namespace, cfg: Config) -> int:
     from vlpretrain.plan import format_plan, measure_part_times, plan
 
     if args.search:
         return cmd_plan_search(args, cfg)
+    if args.evaluate:
+        return cmd_plan_evaluate(args, cfg)
     measured = None
     try:
         if args.measure:
@@ -365,6 +383,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--search", action="store_true",
                    help="rank every valid layout of --world-size GPUs on the cluster (docs/planning.md)")
     p.add_argument("--top", type=int, default=5, help="layouts to show with --search")
+    p.add_argument("--evaluate", action="store_true",
+                   help="the cost model's step time, MFU and memory of the config's own layout on the cluster")
     p.add_argument("--gpu", default="h100-sxm", help="GPU preset: a100-40gb, a100-80gb, h100-sxm, h200")
     p.add_argument("--cluster", default=None, help="YAML file of cluster fields (planning/cluster.py)")
     p.add_argument("--gpus-per-node", type=int, default=None)

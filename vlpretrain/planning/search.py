@@ -220,6 +220,16 @@ def search(cfg: Config, world: int, cl: Cluster, top: int = 5, hsdp: bool | None
             "faster_but_out_of_memory": oom_rows, "best_config": best_cfg}
 
 
+def evaluate_config(cfg: Config, world: int | None, cl: Cluster, read_mix=assumed_mix) -> dict:
+    """The cost model's prediction for the config's own layout (``resolve_layout`` first: its errors are the
+    engine's; ``world`` None: the config's degrees), in the same shape as a search row."""
+    lay = resolve_layout(cfg, world)
+    world = lay.world_size
+    c = with_layout(cfg, dp=lay.dp, layer_split=list(lay.split))
+    e = evaluate(c, world, cl, read_mix(c), split=list(lay.split))
+    return {**layout_of(c, e), **e}
+
+
 def _short(c: Config, e: dict) -> str:
     p = c.parallel
     return (f"tp={p.tp} pp={p.pp} vpp={p.vpp} dp={e['dp']} mbs={c.train.micro_batch_size} {p.schedule} "
