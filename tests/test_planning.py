@@ -174,3 +174,18 @@ def test_paper_scale_plan_of_the_1_3b_adds_up():
         assert s["days"] == pytest.approx(s["steps"] * s["step_time_s"] / 86400, abs=0.01)
         assert s["memory_gib"] <= 80
     assert out["total_days"] == pytest.approx(sum(s["days"] for s in out["stages"]), abs=0.02)
+
+
+def test_hsdp_shard_groups_trade_memory_for_network_traffic():
+    """``dp_shard`` (HSDP, modelled ahead of the engine's key): node-sized shard groups gather over NVLink and
+    all-reduce gradient shards across replicas; states are sharded over the group only."""
+    from vlpretrain.planning.cost import LayoutSpec, estimate
+    from vlpretrain.planning.published import row_parts
+
+    parts, per_seq = row_parts(_row(layers="32", hidden="4096", ffn="11008", heads="32", kv_heads="32"), 1, 1, False)
+    cl = PRESETS["h100-sxm"]
+    base = dict(tp=1, pp=1, vpp=1, dp=64, schedule="1f1b", n_microbatches=4, split=(32,), boundary_bytes=0.0)
+    full = estimate(parts, LayoutSpec(**base), cl, lambda w: 0.5, 256 * 2048, 256 * per_seq)
+    hsdp = estimate(parts, LayoutSpec(**base, dp_shard=8), cl, lambda w: 0.5, 256 * 2048, 256 * per_seq)
+    assert hsdp["fsdp_exposed_s"] < full["fsdp_exposed_s"]
+    assert hsdp["memory_parts_gib"]["states"] == pytest.approx(8 * full["memory_parts_gib"]["states"])
