@@ -12,7 +12,7 @@ from __future__ import annotations
 from vlpretrain.config import Config, trainable_parts
 from vlpretrain.data.step_mix import StepType
 from vlpretrain.models.flops import step_flops
-from vlpretrain.parallel.pipeline_cost import encoded_images, part_costs
+from vlpretrain.parallel.pipeline_cost import part_costs
 from vlpretrain.planning.cost import Part
 
 
@@ -35,13 +35,11 @@ def config_parts(cfg: Config, st: StepType) -> list[Part]:
     out = []
     for c in costs:
         if c.name == "embed":
-            images = sum(encoded_images(cfg, n) for n in (st.images or (0,))) / max(len(st.images or (0,)), 1)
             gathered = sum(st.images) / max(len(st.images), 1) if st.images else 0.0
             split = tp > 1 and par.vision_split == "images" and gathered > 0
             out.append(Part("embed", c.flops, c.forward_flops, 0.0, m.siglip.width, c.params, c.trainable_params,
                             c.activation_bytes, tp_bytes=2 * gathered * m.image_tokens * m.dim if split else 0.0,
                             tp_colls=2 if split else 0, keep_gathered=_kept(cfg, c.params, "embed")))
-            del images
             continue
         runs_bwd = c.flops > c.forward_flops
         if c.name == "head":
