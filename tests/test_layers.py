@@ -12,7 +12,8 @@ Layers, lowest first (a unit is a top-level module or a subpackage of ``vlpretra
     4  parallel             mesh, TP/SP, FSDP2, pipeline stages and schedules, the vision-aware splitter
     5  checkpoint           DCP checkpoints and resume, weight files, integrity, formats (HF LLaMA, DeepSeek-VL)
     6  eval, report         evaluation in any layout; run reports and figures
-    7  train                the training loop and what it drives (optimizer, metrics, preemption, profiling)
+    7  train, planning      the training loop and what it drives (optimizer, metrics, preemption, profiling);
+                            the layout planner (cluster, cost model fitted to published runs, search)
     8  plan, config_reference   the ``plan`` command; the generated configuration reference
     9  cli                  the command line
    10  __main__
@@ -34,7 +35,7 @@ LAYERS = [
     ["parallel"],
     ["checkpoint"],
     ["eval", "report"],
-    ["train"],
+    ["train", "planning"],
     ["plan", "config_reference"],
     ["cli"],
     ["__main__"],

@@ -125,9 +125,60 @@ def cmd_generate(args: argparse.Namespace, cfg: Config) -> int:
     return 0
 
 
+def _cluster(args: argparse.Namespace):
+    from vlpretrain.planning.cluster import get_cluster
+
+    return get_cluster(args.gpu, args.cluster, gpus_per_node=args.gpus_per_node, peak_tflops=args.gpu_peak_tflops,
+                       mem_gib=args.gpu_mem_gib, intra_gbps=args.intra_gbps, inter_gbps=args.inter_gbps,
+                       intra_latency_us=args.intra_latency_us, inter_latency_us=args.inter_latency_us)
+
+
+def cmd_plan_search(args: argparse.Namespace, cfg: Config) -> int:
+    from vlpretrain.planning.output import format_search, json_line, write_config, write_sbatch
+    from vlpretrain.planning.search import search
+
+    if not args.world_size or args.world_size < 1:
+        raise UserError("plan --search: --world-size N (the job's GPUs) is required")
+    if args.write_sbatch and not args.write_config:
+        raise UserError("plan --write-sbatch: also give --write-config FILE (the job runs that config)")
+    res = search(cfg, args.world_size, _cluster(args), top=args.top)
+    if args.write_config:
+        write_config(res, args.write_config)
+    if args.write_sbatch:
+        write_sbatch(res, args.write_sbatch, args.write_config)
+    if not args.json:
+        print(format_search(cfg, res))
+        for what, path in (("config", args.write_config), ("job", args.write_sbatch)):
+            if path:
+                print(f"wrote {what} {path}")
+    if args.json:
+        print(json_line(res))
+    return 0
+
+
+def cmd_plan_evaluate(args: argparse.Namespace, cfg: Config) -> int:
+    from vlpretrain.planning.search import describe, evaluate_config
+
+    cl = _cluster(args)
+    row = evaluate_config(cfg, args.world_size, cl)
+    row["fits_memory"] = row["memory_gib"] <= cl.mem_gib
+    if args.json:
+        print(json.dumps(row))
+        return 0
+    print(f"{describe(row)}, layer_split {row['layer_split']}: {row['step_time_s']:.3f} s/step, "
+          f"{row['tokens_per_s_per_gpu']:.0f} tokens/s per GPU, MFU {row['mfu']:.2f}, {row['memory_gib']:.1f} GiB "
+          f"per GPU (compute {row['compute_s']:.3f} s, exposed communication {row['exposed_comm_s']:.3f} s, bubble "
+          f"{row['bubble_s']:.3f} s)" + ("" if row["fits_memory"] else f"; does NOT fit {cl.mem_gib:g} GiB"))
+    return 0
+
+
 def cmd_plan(args: argparse.Namespace, cfg: Config) -> int:
     from vlpretrain.plan import format_plan, measure_part_times, plan
 
+    if args.search:
+        return cmd_plan_search(args, cfg)
+    if args.evaluate:
+        return cmd_plan_evaluate(args, cfg)
     measured = None
     try:
         if args.measure:
@@ -329,6 +380,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images-per-sample", type=float, default=1.0,
                    help="images per multimodal sequence when the data is not read (and for --measure)")
     p.add_argument("--no-data", action="store_true", help="do not sample the data for the step mix")
+    p.add_argument("--search", action="store_true",
+                   help="rank every valid layout of --world-size GPUs on the cluster (docs/planning.md)")
+    p.add_argument("--top", type=int, default=5, help="layouts to show with --search")
+    p.add_argument("--evaluate", action="store_true",
+                   help="the cost model's step time, MFU and memory of the config's own layout on the cluster")
+    p.add_argument("--gpu", default="h100-sxm", help="GPU preset: a100-40gb, a100-80gb, h100-sxm, h200")
+    p.add_argument("--cluster", default=None, help="YAML file of cluster fields (planning/cluster.py)")
+    p.add_argument("--gpus-per-node", type=int, default=None)
+    p.add_argument("--gpu-peak-tflops", type=float, default=None, help="dense bf16 peak of another GPU")
+    p.add_argument("--gpu-mem-gib", type=float, default=None)
+    p.add_argument("--intra-gbps", type=float, default=None, help="collective bus bandwidth in a node, GB/s")
+    p.add_argument("--inter-gbps", type=float, default=None, help="across nodes, GB/s per GPU")
+    p.add_argument("--intra-latency-us", type=float, default=None)
+    p.add_argument("--inter-latency-us", type=float, default=None)
+    p.add_argument("--write-config", default=None, help="write the best layout's config here (with --search)")
+    p.add_argument("--write-sbatch", default=None, help="write a Slurm job running it (with --search)")
     p.set_defaults(func=cmd_plan)
     p = sub.add_parser("ckpt", help="checkpoint tools")
     csub = p.add_subparsers(dest="ckpt_command", required=True)

@@ -258,6 +258,17 @@ def row_cost(cfg: Config) -> RowCost:
 # Prediction
 
 
+def inflight_microbatches(schedule: str, pp: int, vpp: int, r: int, n_mb: int) -> float:
+    """Microbatches whose activations pipeline rank ``r`` holds at its peak (``predict``'s docstring)."""
+    if schedule == "gpipe":
+        return float(n_mb)
+    if schedule == "dualpipev":
+        return float(min(pp + 1, n_mb))
+    if vpp > 1:  # interleaved 1F1B (also 1f1b / zero_bubble configured with vpp > 1)
+        return min(2 * (pp - r - 1) + (vpp - 1) * pp + 1, n_mb * vpp) / vpp
+    return float(min(pp - r, n_mb))
+
+
 def step_time(vtime: list[float], pp: int, placement: str, n_mb: int, bubble: float) -> float:
     """``predict``'s step time from the virtual stages' times: n_mb x the slowest rank + bubble x (pp - 1) x the
     slowest virtual stage."""
@@ -302,18 +313,7 @@ def predict(cfg: Config, split: list[int], costs: list[PartCost], n_microbatches
         rstatic[r] += vstatic[k]
         rlayers[r].append(split[k])
     sched = par.schedule
-    mem = []
-    for r in range(pp):
-        if sched == "gpipe":
-            inflight = float(n_mb)
-        elif sched == "dualpipev":
-            inflight = float(min(pp + 1, n_mb))
-        elif vpp > 1:  # interleaved 1F1B (also 1f1b / zero_bubble configured with vpp > 1)
-            chunks = min(2 * (pp - r - 1) + (vpp - 1) * pp + 1, n_mb * vpp)
-            inflight = chunks / vpp
-        else:
-            inflight = float(min(pp - r, n_mb))
-        mem.append(rstatic[r] + inflight * ract[r])
+    mem = [rstatic[r] + inflight_microbatches(sched, pp, vpp, r, n_mb) * ract[r] for r in range(pp)]
     bubble = (pp - 1) * max(vtime) * schedule_info(sched).bubble
     return {
         "split": list(split), "stage_time": rtime, "stage_memory": mem, "step_time": n_mb * max(rtime) + bubble,
