@@ -68,7 +68,10 @@ def count_encoded_images(model: ParallelModel) -> list[int]:
 
 
 def _placement(x) -> str:
-    return "replicate" if x.is_replicate() else f"shard{x.dim}" if x.is_shard() else str(x)
+    """replicate, shard<dim> (also FSDP's strided shard of a TP-sharded dim), or the placement as torch says."""
+    if x.is_replicate():
+        return "replicate"
+    return f"shard{x.dim}" if "Shard" in type(x).__name__ else str(x)
 
 
 def fsdp_mesh(model: ParallelModel) -> dict | None:
