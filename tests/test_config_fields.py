@@ -47,6 +47,7 @@ ALLOWED = {
     ("logging.peak_tflops", 0): "0: from the device",
     ("train.max_wall_time", 0): "0: no time limit",
     ("train.exit_margin_s", 0): "0: estimated from the step and save times",
+    ("parallel.dp_shard", 0): "0: FSDP shards over all of dp (no HSDP)",
     ("parallel.timeout_s", 0): "0: VLP_PG_TIMEOUT_S or the default",
     ("parallel.fsdp_keep_gathered_below_mb", 0): "0: auto frees every unit after forward (as true)",
 }

@@ -24,6 +24,15 @@ def test_dp_auto_and_explicit():
     assert resolve_layout(_cfg("parallel.dp=4"), 4).dp == 4
 
 
+def test_dp_shard_hsdp_layout():
+    # 0 (the default): FSDP over all dp ranks; d < dp: shard groups of d, dp / d replicas (HSDP)
+    plain = resolve_layout(_cfg("parallel.dp=4"), 4)
+    assert (plain.dp_shard, plain.dp_replicate) == (4, 1)
+    hsdp = resolve_layout(_cfg("parallel.dp_shard=2", "parallel.tp=2"), 8)  # dp: auto = 4
+    assert (hsdp.dp, hsdp.dp_shard, hsdp.dp_replicate) == (4, 2, 2)
+    assert resolve_layout(_cfg("parallel.dp=4", "parallel.dp_shard=1"), 4).dp_replicate == 4
+
+
 @pytest.mark.parametrize("overrides, world, key, message", [
     (["parallel.tp=2"], 3, "parallel.tp", "world size 3 is not divisible by tp x pp = 2"),
     (["parallel.pp=2"], 3, "parallel.pp", "world size 3 is not divisible by tp x pp = 2"),
@@ -36,6 +45,7 @@ def test_dp_auto_and_explicit():
       "train.global_batch_size=6"], 2, "train.global_batch_size", "multiple of pp=2"),
     (["parallel.tp=2", "parallel.sequence_parallel=true", "train.seq_len=127"], 2, "train.seq_len",
      "divisible by tp=2"),
+    (["parallel.dp_shard=3"], 4, "parallel.dp_shard", "3 does not divide dp=4"),  # dp: auto, from the world
 ])
 def test_bad_layouts_fail_with_one_line(overrides, world, key, message):
     # like every config error: one line, "config error: <the key to change>: ..."
@@ -53,6 +63,9 @@ def test_bad_layouts_fail_with_one_line(overrides, world, key, message):
     (["parallel.pp=0"], "parallel.pp"),
     (["parallel.vpp=0"], "parallel.vpp"),
     (["parallel.dp=0"], "parallel.dp"),
+    (["parallel.dp=4", "parallel.dp_shard=3"], "parallel.dp_shard"),  # does not divide dp
+    (["parallel.dp=2", "parallel.dp_shard=4"], "parallel.dp_shard"),  # a shard group larger than dp
+    (["parallel.dp_shard=-1"], "parallel.dp_shard"),
     (["parallel.pp=2", "parallel.layer_split=[1,2]"], "parallel.layer_split"),  # sums to 3, not 4
     (["parallel.pp=2", "parallel.layer_split=[1,1,2]"], "parallel.layer_split"),  # 3 entries for 2 stages
     (["parallel.pp=2", "parallel.vpp=2", "parallel.schedule=1f1b"], "parallel.schedule"),

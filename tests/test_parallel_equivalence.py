@@ -69,6 +69,15 @@ CASES = {
                                                          "parallel.sequence_parallel": True, "data.packing": True,
                                                          "parallel.layer_split": [0, 2, 1, 1],
                                                          "model.attention": "varlen"}, **DENSE_REF},
+        # HSDP (parallel.dp_shard): FSDP2 over a 2-D (replicate, shard) mesh, gradients reduce-scattered within
+        # a shard group and all-reduced across the replicas
+        {"name": "hsdp_dp4_shard2", "overrides": {"parallel.dp": 4, "parallel.dp_shard": 2}},
+        {"name": "hsdp_dp4_shard1_stage3", "overrides": {"parallel.dp": 4, "parallel.dp_shard": 1,
+                                                          "train.stage": 3}},
+        {"name": "hsdp_dp2_shard1_tp2_sp", "overrides": {"parallel.dp": 2, "parallel.dp_shard": 1, "parallel.tp": 2,
+                                                          "parallel.sequence_parallel": True}},
+        {"name": "hsdp_dp2_shard1_pp2", "overrides": {"parallel.dp": 2, "parallel.dp_shard": 1, "parallel.pp": 2,
+                                                       **SPLIT2}},
     ],
     8: [
         {"name": "dp2_tp2_pp2_sp_1f1b", "overrides": {"parallel.dp": 2, "parallel.tp": 2, "parallel.pp": 2,
@@ -126,3 +135,12 @@ def test_layouts_match_single_process(world, tmp_path):
             assert all(res["images_encoded"] < first[0]["ref_images_encoded"] for res in first), name
         # the pipeline ranks together hold the whole model, nothing twice within a stage's ranks
         assert owned == set(per_rank[0]["all_params"]), name
+        dp, shard = per_rank[0]["layout"][0], case["overrides"].get("parallel.dp_shard", 0)
+        if shard and shard < dp:  # HSDP: FSDP2 on the 2-D mesh, replicated over the first dim, sharded on the second
+            for res in per_rank:
+                mesh = res["fsdp_mesh"]
+                assert mesh["names"][:2] == ["dp_replicate", "dp_shard"], (name, mesh)
+                assert mesh["shape"][:2] == [dp // shard, shard], (name, mesh)
+                assert mesh["placements"][:2] == ["replicate", "shard0"], (name, mesh)
+        elif dp > 1:  # plain FSDP2 over all dp ranks
+            assert all(res["fsdp_mesh"]["names"][0] == "dp" for res in per_rank), (name, per_rank[0]["fsdp_mesh"])

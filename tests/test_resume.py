@@ -1,6 +1,6 @@
-"""Checkpoints and resume (DCP): bitwise on one process and in (2, 2, 2), across layouts under torchrun, after
-SIGTERM (save and exit 42) and after a SIGKILLed rank with torchrun restarts; damaged checkpoints fall back to the
-previous one; init_from across layouts; the ckpt CLI."""
+"""Checkpoints and resume (DCP): bitwise on one process and in (2, 2, 2), across layouts under torchrun (also
+from HSDP), after SIGTERM (save and exit 42) and after a SIGKILLed rank with torchrun restarts; damaged
+checkpoints fall back to the previous one; init_from across layouts; the ckpt CLI."""
 from __future__ import annotations
 
 import json
@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import REPO, TINY
+from safetensors.torch import load_file
 
 from vlpretrain.checkpoint.dcp import find_resumable, verify
 
@@ -110,6 +111,39 @@ def test_resume_across_layouts(demo_dir, tmp_path):
             print(f"resume (2,2,2) -> {name}: step {s} |loss diff| = {abs(got[s]['loss'] - ref[s]['loss']):.2e}")
 
 
+def test_hsdp_matches_one_process_and_resumes_across_layouts(reference, demo_dir, tmp_path):
+    """HSDP (dp=4, dp_shard=2: two replicas of 2-way shards) trains like one process, writes the same full
+    weights, and its checkpoint resumes in plain FSDP (dp=2), one process and pure replication (dp_shard=1)."""
+    ref_dir, ref = reference
+    src = tmp_path / "src"
+    proc = _train(src, demo_dir, 4, "parallel.dp=4", "parallel.dp_shard=2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = _metrics(src)
+    for s in range(1, STEPS + 1):  # the same data, the same losses as one process (fp32 sums in another order)
+        assert got[s]["samples_digest"] == ref[s]["samples_digest"]
+        assert got[s]["loss"] == pytest.approx(ref[s]["loss"], rel=1e-5), s
+        assert got[s]["grad_norm"] == pytest.approx(ref[s]["grad_norm"], rel=1e-4), s
+    # every region of the full weights written once, by the right replica (nothing left zero or stale)
+    weights = f"checkpoints/step_{STEPS:08d}/model.safetensors"
+    mine, theirs = load_file(str(src / weights)), load_file(str(ref_dir / weights))
+    assert mine.keys() == theirs.keys()
+    for k in theirs:
+        torch.testing.assert_close(mine[k], theirs[k], rtol=0, atol=1e-4, msg=k)
+    for name, nproc, layout in [("dp2", 2, ["parallel.dp=2"]), ("one_process", 1, []),
+                                ("dp4_shard1", 4, ["parallel.dp=4", "parallel.dp_shard=1"])]:
+        dst = tmp_path / name
+        _resume_copy(src, dst, 2)
+        proc = _train(dst, demo_dir, nproc, *layout, resume=True)
+        assert proc.returncode == 0, f"{name}: {proc.stderr[-3000:]}"
+        assert "resumed from" in proc.stdout, name
+        resumed = _metrics(dst)
+        for s in (3, 4):
+            assert resumed[s]["samples_digest"] == got[s]["samples_digest"], name
+            assert resumed[s]["loss"] == pytest.approx(got[s]["loss"], rel=1e-5), (name, s)
+            print(f"resume hsdp (dp 4, shard 2) -> {name}: step {s} |loss diff| = "
+                  f"{abs(resumed[s]['loss'] - got[s]['loss']):.2e}")
+
+
 def test_resume_in_the_same_3d_layout_is_bitwise(demo_dir, tmp_path):
     layout = ["parallel.dp=2", "parallel.tp=2", "parallel.pp=2", "parallel.sequence_parallel=true",
               "parallel.layer_split=[1,3]"]
@@ -180,8 +214,6 @@ def test_damaged_latest_falls_back(reference, tmp_path):
 
 
 def test_ckpt_cli_inspect_export_import(reference, tmp_path, capsys):
-    from safetensors.torch import load_file
-
     from vlpretrain.cli import main
 
     ref_dir, _ = reference

@@ -1,10 +1,11 @@
 """Weights streamed into and out of any layout (issue 11 items 2-3).
 
-In: ``train.pretrained.{llm, siglip, sam}`` load under torchrun in (dp, tp, pp) = (1, 2, 2), (2, 1, 2) and
-(2, 2, 1), each rank reading only its stages' tensors and its TP / FSDP slices; the first step's loss (a function
-of the logits) equals the single-process load's. Out: the final ``model.safetensors`` is written by every rank,
-each its own shards, into one shared file: the frozen pretrained tensors come back bit for bit, and the file
-equals the single-process run's. The streaming writer's bytes equal ``safetensors.save_file``'s.
+In: ``train.pretrained.{llm, siglip, sam}`` load under torchrun in (dp, tp, pp) = (1, 2, 2), (2, 1, 2), (2, 2, 1)
+and HSDP (dp 4 as 2 replicas x 2 shards), each rank reading only its stages' tensors and its TP / FSDP slices;
+the first step's loss (a function of the logits) equals the single-process load's. Out: the final
+``model.safetensors`` is written by every rank, each its own shards, into one shared file: the frozen pretrained
+tensors come back bit for bit, and the file equals the single-process run's. The streaming writer's bytes equal
+``safetensors.save_file``'s.
 """
 from __future__ import annotations
 
@@ -103,7 +104,8 @@ def test_pretrained_parts_load_into_layouts_and_stream_back_out(demo_dir, pretra
     for k, v in expected.items():  # stage 1 trains only the adaptor: the loaded parts come back exactly
         assert torch.equal(ref["weights"][k], v), k
     for layout in (["parallel.tp=2", "parallel.pp=2"], ["parallel.dp=2", "parallel.pp=2"],
-                   ["parallel.dp=2", "parallel.tp=2"]):  # FSDP over TP: both shard dim 0 of colwise weights
+                   ["parallel.dp=2", "parallel.tp=2"],  # FSDP over TP: both shard dim 0 of colwise weights
+                   ["parallel.dp=4", "parallel.dp_shard=2"]):  # HSDP: one writer per replicated shard
         got = _train(demo_dir, tmp_path / "_".join(layout), pre, 4, *layout)
         assert got["loss"] == pytest.approx(ref["loss"], rel=1e-5), layout
         assert got["weights"].keys() == ref["weights"].keys(), layout

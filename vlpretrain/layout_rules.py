@@ -95,6 +95,17 @@ def microbatch_problem(global_batch: int, micro_batch: int, dp: int, pp: int, vp
     return None
 
 
+def dp_shard_problem(dp_shard: int, dp: int) -> tuple[str, str] | None:
+    """(config key, message) when ``parallel.dp_shard`` (FSDP2's shard group size under HSDP; 0: all of dp)
+    cannot split the dp ranks into equal shard groups; None when it is fine."""
+    if dp_shard < 0:
+        return "parallel.dp_shard", f"must be >= 1, or 0 for all of dp; got {dp_shard}"
+    if dp_shard and dp % dp_shard:
+        return "parallel.dp_shard", (f"{dp_shard} does not divide dp={dp}: dp = replicas x shard group size "
+                                     "(0: shard over all of dp)")
+    return None
+
+
 def split_problem(split: list, n_layers: int, n_stages: int) -> str | None:
     """Why ``split`` (decoder layers per virtual stage) is not a valid layout, or None: one entry per virtual
     stage, integers >= 0 summing to the layers, and no empty stage (a 0 only where the stage still holds the

@@ -98,6 +98,23 @@ def count_encoded_images(model: ParallelModel) -> list[int]:
     return seen
 
 
+def _placement(x) -> str:
+    """replicate, shard<dim> (also FSDP's strided shard of a TP-sharded dim), or the placement as torch says."""
+    if x.is_replicate():
+        return "replicate"
+    return f"shard{x.dim}" if "Shard" in type(x).__name__ else str(x)
+
+
+def fsdp_mesh(model: ParallelModel) -> dict | None:
+    """The mesh and placements of a decoder weight (whether FSDP2 runs HSDP: a (dp_replicate, dp_shard) mesh)."""
+    for name, p in model.named_parameters():
+        if ".attention." in f".{name}." and isinstance(p, DTensor):
+            mesh = p.device_mesh
+            return {"names": list(mesh.mesh_dim_names or ()), "shape": list(mesh.shape),
+                    "placements": [_placement(x) for x in p.placements]}
+    return None
+
+
 def run_step(model: ParallelModel, cfg, microbatches, n_labels):
     loss = model.forward_backward(microbatches, n_labels)
     grads = {canonical_name(n): full(p.grad) for n, p in model.named_parameters() if p.grad is not None}
@@ -157,7 +174,7 @@ def main() -> None:
             "param_abs_max": max(param_abs.values(), default=0.0),
             "worst_grad": max(grad_rel, key=grad_rel.get) if grad_rel else None,
             "images_encoded": p_seen[0], "ref_images_encoded": r_seen[0], "has_first": par.has_first,
-            "split_images": par.split_images, "balanced_loss": b_loss, "balanced_grad_norm": b_norm,
+            "split_images": par.split_images, "fsdp_mesh": fsdp_mesh(par), "balanced_loss": b_loss, "balanced_grad_norm": b_norm,
             "balanced_grads": sorted(b_grads), "balanced_grad_rel_max": max(b_rel, default=0.0),
             "balanced_moved": moved,
         }

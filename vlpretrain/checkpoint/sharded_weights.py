@@ -59,7 +59,8 @@ def _writes(t: torch.Tensor, ctx: ParallelContext) -> bool:
     if not isinstance(t, DTensor):
         return ctx.dp_rank == 0 and ctx.tp_rank == 0
     names = t.device_mesh.mesh_dim_names or ()
-    if ("dp" not in names and ctx.dp_rank != 0) or ("tp" not in names and ctx.tp_rank != 0):
+    on_dp = bool({"dp", "dp_replicate", "dp_shard"} & set(names))  # (HSDP: the two dp dims, not "dp")
+    if (not on_dp and ctx.dp_rank != 0) or ("tp" not in names and ctx.tp_rank != 0):
         return False
     return all(not p.is_replicate() or t.device_mesh.get_local_rank(i) == 0 for i, p in enumerate(t.placements))
 

@@ -10,7 +10,7 @@ from typing import Any
 
 from vlpretrain.config.schema import Config
 from vlpretrain.errors import UserError
-from vlpretrain.layout_rules import microbatch_problem, schedule_problem, split_problem
+from vlpretrain.layout_rules import dp_shard_problem, microbatch_problem, schedule_problem, split_problem
 
 
 class ConfigError(UserError, ValueError):
@@ -126,6 +126,7 @@ def validate(cfg: Config) -> None:
     _problem(schedule_problem(p.schedule, p.pp, p.vpp))  # the schedule table (layout_rules.py)
     if isinstance(p.dp, int):  # (dp: auto is checked with the world size, by mesh.resolve_layout)
         _problem(microbatch_problem(t.global_batch_size, t.micro_batch_size, p.dp, p.pp, p.vpp, p.schedule))
+        _problem(dp_shard_problem(p.dp_shard, p.dp))
     # transformer-engine (models/te.py): FP8 runs through it; it composes with dp (FSDP2) and pp, not with our TP
     _check(not p.fp8 or m.impl == "te", "parallel.fp8", "FP8 runs through transformer-engine: set model.impl=te")
     _check(m.impl != "te" or p.tp == 1, "parallel.tp",

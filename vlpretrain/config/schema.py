@@ -128,6 +128,9 @@ class ParallelConfig:
 
     dp: int | Literal["auto"] = _f("auto", ge=1, help="data-parallel (FSDP2) degree; auto: the world size / "
                                                            "(tp x pp)")
+    dp_shard: int = _f(0, ge=0, help="HSDP: FSDP2 shards within groups of this many dp ranks and replicates across "
+                                     "dp / dp_shard groups (one gradient all-reduce across them); 0: shard over "
+                                     "all of dp")
     tp: int = _f(1, ge=1, help="tensor-parallel degree (decoder; the first stage's images split across it)")
     pp: int = _f(1, ge=1, help="pipeline-parallel degree (pipeline ranks)")
     vpp: int = _f(1, ge=1, help="virtual pipeline stages per pipeline rank (interleaved and V schedules)")

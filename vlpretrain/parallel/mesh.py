@@ -1,8 +1,11 @@
 """Layout checks and the device mesh.
 
 The layout is checked against the world size BEFORE any process group starts, so a bad layout costs one line
-and no cluster time. The mesh is (pp, dp, tp) with tp innermost, so tensor-parallel peers are neighbouring
-ranks (the same node on GPU clusters).
+and no cluster time. The mesh is (pp, dp_replicate, dp_shard, tp) with tp innermost, so tensor-parallel peers
+are neighbouring ranks (the same node on GPU clusters), and then the ranks of one FSDP shard group; "dp" is
+the two dp dimensions flattened (dp rank = replica x dp_shard + shard index), which is what data placement,
+loss and evaluation reductions read. FSDP2 shards over "dp", or under HSDP (``parallel.dp_shard`` < dp) over
+the 2-D (dp_replicate, dp_shard) mesh: torchtitan's dims.
 """
 from __future__ import annotations
 
@@ -15,7 +18,7 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from vlpretrain.config import Config, ConfigError
-from vlpretrain.layout_rules import microbatch_problem, stages_of_rank
+from vlpretrain.layout_rules import dp_shard_problem, microbatch_problem, stages_of_rank
 from vlpretrain.parallel.launch_env import apply_launch_env, gpu_env_defaults, pg_timeout_s, process_group_store
 from vlpretrain.parallel.pipeline_split_mix import resolve_layer_split
 
@@ -32,6 +35,16 @@ class Layout:
     schedule: str = "1f1b"
     n_microbatches: int = 1
     split: tuple[int, ...] = ()
+    dp_shard: int = 0  # FSDP2's shard group size (HSDP when < dp); 0 given: all of dp (stored as dp)
+
+    def __post_init__(self) -> None:
+        if not self.dp_shard:
+            object.__setattr__(self, "dp_shard", self.dp)
+
+    @property
+    def dp_replicate(self) -> int:
+        """Replicas of each parameter shard (1: plain FSDP over all of dp)."""
+        return self.dp // self.dp_shard
 
     @property
     def world_size(self) -> int:
@@ -66,15 +79,16 @@ def resolve_layout(cfg: Config, world_size: int | None = None, mix=None) -> Layo
     if dp * p.tp * p.pp != world_size:
         _fail("parallel.dp",
               f"dp x tp x pp = {dp} x {p.tp} x {p.pp} = {dp * p.tp * p.pp} but the world size is {world_size}")
-    bad = microbatch_problem(t.global_batch_size, t.micro_batch_size, dp, p.pp, p.vpp, p.schedule)
-    if bad is not None:
-        _fail(bad[0], f"{bad[1]} (world size {world_size})")
+    for bad in (microbatch_problem(t.global_batch_size, t.micro_batch_size, dp, p.pp, p.vpp, p.schedule),
+                dp_shard_problem(p.dp_shard, dp)):
+        if bad is not None:
+            _fail(bad[0], f"{bad[1]} (world size {world_size})")
     if p.sequence_parallel and p.tp > 1 and t.seq_len % p.tp != 0:
         _fail("train.seq_len", f"sequence parallel needs train.seq_len={t.seq_len} divisible by tp={p.tp}")
     n_mb = t.global_batch_size // (t.micro_batch_size * dp)
     split = resolve_layer_split(cfg, n_mb, mix=mix) if p.pp > 1 else [cfg.model.n_layers]
     return Layout(dp=dp, tp=p.tp, pp=p.pp, vpp=p.vpp, schedule=p.schedule, n_microbatches=n_mb,
-                  split=tuple(split))
+                  split=tuple(split), dp_shard=p.dp_shard)
 
 
 @dataclass
@@ -83,9 +97,14 @@ class ParallelContext:
     device: torch.device
     mesh: DeviceMesh | None  # None on a single process: every degree is 1 and no collective runs
     _own_dp_mesh: DeviceMesh | None = field(default=None, repr=False)
+    _dp_mesh: DeviceMesh | None = field(default=None, repr=False)  # dp_replicate x dp_shard, flattened
+
+    def __post_init__(self) -> None:
+        if self.mesh is not None:  # kept here: torch >= 2.11 deprecates slicing a flattened dim from the root
+            self._dp_mesh = self.mesh["dp_replicate", "dp_shard"]._flatten("dp")  # (torchtitan's way; private)
 
     def _local(self, dim: str) -> int:
-        return self.mesh[dim].get_local_rank() if self.mesh is not None else 0
+        return self.submesh(dim).get_local_rank() if self.mesh is not None else 0
 
     @property
     def pp_rank(self) -> int:
@@ -108,14 +127,21 @@ class ParallelContext:
         return self.rank == 0
 
     def submesh(self, dim: str) -> DeviceMesh | None:
-        return self.mesh[dim] if self.mesh is not None else None
+        """One mesh dimension: "pp", "tp", "dp" (all dp ranks), "dp_replicate" or "dp_shard"."""
+        if self.mesh is None:
+            return None
+        return self._dp_mesh if dim == "dp" else self.mesh[dim]
 
     def fsdp_mesh(self) -> DeviceMesh:
-        """The mesh FSDP2 shards over: the dp dimension, or on a single process a 1-rank mesh (so that bf16's
-        mixed-precision policy is FSDP's in every layout). Inside a job of several processes that all build a
-        single-process model (tests' references), each rank gets its own 1-rank mesh, built collectively."""
+        """The mesh FSDP2 shards over: the (flattened) dp dimension, under HSDP the 2-D (dp_replicate, dp_shard)
+        mesh (FSDP2 shards over the second, replicates over the first), or on a single process a 1-rank mesh
+        (so that bf16's mixed-precision policy is FSDP's in every layout). Inside a job of several processes
+        that all build a single-process model (tests' references), each rank gets its own 1-rank mesh, built
+        collectively."""
         if self.mesh is not None:
-            return self.mesh["dp"]
+            if self.layout.dp_replicate > 1:
+                return self.mesh["dp_replicate", "dp_shard"]
+            return self._dp_mesh
         if self._own_dp_mesh is None:
             if not dist.is_initialized():
                 backend = "nccl" if self.device.type == "cuda" else "gloo"
@@ -153,7 +179,9 @@ def init_parallel(cfg: Config, device: torch.device, mix=None) -> ParallelContex
 
 
 def build_mesh(layout: Layout, device: torch.device) -> DeviceMesh:
-    return init_device_mesh(device.type, (layout.pp, layout.dp, layout.tp), mesh_dim_names=("pp", "dp", "tp"))
+    """The (pp, dp_replicate, dp_shard, tp) mesh (``ParallelContext`` adds "dp", the two dp dims flattened)."""
+    return init_device_mesh(device.type, (layout.pp, layout.dp_replicate, layout.dp_shard, layout.tp),
+                            mesh_dim_names=("pp", "dp_replicate", "dp_shard", "tp"))
 
 
 def local_device(cfg: Config) -> torch.device:

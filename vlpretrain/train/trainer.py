@@ -186,8 +186,9 @@ def _build(cfg: Config, tokenizer, eval_paths, init_file, resume, lock: RunDirLo
         restore_progress(run, resumed)
     if ctx.is_main:
         lay = ctx.layout
+        hsdp = f" (HSDP: {lay.dp_replicate} replicas x shard {lay.dp_shard})" if lay.dp_replicate > 1 else ""
         print(f"training stage {tc.stage} ({'+'.join(run.trainable)}) of {cfg.model.name} on {device}: "
-              f"{tc.steps} steps x {tc.global_batch_size} samples x {tc.seq_len} tokens; layout dp={lay.dp} "
+              f"{tc.steps} steps x {tc.global_batch_size} samples x {tc.seq_len} tokens; layout dp={lay.dp}{hsdp} "
               f"tp={lay.tp} pp={lay.pp} vpp={lay.vpp} split={model.split}", flush=True)
     run.data_state = data.state_dict()
     run.peers = gather_peers()  # after every process group exists: their connections are among the endpoints
