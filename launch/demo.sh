@@ -23,18 +23,19 @@ python3 -m vlpretrain train --config configs/tiny/stage2.yaml --overwrite --set 
   train.run_dir="$RUNS/tiny-stage2" train.init_from="$RUNS/tiny-stage1"
 python3 -m vlpretrain train --config configs/tiny/stage3.yaml --overwrite --set "${common[@]}" \
   train.run_dir="$RUNS/tiny-stage3" train.init_from="$RUNS/tiny-stage2"
-python3 -m vlpretrain eval --config configs/tiny/stage3.yaml --set "${common[@]}" \
-  --weights "$RUNS/tiny-stage3" | tee "$RUNS/eval_after.json"
 
 # the run report: loss, LR, language share, throughput, evaluations, sources, bad data of the three stages
 python3 -m vlpretrain report "$RUNS/tiny-stage1" "$RUNS/tiny-stage2" "$RUNS/tiny-stage3" --out "$RUNS/report" \
   > "$RUNS/report.json"
 echo "report: $RUNS/report/index.html" >&2
 
-python3 - "$RUNS/eval_before.json" "$RUNS/eval_after.json" "$t0" <<'PY'
+# eval after: stage 3's final evaluation (the same eval file and numbers as `vlpretrain eval --weights
+# $RUNS/tiny-stage3`, without a second process loading the model)
+python3 - "$RUNS/eval_before.json" "$RUNS/tiny-stage3/summary.json" "$t0" <<'PY'
 import json, sys, time
 before = json.loads(open(sys.argv[1]).read().strip().splitlines()[-1])
-after = json.loads(open(sys.argv[2]).read().strip().splitlines()[-1])
+final = json.loads(open(sys.argv[2]).read())["eval"]
+after = {"accuracy": final["mcppl_accuracy"], "by_type": final["mcppl_by_type"]}
 # per question type, before and after training (4 options per question: chance is 0.25)
 print(f"{'MCPPL accuracy':<16}{'before':>8}{'after':>8}", file=sys.stderr)
 for t in sorted(after["by_type"]):

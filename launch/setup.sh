@@ -4,9 +4,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-if ! $PY -c "import torch, torchvision, timm" >/dev/null 2>&1; then
+# installed? found without importing them (importing torch, transformers and matplotlib takes 10-15 s)
+installed() { $PY -c 'import importlib.util as u, sys; sys.exit(any(u.find_spec(m) is None for m in sys.argv[1:]))' "$@"; }
+if ! installed torch torchvision timm; then
   $PY -m pip install --quiet "torch==2.14.1" "torchvision==0.29.1"
 fi
-if ! $PY -c "import vlpretrain, transformers, pytest, pytest_timeout, ruff, webdataset, matplotlib, pyarrow" >/dev/null 2>&1 || [ "${VLP_REINSTALL:-0}" = 1 ]; then
+if ! installed vlpretrain transformers pytest pytest_timeout ruff webdataset matplotlib pyarrow || [ "${VLP_REINSTALL:-0}" = 1 ]; then
   $PY -m pip install --quiet -e ".[test]"
 fi
