@@ -5,9 +5,10 @@ stage's weights -> optimizer over trainable parameters -> for each step: forward
 microbatches, clip by the global norm, step, log, checkpoint -> evaluate.
 The same code runs a single process (every degree 1, no collective) and any torchrun layout.
 
-``train`` checks the inputs and holds the run dir; ``_build`` makes a ``Run`` (everything one run holds);
-``_loop`` does ``_train_step`` (one optimizer step) -> log -> preemption check (save, exit 42) -> checkpoint ->
-evaluate for every step; ``_finish`` writes the final checkpoint, evaluation and summary.
+``train`` checks the inputs and holds the run dir; ``_build`` makes a ``Run`` (everything one run holds,
+``run_state.py``); ``_loop`` does ``_train_step`` (one optimizer step) -> log -> a bad step's handling (skip,
+roll back and replay, or stop: ``recovery.py``) -> preemption check (save, exit 42) -> checkpoint -> evaluate
+for every step; ``_finish`` writes the final checkpoint, evaluation and summary.
 """
 from __future__ import annotations
 
