@@ -182,7 +182,8 @@ class DataPipeline:
 
     def local(self, plan: StepPlan) -> LocalPlan:
         """This dp rank's share of the step's rows, in microbatch order (``data.balance``, ``placement.py``)."""
-        at = place(plan, self.dp_size, self.cfg.train.micro_batch_size, self.row_cost, self.cfg.data.balance)
+        at = place(plan, self.dp_size, self.cfg.train.micro_batch_size, self.row_cost, self.cfg.data.balance,
+                   pipelined=self.cfg.parallel.pp > 1)
         mine = [plan.rows[i] for i in at.rows[self.dp_rank]]
         balance = {"rank_cost_imbalance": at.imbalance, "rank_cost_imbalance_contiguous": at.imbalance_contiguous}
         return LocalPlan(plan.step, plan.modality, plan.slots_of(mine), plan.totals, balance)

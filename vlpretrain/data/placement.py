@@ -121,8 +121,11 @@ def _swap_down(bins: list[list[int]], weight: np.ndarray, rounds: int) -> None:
         loads[lo] += d[a, b]
 
 
-def place(plan: StepPlan, dp: int, mbs: int, cost: RowCost, balance: str = "rows") -> Placement:
-    """The rows of each dp rank in microbatch order (``balance``: "none" or "rows", see the module doc)."""
+def place(plan: StepPlan, dp: int, mbs: int, cost: RowCost, balance: str = "rows",
+          pipelined: bool = True) -> Placement:
+    """The rows of each dp rank in microbatch order (``balance``: "none" or "rows", see the module doc).
+    ``pipelined``: the slowest microbatch paces a pipeline; without one (pp = 1) microbatches run one after
+    another, so only the ranks' costs count (one rank without TP: nothing to gain, the plan's order is kept)."""
     n_rows = len(plan.rows)
     n = n_rows // dp
     images, decoder = row_features(plan, cost)
@@ -147,6 +150,9 @@ def place(plan: StepPlan, dp: int, mbs: int, cost: RowCost, balance: str = "rows
         micro = [sorted(m) for m in _longest_first(mine, weight, n // mbs, mbs)]
         placed.append([i for m in sorted(micro) for i in m])
     b_cost, b_mb = evaluate(placed)
-    if (max(b_cost), b_mb) >= (max(c_cost), c_mb):  # not predicted faster: keep the plan's order
+    # (equal sums in another order may differ in the last bit: compare with a tolerance)
+    faster = max(b_cost) < max(c_cost) * (1 - 1e-9)
+    tie = not faster and max(b_cost) <= max(c_cost) * (1 + 1e-9)
+    if not (faster or (pipelined and tie and b_mb < c_mb)):  # not predicted faster: keep the plan's order
         return Placement(contiguous, c_cost, c_cost)
     return Placement(placed, b_cost, c_cost)
