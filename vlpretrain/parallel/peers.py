@@ -47,7 +47,7 @@ def lost_peer(exc: BaseException, peers: list[dict], rank: int) -> str | None:
             if len(hit) == 1:
                 return _describe(hit[0], peers)
     host = socket.gethostname()
-    gone = [r for r, p in enumerate(peers) if r != rank and p["host"] == host and not _alive(p["pid"])]
+    gone = [r for r, p in enumerate(peers) if r != rank and p["host"] == host and not process_alive(p["pid"])]
     if gone:
         return ", ".join(_describe(r, peers) for r in gone)
     return f"a rank at {_plain(address.group(1))}" if address else "a rank"
@@ -57,7 +57,7 @@ def _describe(rank: int, peers: list[dict]) -> str:
     return f"rank {rank} (host {peers[rank]['host']}, pid {peers[rank]['pid']})"
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
     """The process exists and is no zombie (a killed rank stays one until its launcher reaps it)."""
     try:
         os.kill(pid, 0)

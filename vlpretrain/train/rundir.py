@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from vlpretrain.errors import UserError
+from vlpretrain.parallel.peers import process_alive
 
 LOCK_NAME = ".lock"
 STALE_AFTER_S = 1800.0
@@ -32,16 +33,6 @@ def job_id() -> str:
     return ""
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 class RunDirLock:
     def __init__(self, run_dir: Path):
         self.path = Path(run_dir) / LOCK_NAME
@@ -51,7 +42,7 @@ class RunDirLock:
     def _stale_reason(self, holder: dict) -> str | None:
         if holder.get("job") and holder["job"] == job_id():
             return "an earlier attempt of this job"
-        if holder.get("host") == socket.gethostname() and not _pid_alive(int(holder.get("pid", 0))):
+        if holder.get("host") == socket.gethostname() and not process_alive(int(holder.get("pid", 0))):
             return "its process is gone"
         age = time.time() - self.path.stat().st_mtime
         if age > STALE_AFTER_S:
