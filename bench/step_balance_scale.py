@@ -71,7 +71,8 @@ def simulate(cfg, tok, dp: int, steps: int) -> dict:
         at = place(plan, dp, mbs, cost)
         t_place.append(time.process_time() - t1)
         t_plan.append(t1 - t0)
-        images, decoder = row_features(plan, cost)
+        feats = row_features(plan, cost)
+        images, decoder = feats.images, feats.decoder
         useful += float(cost.image * images.sum() + decoder.sum())  # no blank images
         samples += len(plan.table)
         n = len(plan.rows) // dp

@@ -123,8 +123,13 @@ def _qa_pairs(meta: Meta) -> list[tuple[str, str, str]]:
 def image_conversation(rng: np.random.Generator, meta: Meta) -> list[dict[str, str]]:
     pairs = _qa_pairs(meta)
     n_turns = min(len(pairs), int(rng.integers(1, 3)))
+    picked = rng.choice(len(pairs), n_turns, replace=False)
+    if meta["kind"] == "shape" and 1 not in picked:
+        # the shape question always (first or second): colour and position are learned early, shape last; asked
+        # in half the shape chats, shape ended stage 3 between 0.56 and 0.72 on rounding alone (issue 26)
+        picked[int(rng.integers(n_turns))] = 1
     turns = []
-    for j, k in enumerate(rng.choice(len(pairs), n_turns, replace=False)):
+    for j, k in enumerate(picked):
         kind, question, answer = pairs[int(k)]
         question = question or pick(rng, QUESTIONS[kind])
         turns.append({"role": "User", "content": f"{IMAGE_PLACEHOLDER}\n{question}" if j == 0 else question})

@@ -11,9 +11,10 @@ t0=$(date +%s)
 
 python3 -m data_tools demo --out "$DATA" --seed 0
 mkdir -p "$RUNS"
-common=(data.root="$DATA")
-python3 -m vlpretrain eval --config configs/tiny/stage1.yaml --set "${common[@]}" | tee "$RUNS/eval_before.json"
-
+# DEMO_SET: extra overrides for every stage, e.g. DEMO_SET="model.attention=varlen" (only stage 2 packs rows)
+read -r -a extra <<< "${DEMO_SET:-}"
+common=(data.root="$DATA" "${extra[@]}")
+# The evaluation before training is stage 1's first (train.eval_at_start: the random-init weights it starts from).
 # --overwrite: each run of the demo trains the three stages afresh; a second run moves the first one's run dirs
 # aside to $RUNS/tiny-stageN.old-<time> (about 30 MB each; delete them at will). Without it, train refuses a
 # run dir that already holds a run.
@@ -31,9 +32,10 @@ echo "report: $RUNS/report/index.html" >&2
 
 # eval after: stage 3's final evaluation (the same eval file and numbers as `vlpretrain eval --weights
 # $RUNS/tiny-stage3`, without a second process loading the model)
-python3 - "$RUNS/eval_before.json" "$RUNS/tiny-stage3/summary.json" "$t0" <<'PY'
+python3 - "$RUNS/tiny-stage1/eval.jsonl" "$RUNS/tiny-stage3/summary.json" "$t0" <<'PY'
 import json, sys, time
-before = json.loads(open(sys.argv[1]).read().strip().splitlines()[-1])
+first = json.loads(open(sys.argv[1]).readline())  # step 0 of stage 1
+before = {"accuracy": first["mcppl_accuracy"], "by_type": first["mcppl_by_type"]}
 final = json.loads(open(sys.argv[2]).read())["eval"]
 after = {"accuracy": final["mcppl_accuracy"], "by_type": final["mcppl_by_type"]}
 # per question type, before and after training (4 options per question: chance is 0.25)

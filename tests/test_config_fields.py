@@ -36,6 +36,7 @@ ALLOWED = {
     ("train.beta2", 0): "Adam with no second-moment averaging",
     ("train.grad_clip", 0): "0 disables clipping",
     ("train.spike_factor", 0): "0 turns loss-spike detection off",
+    ("train.frozen_tower_cache_mb", 0): "0 turns the frozen-tower cache off",
     ("train.min_lr_ratio", 0): "cosine down to zero",
     ("train.eval_interval", 0): "evaluate only at the end",
     ("data.num_workers", 0): "prepare steps in the main process",

@@ -479,6 +479,27 @@ def test_placement_spreads_images_and_keeps_text_steps():
         assert max(got.rank_cost) <= best * 7 / 6 + 1e-9  # LPT's bound for two machines
 
 
+def test_trimmed_microbatches_group_rows_of_like_length():
+    """data.trim_padding: a microbatch is as wide as its longest row, so rows of like length go together, even on
+    one rank (the plan's order otherwise); the predicted cost counts the widths; untrimmed, the order is kept."""
+    rng = random.Random(2)
+    lengths = [rng.randint(20, 96) for _ in range(16)]
+    table = [[0, i, n, n // 2, 1] for i, n in enumerate(lengths)]
+    plan = StepPlan(1, "multimodal", np.array(table, np.int64), [[i] for i in range(16)], {})
+    trim = RowCost(image=1.0, position=0.1, attention=1e-3, seq_len=96, per_document=False, width_multiple=8)
+    for dp in (1, 2):
+        got = place(plan, dp, 4, trim, pipelined=False)
+        assert sorted(i for r in got.rows for i in r) == list(range(16))
+        assert max(got.rank_cost) < max(got.rank_cost_contiguous)
+        for ranks in got.rows:
+            micro = [sorted(lengths[i] for i in ranks[k:k + 4]) for k in range(0, len(ranks), 4)]
+            # like lengths together: no microbatch's rows interleave with another's
+            for a, b in itertools.combinations(micro, 2):
+                assert a[-1] <= b[0] or b[-1] <= a[0], micro
+    untrimmed = RowCost(image=1.0, position=0.1, attention=1e-3, seq_len=96, per_document=False)
+    assert place(plan, 1, 4, untrimmed, pipelined=False).rows == [list(range(16))]
+
+
 def _rows_of(batches) -> list[tuple]:
     """Every row of one step over all ranks: (tokens, labels, its images) as bytes, sorted."""
     out = []

@@ -60,6 +60,13 @@ CASES = {
             "parallel.tp": 2, "train.stage": 3, "train.micro_batch_size": 1, "train.global_batch_size": 4}},
         {"name": "fsdp2", "overrides": {"parallel.dp": 2}},
         {"name": "fsdp2_stage3", "overrides": {"parallel.dp": 2, "train.stage": 3}},
+        # frozen towers' outputs reused per image (train.frozen_tower_cache_mb): FSDP units gathered alike on
+        # every rank whether its images hit or not; stage 3 caches SAM only (SigLIP learns), stage 2 both
+        *[{"name": f"fsdp2_stage{stage}_tower_cache", "tower_cache": towers,
+           "overrides": {"parallel.dp": 2, "train.stage": stage, "train.frozen_tower_cache_mb": 64}}
+          for stage, towers in ((3, ["sam"]), (2, ["sam", "siglip"]))],
+        {"name": "tp2_stage2_tower_cache", "tower_cache": ["sam", "siglip"],
+         "overrides": {"parallel.tp": 2, "train.stage": 2, "train.frozen_tower_cache_mb": 64}},
     ],
     4: [
         {"name": "dp2_pp2_stage3_auto_split", "overrides": {"parallel.dp": 2, "parallel.pp": 2,
@@ -125,6 +132,9 @@ def test_layouts_match_single_process(world, tmp_path):
             assert res["balanced_grad_norm"] == pytest.approx(res["ref_grad_norm"], rel=1e-6), where
             assert res["balanced_grads"] == res["grads"], where
             assert res["balanced_grad_rel_max"] <= 2e-6, f"{where}: balanced placement"
+        if "tower_cache" in case:  # the frozen towers only, and the second pass hit
+            assert all(r["tower_cache_towers"] == case["tower_cache"] for r in per_rank if r["has_first"]), name
+            assert sum(r["tower_cache_hits"] for r in per_rank) > 0, name
         if case.get("images", True) is True:  # random 0-2 images per row: the placement moved rows
             assert per_rank[0]["balanced_moved"], name
         assert len(owned) > 0

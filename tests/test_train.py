@@ -272,3 +272,21 @@ def test_stage1_to_stage3(tiny_train_cfg):
     # and the trainable parts did move
     for part in ("adaptor", "llm", "siglip"):
         assert any(not torch.equal(final[k], w1[k]) for k in w1 if part_of(k) == part), part
+
+
+def test_eval_at_start_is_the_untrained_model_and_eval_at_end_can_be_off(tiny_train_cfg, capsys):
+    """The demo's "before": stage 1 evaluates its starting weights (the random init) at step 0, the same numbers
+    as ``vlpretrain eval`` of that init, and skips the end-of-run evaluation."""
+    from vlpretrain.cli import main
+
+    cfg = tiny_train_cfg(1, "train.steps=2", "train.eval_file=eval_mc.jsonl", "train.eval_at_start=true",
+                         "train.eval_at_end=false", run="s1")
+    train(cfg)
+    run = Path(cfg.train.run_dir)
+    evals = [json.loads(line) for line in (run / "eval.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in evals] == [0]
+    assert "eval" not in json.loads((run / "summary.json").read_text())
+    capsys.readouterr()
+    assert main(["eval", "--config", str(run / "config.yaml")]) == 0  # no --weights: the seed's init
+    direct = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert direct["accuracy"] == evals[0]["mcppl_accuracy"] and direct["by_type"] == evals[0]["mcppl_by_type"]

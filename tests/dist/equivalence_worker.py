@@ -26,6 +26,7 @@ from vlpretrain.data.step_plan import StepPlan
 from vlpretrain.data.synthetic import synthetic_microbatches
 from vlpretrain.models.init import canonical_name
 from vlpretrain.parallel.engine import ParallelModel
+from vlpretrain.train import tower_cache
 from vlpretrain.parallel.mesh import ParallelContext, build_mesh, resolve_layout
 from vlpretrain.parallel.pipeline_cost import row_cost
 from vlpretrain.train.optim import build_optimizer
@@ -151,6 +152,8 @@ def main() -> None:
         layout = resolve_layout(cfg, world)
         ctx = ParallelContext(layout, device, build_mesh(layout, device))
         par = ParallelModel(cfg, ctx)
+        # train.frozen_tower_cache_mb: the balanced pass fills the cache, the measured pass below reuses it
+        cache = tower_cache.install(par.modules, cfg.train.frozen_tower_cache_mb)
         placed, moved = balanced_share(mbs, cfg, ctx.dp_rank, layout.dp)
         b_loss = par.forward_backward(placed, n_labels)
         b_grads = {canonical_name(n): full(p.grad) for n, p in par.named_parameters() if p.grad is not None}
@@ -176,7 +179,9 @@ def main() -> None:
             "images_encoded": p_seen[0], "ref_images_encoded": r_seen[0], "has_first": par.has_first,
             "split_images": par.split_images, "fsdp_mesh": fsdp_mesh(par), "balanced_loss": b_loss, "balanced_grad_norm": b_norm,
             "balanced_grads": sorted(b_grads), "balanced_grad_rel_max": max(b_rel, default=0.0),
-            "balanced_moved": moved,
+            "balanced_moved": moved, "tower_cache": cache.stats() if cache else None,
+            "tower_cache_hits": cache.hits if cache else 0,
+            "tower_cache_towers": sorted(cache.names.values()) if cache else [],
         }
         dist.barrier()
     (out / f"rank{rank}.json").write_text(json.dumps(results, indent=1))

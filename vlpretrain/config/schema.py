@@ -204,6 +204,9 @@ class DataConfig:
     packing: bool = _f(False, help="pack several samples per sequence, first fit (stage 2); positions restart per "
                                    "document")
     document_causal: bool = _f(True, help="with packing: no attention across packed documents")
+    trim_padding: bool = _f(True, help="without a pipeline: a microbatch is only as wide as its longest row, rounded "
+                                       "up to a multiple of 8 x tp (SFT rows are mostly shorter than seq_len); "
+                                       "pipelines keep seq_len (fixed shapes)")
     language_ratio: LanguageRatioConfig = _f(factory=LanguageRatioConfig, help="the language share of the steps "
                                                                                 "and its warm-down")
     balance: Literal["none", "rows"] = _f("rows", help="which dp rank and microbatch trains each row of a step: "
@@ -280,6 +283,11 @@ class TrainConfig:
     dtype: Literal["auto", "bf16", "fp32"] = _f(
         "auto", help="auto: bf16 on GPU, fp32 on CPU; bf16: one policy in every layout (bf16 compute; fp32 master "
                      "weights, optimizer state and gradient reduction, FSDP2's MixedPrecisionPolicy)")
+    frozen_tower_cache_mb: float = _f(0.0, ge=0, help="keep a frozen vision tower's output per image (keyed by its "
+                                                     "pixels) up to this many MB per rank and reuse it when the image "
+                                                     "comes again (multi-epoch SFT, the demo); 0: off")
+    logits_at_labels: bool = _f(True, help="without tp and pp: project to the vocabulary and score only the "
+                                           "supervised positions (SFT supervises a few percent); false: all")
     compile: bool | Literal["auto"] = _f("auto", help="torch.compile each decoder block; auto: on GPU only "
                                                             "(not TE blocks)")
     device: Literal["auto", "cpu", "cuda"] = _f("auto", help="auto: cuda when a GPU is visible (cuda:LOCAL_RANK), "
@@ -289,6 +297,8 @@ class TrainConfig:
     pretrained: PretrainedConfig = _f(factory=PretrainedConfig, help="pretrained parts from local files")
     run_dir: str = _f("runs/default", nonempty=True, help="metrics, evaluations, logs, checkpoints and the lock")
     eval_interval: int = _f(0, ge=0, help="evaluate every this many steps (0: only at the end)")
+    eval_at_start: bool = _f(False, help="a fresh start evaluates its starting weights first (step 0 in eval.jsonl)")
+    eval_at_end: bool = _f(True, help="evaluate the final weights (summary.json's eval); false: not at the end")
     eval_file: str = _f("", help="multi-choice eval set (JSONL) for MCPPL, relative to data.root")
     eval_text: str = _f("", help="held-out text (JSONL with \"text\", or a .bin/.idx prefix) for bits per byte and "
                                  "perplexity, relative to data.root")

@@ -36,7 +36,7 @@ import logging
 import re
 import signal
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -44,7 +44,7 @@ import torch
 
 from vlpretrain.config import Config
 from vlpretrain.data.encoding import IGNORE, EncodedSample, SampleEncoder, count_labels
-from vlpretrain.data.placement import RowCost, place
+from vlpretrain.data.placement import RowCost, microbatch_width, place, width_multiple
 from vlpretrain.data.preprocess import decoding, resize_and_pad
 from vlpretrain.data.shards import BadSample
 from vlpretrain.data.sources import Source
@@ -138,7 +138,8 @@ class DataPipeline:
         self.cfg, self.tok = cfg, tokenizer
         self.dp_rank, self.dp_size, self.load_images = dp_rank, dp_size, load_images
         self.image_split = image_split
-        self.row_cost = row_cost or RowCost()
+        # microbatch widths follow data.trim_padding in the cost model as in ``_collate``
+        self.row_cost = replace(row_cost or RowCost(), width_multiple=width_multiple(cfg))
         self.plans = StepPlanner(cfg, tokenizer)  # opens every source now: bad paths fail at start-up
         self.resume_notes: list[str] = []  # how a restored state met a changed data configuration (one line each)
         if state is not None:
@@ -232,8 +233,15 @@ class DataPipeline:
                             j, src.key(s.index), message, kind, src.name)
         return resize_and_pad(img, self.image_size, self.pad_mean)
 
+    def _width(self, rows: list[list[Slot]]) -> int:
+        """A microbatch's columns: seq_len, or (``data.trim_padding``, no pipeline) its longest row rounded up
+        (``placement.microbatch_width``). Trailing padding changes no loss: causal attention never looks ahead
+        and padding carries no label."""
+        longest = max((sum(s.tokens for s in row) for row in rows), default=0)
+        return microbatch_width(longest, self.cfg.train.seq_len, self.row_cost.width_multiple)
+
     def _collate(self, rows: list[list[Slot]], modality: str, counter: list[int]) -> Microbatch:
-        seq, b = self.cfg.train.seq_len, len(rows)
+        seq, b = self._width(rows), len(rows)
         packed = self.cfg.data.packing
         # filled as numpy arrays (a slice assignment from a list or array is one C loop; a torch tensor per
         # sample costs more than the copy), handed to torch without a copy at the end

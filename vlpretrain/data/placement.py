@@ -10,15 +10,18 @@ samples in draw order and does not change either.
 ``none``: rank r takes rows [r n, (r + 1) n) and its microbatches in order (n = rows / dp). ``rows``: rows go
 longest first (by predicted cost) to the least loaded rank that still has room, every rank taking n rows, then
 pairwise swaps between the heaviest and the lightest rank narrow the gap; then, within a rank, longest first
-onto its microbatches of ``micro_batch_size`` rows. Within a microbatch rows keep
-their plan order, and microbatches are ordered by their first row. Where the contiguous placement predicts a
-step no slower (a text step: every row costs the same), it is kept.
+onto its microbatches of ``micro_batch_size`` rows (a pipeline is paced by its slowest microbatch) or, with
+trimmed microbatches (``data.trim_padding``, no pipeline), rows of like length together (a microbatch is as wide
+as its longest row: LLaVA's group-by-length, within one step). Within a microbatch rows keep their plan order,
+and microbatches are ordered by their first row. Where the contiguous placement predicts a step no slower (a
+text step: every row costs the same), it is kept.
 
 Cost (``RowCost``; the trainer takes its weights from ``parallel.pipeline_cost.row_cost``, the planner's FLOP
 model): a microbatch costs ``image`` per image its busiest first-stage rank encodes (max(1, ceil(n / tp)) of
 its n images on an image step: a rank without images runs a blank one; none on a text step), plus per row
-``position`` per token slot (dense decoder work: every row is seq_len long) and ``attention`` per squared
-document length (per packed document with document-causal attention, else seq_len^2). A dp rank's cost is the
+``position`` per token slot (dense decoder work: every row is seq_len long, or the microbatch's width when
+trimmed) and ``attention`` per squared document length (per packed document with document-causal attention,
+else the row's width squared). A dp rank's cost is the
 sum of its microbatches'; the predicted step is the slowest rank's, and ``imbalance`` is slowest / mean.
 """
 from __future__ import annotations
@@ -28,6 +31,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from vlpretrain.config import Config
 from vlpretrain.data.step_plan import StepPlan
 
 
@@ -41,6 +45,25 @@ class RowCost:
     seq_len: int = 0  # rows' length (0: the attention term uses the documents' lengths only)
     per_document: bool = True  # attention within each packed document (document-causal), else over the row
     tp: int = 1  # images of a microbatch split over tp ranks (parallel.vision_split: images)
+    width_multiple: int = 0  # > 0 (data.trim_padding): a microbatch is as wide as its longest row, rounded up
+
+
+TRIM_MULTIPLE = 8  # data.trim_padding: microbatch widths are multiples of this (x tp): few distinct shapes
+
+
+def width_multiple(cfg: Config) -> int:
+    """What a microbatch's width is rounded up to under ``data.trim_padding`` (0: every row is seq_len wide).
+    Pipelines keep seq_len: their stages exchange fixed shapes."""
+    par = cfg.parallel
+    return TRIM_MULTIPLE * par.tp if cfg.data.trim_padding and par.pp == 1 else 0
+
+
+def microbatch_width(longest: int, seq_len: int, multiple: int) -> int:
+    """Columns of a microbatch whose longest row holds ``longest`` tokens (``multiple`` from ``width_multiple``)."""
+    if multiple <= 0:
+        return seq_len
+    width = max(multiple, -(-longest // multiple) * multiple)
+    return min(seq_len, width) if seq_len else width
 
 
 @dataclass(frozen=True)
@@ -64,27 +87,49 @@ def _ratio(costs: list[float]) -> float:
     return max(costs) / mean if mean > 0 else 1.0
 
 
-def row_features(plan: StepPlan, cost: RowCost) -> tuple[np.ndarray, np.ndarray]:
-    """(images per row, decoder cost per row) of the plan's rows."""
+@dataclass(frozen=True)
+class _Rows:
+    """Per row of a plan: images, tokens, squared document lengths (attention), and its decoder cost alone."""
+    images: np.ndarray
+    tokens: np.ndarray
+    squares: np.ndarray
+    decoder: np.ndarray
+
+
+def row_features(plan: StepPlan, cost: RowCost) -> _Rows:
     n = len(plan.rows)
-    lengths = np.fromiter((len(r) for r in plan.rows), np.int64, n)
-    flat = np.fromiter((k for r in plan.rows for k in r), np.int64, int(lengths.sum()))
-    row_of = np.repeat(np.arange(n), lengths)
+    counts = np.fromiter((len(r) for r in plan.rows), np.int64, n)
+    flat = np.fromiter((k for r in plan.rows for k in r), np.int64, int(counts.sum()))
+    row_of = np.repeat(np.arange(n), counts)
     images = np.bincount(row_of, plan.table[flat, 4], minlength=n).astype(np.int64)
+    tokens = np.bincount(row_of, plan.table[flat, 2], minlength=n).astype(np.int64)
     if cost.per_document or not cost.seq_len:
         squares = np.bincount(row_of, plan.table[flat, 2].astype(np.float64) ** 2, minlength=n)
     else:
         squares = np.full(n, float(cost.seq_len) ** 2)
-    return images, cost.position * cost.seq_len + cost.attention * squares
+    if cost.width_multiple:  # trimmed: a row alone costs its own (rounded) width
+        width = np.array([microbatch_width(int(t), cost.seq_len, cost.width_multiple) for t in tokens], np.float64)
+        if not cost.per_document:
+            squares = width ** 2
+        return _Rows(images, tokens, squares, cost.position * width + cost.attention * squares)
+    return _Rows(images, tokens, squares, cost.position * cost.seq_len + cost.attention * squares)
 
 
-def _costs(ranks: list[list[int]], mbs: int, images: np.ndarray, decoder: np.ndarray, cost: RowCost,
+def _costs(ranks: list[list[int]], mbs: int, rows: _Rows, cost: RowCost,
            image_step: bool) -> tuple[list[float], float]:
     """(each rank's cost, the costliest microbatch's) with ``mbs`` rows per microbatch in the ranks' order."""
     at = np.asarray(ranks, np.int64).reshape(len(ranks), -1, mbs)
-    im = images[at].sum(axis=2)
+    im = rows.images[at].sum(axis=2)
     encoded = np.maximum(1, -(-im // cost.tp)) if image_step else np.zeros_like(im)
-    micro = cost.image * encoded + decoder[at].sum(axis=2)
+    if cost.width_multiple:  # every row of a microbatch is as wide as its longest
+        longest = rows.tokens[at].max(axis=2) if at.size else np.zeros(at.shape[:2], np.int64)
+        width = np.vectorize(lambda t: microbatch_width(int(t), cost.seq_len, cost.width_multiple),
+                             otypes=[np.float64])(longest) if longest.size else longest.astype(np.float64)
+        squares = rows.squares[at].sum(axis=2) if cost.per_document else mbs * width ** 2
+        decoder = cost.position * mbs * width + cost.attention * squares
+    else:
+        decoder = rows.decoder[at].sum(axis=2)
+    micro = cost.image * encoded + decoder
     return micro.sum(axis=1).tolist(), float(micro.max()) if micro.size else 0.0
 
 
@@ -128,14 +173,15 @@ def place(plan: StepPlan, dp: int, mbs: int, cost: RowCost, balance: str = "rows
     another, so only the ranks' costs count (one rank without TP: nothing to gain, the plan's order is kept)."""
     n_rows = len(plan.rows)
     n = n_rows // dp
-    images, decoder = row_features(plan, cost)
+    rows = row_features(plan, cost)
     image_step = plan.modality != "text"
     # a row's share of its microbatch's cost (exact with one row per microbatch)
+    images = rows.images
     encoded = np.maximum(1, -(-images // cost.tp)) if mbs == 1 and image_step else images / cost.tp
-    weight = cost.image * encoded + decoder
+    weight = cost.image * encoded + rows.decoder
 
     def evaluate(ranks: list[list[int]]) -> tuple[list[float], float]:
-        return _costs(ranks, mbs, images, decoder, cost, image_step)
+        return _costs(ranks, mbs, rows, cost, image_step)
 
     contiguous = [list(range(r * n, (r + 1) * n)) for r in range(dp)]
     c_cost, c_mb = evaluate(contiguous)
@@ -145,9 +191,13 @@ def place(plan: StepPlan, dp: int, mbs: int, cost: RowCost, balance: str = "rows
     ranks = _longest_first(order, weight, dp, n)
     _swap_down(ranks, weight, 2 * dp)
     placed = []
-    for rows in ranks:
-        mine = sorted(rows, key=lambda i: (-weight[i], i))
-        micro = [sorted(m) for m in _longest_first(mine, weight, n // mbs, mbs)]
+    for mine in ranks:
+        if cost.width_multiple:  # trimmed microbatches: rows of like length together (no pipeline to pace)
+            mine = sorted(mine, key=lambda i: (-rows.tokens[i], i))
+            micro = [sorted(mine[k:k + mbs]) for k in range(0, len(mine), mbs)]
+        else:  # spread the heavy rows over the microbatches (the slowest paces a pipeline)
+            mine = sorted(mine, key=lambda i: (-weight[i], i))
+            micro = [sorted(m) for m in _longest_first(mine, weight, n // mbs, mbs)]
         placed.append([i for m in sorted(micro) for i in m])
     b_cost, b_mb = evaluate(placed)
     # (equal sums in another order may differ in the last bit: compare with a tolerance)

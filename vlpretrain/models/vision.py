@@ -109,8 +109,16 @@ class HybridVisionEncoder(nn.Module):
         super().__init__()
         self.siglip = SigLIPTower(cfg.siglip)
         self.sam = SAMTower(cfg.sam) if cfg.sam.enabled else None
+        # how a tower runs on a batch: ``run_tower(tower, images)``; train/tower_cache.py may set it (None:
+        # ``tower(images)``), e.g. to reuse a frozen tower's outputs for images it has already encoded
+        self.run_tower = None
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
-        high = self.sam(images) if self.sam is not None else None
-        low = self.siglip(images)
+        run = self.run_tower or _call
+        high = run(self.sam, images) if self.sam is not None else None
+        low = run(self.siglip, images)
         return high, low
+
+
+def _call(tower: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    return tower(images)

@@ -86,7 +86,8 @@ class DeepSeekVL(nn.Module):
         self.head: OutputHead | None = OutputHead(cfg)
 
     def forward(self, x: torch.Tensor, images: torch.Tensor | None = None,
-                positions: torch.Tensor | None = None, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
+                positions: torch.Tensor | None = None, doc_ids: torch.Tensor | None = None,
+                logits_at: torch.Tensor | None = None) -> torch.Tensor:
         """x: token ids (B, S) on the first stage, hidden states (B, S, D) on later ones.
 
         ``positions`` (B, S) long: rotary positions (default arange(S); packed rows restart at 0 per document).
@@ -96,11 +97,20 @@ class DeepSeekVL(nn.Module):
         The rotary tables and the attention mask are built once here from the full-length inputs and shared by
         every block, never from a block's (possibly sequence-sharded) input.
 
+        ``logits_at`` (B, S) bool, last stage only: the positions whose logits are wanted (those a loss reads);
+        the head then returns (1, N, V) for the N selected positions in row-major order, skipping the rest.
+
         Returns logits (B, S, V) on the last stage, hidden states otherwise.
         """
         h = self.embed(x, images) if self.embed is not None else x
-        if not self.layers:
-            return self.head(h) if self.head is not None else h
+        if self.layers:
+            h = self._blocks(x, h, positions, doc_ids)
+        if self.head is None:
+            return h
+        return self.head(h if logits_at is None else h[logits_at][None])
+
+    def _blocks(self, x: torch.Tensor, h: torch.Tensor, positions: torch.Tensor | None,
+                doc_ids: torch.Tensor | None) -> torch.Tensor:
         if positions is None and self.embed is not None:  # token ids: the full length (not an SP shard)
             positions = torch.arange(x.shape[1], device=x.device)[None]  # (1, S): the tables broadcast over B
         # a later pipeline stage of unpacked rows gets no positions: each block then builds arange(S) itself
@@ -110,7 +120,7 @@ class DeepSeekVL(nn.Module):
         mask = document_mask(doc_ids, kind) if doc_ids is not None else None
         for layer in self.layers.values():
             h = layer(h, rope, mask)
-        return self.head(h) if self.head is not None else h
+        return h
 
 
 def part_of(param_name: str) -> str:

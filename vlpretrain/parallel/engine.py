@@ -113,6 +113,8 @@ class ParallelModel:
                                            summed_text_loss, wrap=PackedStage if self.packed else None)
         self._scoring = None  # the forward-only schedule of ``score_rows``, built on first use
         self.fsdp = uses_fsdp(cfg, ctx)
+        # the head on supervised positions only: the vocab-sharded (tp) and pipelined heads see every position
+        self.logits_at_labels = cfg.train.logits_at_labels and lay.tp == 1 and lay.pp == 1
 
     # ---- parameters
 
@@ -143,10 +145,12 @@ class ParallelModel:
                     last = i == len(microbatches) - 1
                     model.set_requires_gradient_sync(last)
                     keep_gathered_between_microbatches(model, last)
+                labels = mb.labels.to(dev)
+                keep = labels != -100 if self.logits_at_labels else None
                 with self._loss_context():
                     logits = model(mb.tokens.to(dev), _to(images[i], dev), _to(mb.positions, dev),
-                                   _to(mb.doc_ids, dev))
-                    loss = summed_text_loss(logits, mb.labels.to(dev))
+                                   _to(mb.doc_ids, dev), logits_at=keep)
+                    loss = summed_text_loss(logits, labels if keep is None else labels[keep][None])
                     loss.backward()
                 total += _plain(loss.detach())
         else:

@@ -35,7 +35,7 @@ import math
 from dataclasses import dataclass
 
 from vlpretrain.config import Config, ModelConfig, trainable_parts
-from vlpretrain.data.placement import RowCost
+from vlpretrain.data.placement import RowCost, width_multiple
 from vlpretrain.layout_rules import placement_rank, schedule_info
 from vlpretrain.models.flops import adaptor_flops, decoder_layer_flops, head_flops, sam_flops, siglip_flops, step_flops
 from vlpretrain.parallel.pipeline_split import part_names, stage_bounds, stage_style, validate_split
@@ -251,7 +251,7 @@ def row_cost(cfg: Config) -> RowCost:
     split = par.vision_split == "images" and par.tp > 1
     return RowCost(image=image, position=position, attention=m.n_layers * q * layer_ratio / par.tp,
                    seq_len=cfg.train.seq_len, per_document=cfg.data.packing and cfg.data.document_causal,
-                   tp=par.tp if split else 1)
+                   tp=par.tp if split else 1, width_multiple=width_multiple(cfg))
 
 
 # ---------------------------------------------------------------------------------------------------------------

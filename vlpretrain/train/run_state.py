@@ -22,6 +22,7 @@ from vlpretrain.train.metrics import MetricsLogger, PeakMemory
 from vlpretrain.train.preemption import Deadline
 from vlpretrain.train.profiling import StepProfiler
 from vlpretrain.train.rundir import RunDirLock
+from vlpretrain.train.tower_cache import FrozenTowerCache
 
 
 @dataclass
@@ -59,6 +60,7 @@ class Run:
     bad_images: int = 0  # images no rank could decode, over the run (blanks were trained on)
     excluded: list[tuple[str, int]] = field(default_factory=list)  # (source name, index) bad steps took out
     first_grad_norm: float | None = None  # this run's (or resumed run's) first gradient norm
+    tower_cache: FrozenTowerCache | None = None  # train.frozen_tower_cache_mb: frozen towers' outputs per image
     vanished_steps: int = 0  # steps in a row whose gradient norm vanished next to it (the trainer warns)
 
     def __post_init__(self):

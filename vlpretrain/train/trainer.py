@@ -39,7 +39,7 @@ from vlpretrain.parallel.launch_env import global_rank
 from vlpretrain.parallel.mesh import init_parallel, local_device, resolve_layout, world_size_from_env
 from vlpretrain.parallel.peers import gather_peers
 from vlpretrain.parallel.pipeline_cost import row_cost
-from vlpretrain.train import faults
+from vlpretrain.train import faults, tower_cache
 from vlpretrain.train.bad_steps import (
     DIVERGED_MARKER,
     EXIT_DIVERGED,
@@ -175,6 +175,7 @@ def _build(cfg: Config, tokenizer, eval_paths, init_file, resume, lock: RunDirLo
                         async_save=cfg.checkpoint.async_save)
     ckpt.check_finite = tc.check_finite  # refuse to save a state with non-finite tensors
     start, consumed = _resume(ckpt, resume, schedulers, ctx.is_main)
+    cache = tower_cache.install(model.modules, tc.frozen_tower_cache_mb)  # after every weight is loaded
     run = Run(cfg=cfg, ctx=ctx, device=device, run_dir=run_dir, lock=lock, data=data, batches=batches, model=model,
               evaluator=evaluator, optimizers=optimizers, schedulers=schedulers, ckpt=ckpt,
               resumed=resume is not None, start=start, consumed=consumed,
@@ -182,7 +183,8 @@ def _build(cfg: Config, tokenizer, eval_paths, init_file, resume, lock: RunDirLo
               trainable=trainable_parts(cfg), peak_tflops=device_peak_tflops(cfg, device),
               logger=MetricsLogger(cfg, run_dir, tc.steps, is_main=ctx.is_main, resume_step=start),
               memory=PeakMemory(device, cfg.logging.log_interval),  # GPU only: peak memory per log interval
-              profiler=StepProfiler(cfg, run_dir, ctx, model))  # train.profile.steps: traces + pipeline timeline
+              profiler=StepProfiler(cfg, run_dir, ctx, model),  # train.profile.steps: traces + pipeline timeline
+              tower_cache=cache)
     if resumed:
         restore_progress(run, resumed)
     if ctx.is_main:
@@ -246,6 +248,8 @@ def _loop(run: Run) -> None:
                   flush=True)
     elif _preempted(run.ctx, run.deadline):  # a signal during start-up: a step-`start` checkpoint, then exit
         _stop(run, run.start, save=not run.resumed)
+    if run.evaluator and tc.eval_at_start and run.start == 0 and not run.resumed:  # the weights it starts from
+        run.logger.log_eval(0, run.evaluator.run(run.model))
     step = run.start
     while step < tc.steps:
         step += 1
@@ -394,8 +398,10 @@ def _finish(run: Run, t_start: float) -> dict:
                "wall_time_s": round(time.perf_counter() - t_start, 2),
                "skipped_samples": run.data_state["bad_total"], "bad_images": run.bad_images,
                "bad_steps": run.bad_steps.total, "checkpoint": str(checkpoint_dir(cfg))}
-    if run.evaluator and run.start < tc.steps:
+    if run.evaluator and tc.eval_at_end and run.start < tc.steps:
         summary["eval"] = run.logger.log_eval(tc.steps, run.evaluator.run(run.model))
+    if run.tower_cache is not None:  # rank 0's: images kept, memory, share of tower calls served
+        summary["frozen_tower_cache"] = run.tower_cache.stats()
     run.logger.close()
     if ctx.is_main:
         (run.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
