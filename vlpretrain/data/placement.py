@@ -170,7 +170,8 @@ def place(plan: StepPlan, dp: int, mbs: int, cost: RowCost, balance: str = "rows
           pipelined: bool = True) -> Placement:
     """The rows of each dp rank in microbatch order (``balance``: "none" or "rows", see the module doc).
     ``pipelined``: the slowest microbatch paces a pipeline; without one (pp = 1) microbatches run one after
-    another, so only the ranks' costs count (one rank without TP: nothing to gain, the plan's order is kept)."""
+    another, so only the ranks' costs count (one rank, untrimmed and without TP: nothing to gain, the plan's order
+    is kept; trimmed, rows of like length share a microbatch)."""
     n_rows = len(plan.rows)
     n = n_rows // dp
     rows = row_features(plan, cost)

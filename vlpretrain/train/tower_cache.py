@@ -10,7 +10,8 @@ the forward values differ from it only in rounding (a cached output was computed
 
 Under FSDP every dp rank must run each tower's forward once per call (it all-gathers the tower's parameters):
 a rank whose images all hit still runs the tower on one of them. Install after the weights are loaded
-(``install``); the trainer does, since frozen weights never change afterwards.
+(``install``); the trainer does, since frozen weights never change afterwards. On a GPU the key costs a copy of
+the pixels to the host (hashed there): worth it where images repeat and the towers cost more than that copy.
 """
 from __future__ import annotations
 
