@@ -177,7 +177,8 @@ def _steps(pipe, k: int) -> list:
 
 
 def _flat(batch, what: str) -> torch.Tensor:
-    return torch.cat([getattr(mb, what) for mb in batch.microbatches])
+    # flattened: trimmed microbatches (data.trim_padding) may differ in width
+    return torch.cat([getattr(mb, what).flatten() for mb in batch.microbatches])
 
 
 # ----------------------------------------------------------------------------- each format's mapping

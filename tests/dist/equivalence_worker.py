@@ -10,6 +10,7 @@ the contiguous shares (loss, gradients and one AdamW step); both against the sam
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -72,7 +73,8 @@ def balanced_share(microbatches: list[Microbatch], cfg, dp_rank: int, dp: int) -
               int((mb.tokens[r] == IMAGE_ID).sum()) // it] for i, (mb, r) in enumerate(rows)]
     modality = "multimodal" if microbatches[0].images is not None else "text"
     plan = StepPlan(1, modality, torch.tensor(table).numpy(), [[i] for i in range(len(rows))], {})
-    at = place(plan, dp, cfg.train.micro_batch_size, row_cost(cfg))
+    # these synthetic microbatches are never trimmed: place them with the full-width cost model
+    at = place(plan, dp, cfg.train.micro_batch_size, dataclasses.replace(row_cost(cfg), width_multiple=0))
     n = len(rows) // dp
     moved = at.rows != [list(range(k * n, (k + 1) * n)) for k in range(dp)]
 
