@@ -58,12 +58,15 @@ def width_multiple(cfg: Config) -> int:
     return TRIM_MULTIPLE * par.tp if cfg.data.trim_padding and par.pp == 1 else 0
 
 
-def microbatch_width(longest: int, seq_len: int, multiple: int) -> int:
-    """Columns of a microbatch whose longest row holds ``longest`` tokens (``multiple`` from ``width_multiple``)."""
+def microbatch_width(longest, seq_len: int, multiple: int):
+    """Columns of a microbatch whose longest row holds ``longest`` tokens (``multiple`` from ``width_multiple``);
+    an int, or an array of widths for an array of lengths."""
     if multiple <= 0:
         return seq_len
-    width = max(multiple, -(-longest // multiple) * multiple)
-    return min(seq_len, width) if seq_len else width
+    width = np.maximum(multiple, -(-np.asarray(longest) // multiple) * multiple)
+    if seq_len:
+        width = np.minimum(seq_len, width)
+    return int(width) if width.ndim == 0 else width
 
 
 @dataclass(frozen=True)
@@ -108,7 +111,7 @@ def row_features(plan: StepPlan, cost: RowCost) -> _Rows:
     else:
         squares = np.full(n, float(cost.seq_len) ** 2)
     if cost.width_multiple:  # trimmed: a row alone costs its own (rounded) width
-        width = np.array([microbatch_width(int(t), cost.seq_len, cost.width_multiple) for t in tokens], np.float64)
+        width = microbatch_width(tokens, cost.seq_len, cost.width_multiple).astype(np.float64)
         if not cost.per_document:
             squares = width ** 2
         return _Rows(images, tokens, squares, cost.position * width + cost.attention * squares)
@@ -122,9 +125,7 @@ def _costs(ranks: list[list[int]], mbs: int, rows: _Rows, cost: RowCost,
     im = rows.images[at].sum(axis=2)
     encoded = np.maximum(1, -(-im // cost.tp)) if image_step else np.zeros_like(im)
     if cost.width_multiple:  # every row of a microbatch is as wide as its longest
-        longest = rows.tokens[at].max(axis=2) if at.size else np.zeros(at.shape[:2], np.int64)
-        width = np.vectorize(lambda t: microbatch_width(int(t), cost.seq_len, cost.width_multiple),
-                             otypes=[np.float64])(longest) if longest.size else longest.astype(np.float64)
+        width = microbatch_width(rows.tokens[at].max(axis=2), cost.seq_len, cost.width_multiple).astype(np.float64)
         squares = rows.squares[at].sum(axis=2) if cost.per_document else mbs * width ** 2
         decoder = cost.position * mbs * width + cost.attention * squares
     else:
