@@ -7,14 +7,12 @@
 * a sample that no longer reads as it was sized is masked in place, deterministically;
 * the vectorised planner (block choices, look-ahead draws, table-driven Feistel rounds, record-based first fit)
   gives exactly the plans of a plain one-sample-at-a-time reference, on random sizes and bad samples;
-* ``data.balance: rows`` places a step's rows on (dp rank, microbatch) slots by predicted cost: a permutation
-  with fixed shapes, a function of the plan, never predicted slower than contiguous shares, the same rows and
-  step totals in every layout, and exact on resume (issue 25).
+* ``data.balance: rows`` (placement itself: test_placement.py) gives the same rows and step totals in every
+  layout, and is exact on resume (issue 25).
 """
 from __future__ import annotations
 
 import hashlib
-import itertools
 import json
 import random
 import shutil
@@ -27,12 +25,11 @@ import torch
 from vlpretrain.config import load_config
 from vlpretrain.data.loader import DataPipeline, image_share
 from vlpretrain.data.packing import FirstFit
-from vlpretrain.data.placement import RowCost, place
 from vlpretrain.data.sample_order import FeistelPermutation, SamplePlanner, WeightedChooser
 from vlpretrain.data.shard_index import index_path
 from vlpretrain.data.sizes import SizeTable
 from vlpretrain.data.sources import JsonlSource, ShardSource
-from vlpretrain.data.step_plan import MAX_CONSECUTIVE_BAD, StepPlan, StepPlanner
+from vlpretrain.data.step_plan import MAX_CONSECUTIVE_BAD, StepPlanner
 from vlpretrain.data.tokenizer import TextTokenizer
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny"
@@ -422,82 +419,7 @@ def test_data_tools_index_stores_sizes_ahead(demo_dir, tmp_path, capsys):
 
 
 # ----------------------------------------------------------------------------- placement of rows (data.balance)
-
-
-def _plan(images: list[list[int]], modality: str = "multimodal", tokens: int = 10) -> StepPlan:
-    """A step whose row r holds one sample per entry of ``images[r]`` (that many images each)."""
-    table, rows = [], []
-    for row in images:
-        rows.append(list(range(len(table), len(table) + len(row))))
-        table += [[0, len(table), tokens, tokens // 2, k] for k in row]
-    return StepPlan(1, modality, np.array(table, np.int64).reshape(-1, 5), rows, {})
-
-
-def _brute_force_max(costs: list[float], dp: int) -> float:
-    """The least possible slowest-rank cost with len(costs) / dp rows per rank (exhaustive)."""
-    n, best = len(costs) // dp, float("inf")
-    for perm in itertools.permutations(range(len(costs))):
-        best = min(best, max(sum(costs[i] for i in perm[r * n:(r + 1) * n]) for r in range(dp)))
-    return best
-
-
-def test_placement_is_a_balanced_permutation():
-    rng = random.Random(0)
-    for _trial in range(300):
-        dp, mbs, k = rng.choice([1, 2, 3, 4]), rng.choice([1, 2, 3]), rng.choice([1, 2, 3])
-        plan = _plan([[rng.randint(0, 4) for _ in range(rng.randint(1, 3))] for _ in range(dp * mbs * k)])
-        cost = RowCost(image=1.0, position=rng.choice([0.0, 0.01]), attention=rng.choice([0.0, 1e-3]),
-                       seq_len=64, tp=rng.choice([1, 2]))
-        got = place(plan, dp, mbs, cost)
-        assert place(plan, dp, mbs, cost) == got  # a function of its inputs only
-        assert sorted(i for r in got.rows for i in r) == list(range(len(plan.rows)))
-        assert all(len(r) == mbs * k for r in got.rows)
-        assert max(got.rank_cost) <= max(got.rank_cost_contiguous) + 1e-9  # never predicted slower
-        assert got.imbalance <= got.imbalance_contiguous + 1e-9
-        none = place(plan, dp, mbs, cost, "none")
-        assert none.rows == [list(range(r * mbs * k, (r + 1) * mbs * k)) for r in range(dp)]
-        assert none.rank_cost == none.rank_cost_contiguous == got.rank_cost_contiguous
-
-
-def test_placement_spreads_images_and_keeps_text_steps():
-    # contiguous: rank 0 takes every image; balanced: 8 per rank, and within a rank 4 per microbatch
-    plan = _plan([[4], [4], [4], [4], [0], [0], [0], [0]])
-    got = place(plan, 2, 2, RowCost())
-    assert got.imbalance_contiguous == pytest.approx(16 / 9) and got.imbalance == 1.0
-    for r in got.rows:
-        assert [sum(plan.table[plan.rows[i][0], 4] for i in r[m:m + 2]) for m in (0, 2)] == [4, 4]
-    # a text step (no vision work) or equal rows: the plan's order, contiguous shares
-    assert place(_plan([[0]] * 8, "text"), 2, 2, RowCost()).rows == [[0, 1, 2, 3], [4, 5, 6, 7]]
-    assert place(_plan([[2]] * 8), 4, 1, RowCost()).rows == [[0, 1], [2, 3], [4, 5], [6, 7]]
-    # longest first against the exhaustive optimum (one row per microbatch: costs add up exactly)
-    rng = random.Random(1)
-    for _trial in range(40):
-        images = [[rng.randint(0, 6)] for _ in range(6)]
-        cost = RowCost(image=1.0, position=0.05, seq_len=10)
-        got = place(_plan(images), 2, 1, cost)
-        best = _brute_force_max([max(1, r[0]) + 0.5 for r in images], 2)
-        assert max(got.rank_cost) <= best * 7 / 6 + 1e-9  # LPT's bound for two machines
-
-
-def test_trimmed_microbatches_group_rows_of_like_length():
-    """data.trim_padding: a microbatch is as wide as its longest row, so rows of like length go together, even on
-    one rank (the plan's order otherwise); the predicted cost counts the widths; untrimmed, the order is kept."""
-    rng = random.Random(2)
-    lengths = [rng.randint(20, 96) for _ in range(16)]
-    table = [[0, i, n, n // 2, 1] for i, n in enumerate(lengths)]
-    plan = StepPlan(1, "multimodal", np.array(table, np.int64), [[i] for i in range(16)], {})
-    trim = RowCost(image=1.0, position=0.1, attention=1e-3, seq_len=96, per_document=False, width_multiple=8)
-    for dp in (1, 2):
-        got = place(plan, dp, 4, trim, pipelined=False)
-        assert sorted(i for r in got.rows for i in r) == list(range(16))
-        assert max(got.rank_cost) < max(got.rank_cost_contiguous)
-        for ranks in got.rows:
-            micro = [sorted(lengths[i] for i in ranks[k:k + 4]) for k in range(0, len(ranks), 4)]
-            # like lengths together: no microbatch's rows interleave with another's
-            for a, b in itertools.combinations(micro, 2):
-                assert a[-1] <= b[0] or b[-1] <= a[0], micro
-    untrimmed = RowCost(image=1.0, position=0.1, attention=1e-3, seq_len=96, per_document=False)
-    assert place(plan, 1, 4, untrimmed, pipelined=False).rows == [list(range(16))]
+# (the placement's own tests: test_placement.py)
 
 
 def _rows_of(batches) -> list[tuple]:

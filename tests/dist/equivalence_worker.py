@@ -74,7 +74,8 @@ def balanced_share(microbatches: list[Microbatch], cfg, dp_rank: int, dp: int) -
     modality = "multimodal" if microbatches[0].images is not None else "text"
     plan = StepPlan(1, modality, torch.tensor(table).numpy(), [[i] for i in range(len(rows))], {})
     # these synthetic microbatches are never trimmed: place them with the full-width cost model
-    at = place(plan, dp, cfg.train.micro_batch_size, dataclasses.replace(row_cost(cfg), width_multiple=0))
+    at = place(plan, dp, cfg.train.micro_batch_size, dataclasses.replace(row_cost(cfg), width_multiple=0),
+               pipelined=cfg.parallel.pp > 1)
     n = len(rows) // dp
     moved = at.rows != [list(range(k * n, (k + 1) * n)) for k in range(dp)]
 
