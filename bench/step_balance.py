@@ -9,7 +9,8 @@ both placements; row costs from ``pipeline_cost.row_cost``), before any timing. 
 the two placements run interleaved (A B A B, ``bench/_ab.py``): each repeat is ``forward_backward`` over all
 the steps (gradients reduced over dp, the slowest rank sets the time), barriers around it; steps/s per repeat.
 Both placements train the same rows and the same parameters (no optimizer step), so only the placement
-differs. Also printed: the predicted slowest / mean rank cost of the steps under each placement.
+differs. Also printed: the predicted imbalance of the steps under each placement (the predicted step over the
+mean rank's cost; without a pipeline the ranks' microbatches run in lockstep, ``data/placement.py``).
 
     python bench/step_balance.py [--steps 12] [--repeats 5] [--warmup 1]
 """
@@ -150,7 +151,7 @@ def main() -> None:
           f"round(s), {args.repeats} interleaved repeats")
     print(f"images per microbatch on rank 0, first steps, contiguous: {got['images_rank0']}")
     for b in VARIANTS:
-        print(f"predicted slowest / mean rank cost, {b}: mean {statistics.mean(got['imbalance'][b]):.3f}, "
+        print(f"predicted imbalance (step / mean rank cost), {b}: mean {statistics.mean(got['imbalance'][b]):.3f}, "
               f"max {max(got['imbalance'][b]):.3f}")
     print(_ab.table(res, ["steps_per_s", "step_s"]))
     rec = _ab.record("step_balance", {"dp": 2}, res, "rows", "none", "steps_per_s", goal=1.10,

@@ -43,10 +43,10 @@ STAGE3 = ("[{name: sft, path: 'shards/sft-*.tar', modality: multimodal, weight: 
           "{name: text, path: corpus/text, modality: text, weight: 47.9}]")
 
 
-def _config(demo: Path, tok, stage: int, grouped: bool):
+def _config(demo: Path, tok, size: str, stage: int, grouped: bool):
     from vlpretrain.config import load_config
 
-    return load_config(ROOT / "configs" / "deepseek-vl-7b" / f"stage{stage}.yaml", [
+    return load_config(ROOT / "configs" / f"deepseek-vl-{size}" / f"stage{stage}.yaml", [
         f"model.image_token_id={tok.image_id}", f"data.root={demo}", "data.manifest=",
         f"data.sources={STAGE2 if stage == 2 else STAGE3}", "train.init_from=", "train.eval_file=",
         "data.num_workers=0", f"data.group_by_modality={str(grouped).lower()}",
@@ -68,7 +68,7 @@ def simulate(cfg, tok, dp: int, steps: int) -> dict:
         t0 = time.process_time()
         plan = planner.plan()
         t1 = time.process_time()
-        at = place(plan, dp, mbs, cost)
+        at = place(plan, dp, mbs, cost, pipelined=pp > 1)
         t_place.append(time.process_time() - t1)
         t_plan.append(t1 - t0)
         feats = row_features(plan, cost)
@@ -89,10 +89,11 @@ def simulate(cfg, tok, dp: int, steps: int) -> dict:
     out = {"plan_s": statistics.median(t_plan), "place_s": statistics.median(t_place), "samples": samples,
            "stage0_decoder_share": f}
     for name, steps_ in per.items():
-        flat, piped, imb = 0.0, 0.0, []
+        flat, piped, lockstep, imb = 0.0, 0.0, 0.0, []
         for v, d in steps_:
             rank = (v + d).sum(axis=1)
             flat += float(rank.max())
+            lockstep += float(v.max(axis=0).sum() + d.max(axis=0).sum())
             imb.append(float(rank.max() / rank.mean()))
             if pp > 1:
                 stage = np.maximum(v + f * d, (1 - f) * d / (pp - 1))  # the slowest stage per microbatch
@@ -101,10 +102,13 @@ def simulate(cfg, tok, dp: int, steps: int) -> dict:
         out[f"imbalance_{name}_max"] = max(imb)
         out[f"time_{name}"] = flat
         out[f"efficiency_{name}"] = useful / (dp * flat)  # useful work / (replicas x the slowest one's time)
+        out[f"time_lockstep_{name}"] = lockstep
+        out[f"efficiency_lockstep_{name}"] = useful / (dp * lockstep)
         if pp > 1:
             out[f"time_pp_{name}"] = piped
             out[f"efficiency_pp_{name}"] = useful / (dp * pp * piped)
     out["gain"] = out["time_none"] / out["time_rows"]
+    out["gain_lockstep"] = out["time_lockstep_none"] / out["time_lockstep_rows"]
     if pp > 1:
         out["gain_pp"] = out["time_pp_none"] / out["time_pp_rows"]
     return out
@@ -130,18 +134,23 @@ def main() -> None:
             generate_demo(demo, seed=0, scale=0.2, verbose=False)
         tok = TextTokenizer(demo / "tokenizer.json")
         res = {}
-        for name, stage, grouped in (("stage2_grouped", 2, True), ("stage2_mixed", 2, False),
-                                     ("stage3_mixed", 3, False)):
-            res[name] = simulate(_config(demo, tok, stage, grouped), tok, args.dp, args.steps)
-    print(f"7B, dp={args.dp} replicas, {args.steps} planned steps per setting, demo data; predicted from FLOPs")
-    print(f"{'setting':<16}{'imbalance none':>15}{'(worst)':>9}{'imbalance rows':>15}{'gain':>8}{'gain pp':>9}"
-          f"{'plan s':>8}{'place s':>9}")
+        for size in ("7b", "1.3b"):
+            for name, stage, grouped in (("stage2_grouped", 2, True), ("stage2_mixed", 2, False),
+                                         ("stage3_mixed", 3, False)):
+                res[f"{size}_{name}"] = simulate(_config(demo, tok, size, stage, grouped), tok, args.dp, args.steps)
+    print(f"dp={args.dp} replicas, {args.steps} planned steps per setting, demo data; predicted from FLOPs. Gain: "
+          "steps/s balanced / contiguous, replicas as sums, in lockstep (pp = 1: the 1.3B) and pipelined (the 7B)")
+    print(f"{'setting':<20}{'imbalance none':>15}{'(worst)':>9}{'imbalance rows':>15}{'gain':>8}{'gain lockstep':>14}"
+          f"{'gain pp':>9}{'plan s':>8}{'place s':>9}")
     for name, r in res.items():
-        print(f"{name:<16}{r['imbalance_none']:>15.4f}{r['imbalance_none_max']:>9.4f}{r['imbalance_rows']:>15.4f}"
-              f"{r['gain']:>8.4f}{r.get('gain_pp', float('nan')):>9.4f}{r['plan_s']:>8.3f}{r['place_s']:>9.4f}")
-    g, m = res["stage2_grouped"], res["stage2_mixed"]
-    grouping = {f"{k or 'flat_'}{b}": g[f"efficiency_{k}{b}"] / m[f"efficiency_{k}{b}"]
-                for k in ("", "pp_") for b in ("none", "rows")}
+        print(f"{name:<20}{r['imbalance_none']:>15.4f}{r['imbalance_none_max']:>9.4f}{r['imbalance_rows']:>15.4f}"
+              f"{r['gain']:>8.4f}{r['gain_lockstep']:>14.4f}{r.get('gain_pp', float('nan')):>9.4f}"
+              f"{r['plan_s']:>8.3f}{r['place_s']:>9.4f}")
+    grouping = {}
+    for size, model in (("7b", "pp_"), ("1.3b", "lockstep_")):
+        g, m = res[f"{size}_stage2_grouped"], res[f"{size}_stage2_mixed"]
+        grouping.update({f"{size}_{k or 'flat_'}{b}": g[f"efficiency_{k}{b}"] / m[f"efficiency_{k}{b}"]
+                         for k in ("", model) for b in ("none", "rows")})
     print("stage 2, grouped / mixed efficiency (useful FLOPs / predicted time): " + ", ".join(
         f"{k} {v:.4f}" for k, v in grouping.items()))
     print(json.dumps({"bench": "step_balance_scale", "dp": args.dp, "steps": args.steps, **res,

@@ -18,12 +18,14 @@ never predicts a slower step or a larger rank sum than contiguous shares):
   work. The predicted step is the sum over microbatches (slots) of the slot's largest vision cost plus its
   largest decoder cost. (Units kept gathered between microbatches, ``fsdp_reshard_after_forward: auto``, meet
   only in the first microbatch's forward and the last one's backward: the model then overstates the waits, and
-  the ranks' sums, balanced too, count more.) The rows are cut into microbatches of like cost (longest first, then swaps between the
-  heaviest and the lightest), or, with trimmed microbatches (``data.trim_padding``: a microbatch is as wide as
-  its longest row), also of like length (LLaVA's group-by-length, within one step); the dp costliest
-  microbatches become every rank's first, the next dp their second, and so on, the costlier of a slot to the
-  rank with the least so far; then a steepest-descent search swaps rows between microbatches while that
-  lowers the predicted step (``_swap_search``). One rank, untrimmed and without TP: nothing to gain.
+  the ranks' sums, balanced too, count more.) Two cuts of the rows into microbatches are tried: rows of like
+  length when trimmed (``data.trim_padding``: a microbatch is as wide as its longest row; LLaVA's
+  group-by-length, within one step), and rows of like cost (longest first, then swaps between the heaviest and
+  the lightest). Each is laid out slot by slot: the dp costliest microbatches become every rank's first, the
+  next dp their second, ..., the costlier of a slot to the rank with the least so far; then a steepest-descent
+  search swaps rows between microbatches while that lowers the predicted step (``_swap_search``). The better
+  one wins (on a tie, the least padding), its slots in plan order. One rank, untrimmed and without TP: nothing
+  to gain, the plan's order is kept.
 - With a pipeline, each pipeline is paced by its slowest microbatch and the step by the slowest rank: rows go
   longest first to the least loaded rank that still has room, every rank taking n rows, pairwise swaps between
   the heaviest and the lightest rank narrow the gap, and within a rank the heavy rows go longest first onto
@@ -226,15 +228,16 @@ def _slots(micro: list[list[int]], costs: np.ndarray, dp: int) -> list[list[int]
 def _lockstep_candidates(rows: _Rows, weight: np.ndarray, dp: int, mbs: int, cost: RowCost,
                          image_step: bool) -> list[list[list[int]]]:
     """Placements for microbatches that run in lockstep across ranks (no pipeline): the step's rows cut into
-    microbatches of like cost (longest first, then swaps), or with trimmed microbatches also of like length (less
-    padding), each then laid out slot by slot (``_slots``)."""
+    microbatches of like length when trimmed (the least padding), and of like cost (longest first, then swaps),
+    each then laid out slot by slot (``_slots``)."""
     n_mb = len(weight) // mbs
     order = np.argsort(-weight, kind="stable").tolist()
-    cuts = [_longest_first(order, weight, n_mb, mbs)]
-    _swap_down(cuts[0], weight, 2 * n_mb)
-    if cost.width_multiple:
+    like_cost = _longest_first(order, weight, n_mb, mbs)
+    _swap_down(like_cost, weight, 2 * n_mb)
+    cuts = [like_cost]
+    if cost.width_multiple:  # first: on a tie (e.g. one rank) the least padding wins
         by_length = sorted(range(len(weight)), key=lambda i: (-rows.tokens[i], i))
-        cuts.append([by_length[k:k + mbs] for k in range(0, len(by_length), mbs)])
+        cuts.insert(0, [by_length[k:k + mbs] for k in range(0, len(by_length), mbs)])
     out = []
     for micro in cuts:
         micro = [sorted(m) for m in micro]  # rows keep the plan's order within a microbatch
@@ -319,6 +322,13 @@ def _swap_search(ranks: list[list[int]], mbs: int, rows: _Rows, cost: RowCost, i
     return [[i for m in mine for i in sorted(m)] for mine in at.reshape(-1, n_mb, mbs).tolist()]
 
 
+def _slots_in_plan_order(ranks: list[list[int]], mbs: int) -> list[list[int]]:
+    """The slots reordered by the first plan row they hold (the lockstep step does not depend on their order)."""
+    at = _grid(ranks, mbs)
+    order = np.argsort(at.min(axis=(0, 2)), kind="stable")
+    return at[:, order].reshape(len(ranks), -1).tolist()
+
+
 def _pipelined_candidate(rows: _Rows, weight: np.ndarray, dp: int, mbs: int) -> list[list[int]]:
     """Rows longest first onto the least loaded rank with room, swaps between the heaviest and the lightest rank,
     then within a rank the heavy rows spread over its microbatches (the slowest paces a pipeline)."""
@@ -362,9 +372,9 @@ def place(plan: StepPlan, dp: int, mbs: int, cost: RowCost, balance: str = "rows
         best = _pipelined_candidate(rows, weight, dp, mbs)
     else:
         rounds = min(4 * n // mbs, SEARCH_ROUNDS)
-        best = min((_swap_search(r, mbs, rows, cost, image_step, limit, rounds)
-                    for r in _lockstep_candidates(rows, weight, dp, mbs, cost, image_step)),
-                   key=lambda r: evaluate(r).step)
+        best = _slots_in_plan_order(min((_swap_search(r, mbs, rows, cost, image_step, limit, rounds)
+                                         for r in _lockstep_candidates(rows, weight, dp, mbs, cost, image_step)),
+                                        key=lambda r: evaluate(r).step), mbs)
     b = evaluate(best)
     if max(b.rank) > limit:  # never predicted slower under either wait: the slowest rank's sum or the step
         return keep
