@@ -71,6 +71,8 @@ def test_placement_is_a_balanced_permutation(pipelined):
         assert got.step_cost <= got.step_cost_contiguous * (1 + 1e-9)
         assert max(got.rank_cost) <= max(got.rank_cost_contiguous) * (1 + 1e-9)
         assert got.step_cost >= max(got.rank_cost) * (1 - 1e-9)  # no rank finishes after the step
+        if not pipelined:  # slots in plan order: microbatch k of every rank, by the first row any of them holds
+            assert (np.diff(np.asarray(got.rows).reshape(dp, k, mbs).min(axis=(0, 2))) > 0).all()
         none = place(plan, dp, mbs, cost, "none", pipelined=pipelined)
         assert none.rows == [list(range(r * mbs * k, (r + 1) * mbs * k)) for r in range(dp)]
         assert none.rank_cost == none.rank_cost_contiguous == got.rank_cost_contiguous
