@@ -109,7 +109,7 @@ class GlobalBatch:
     data_state: dict = field(default_factory=dict)  # planner state after this step (for checkpoints)
     bad_reads: int = 0  # planned samples this rank could not read as sized (masked, see the module doc)
     samples: list[list[tuple[int, int]]] = field(default_factory=list)  # (source, index) of each row, as built
-    # predicted slowest / mean dp-rank cost of the step as placed (data.balance) and as contiguous shares
+    # predicted step / mean dp-rank cost of the step as placed (data.balance) and as contiguous shares
     rank_cost_imbalance: float = 1.0
     rank_cost_imbalance_contiguous: float = 1.0
 

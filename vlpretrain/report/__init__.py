@@ -69,7 +69,7 @@ def _median(a: np.ndarray, skip_first: bool = True):
 
 
 def _imbalance(c: dict) -> str:
-    """Mean predicted slowest / mean dp-rank cost, as placed and contiguous ("-" for runs that do not log it)."""
+    """Mean predicted step / mean dp-rank cost, as placed and contiguous ("-" for runs that do not log it)."""
     placed, contiguous = c["rank_cost_imbalance"], c["rank_cost_imbalance_contiguous"]
     if not np.isfinite(placed).any():
         return "-"

@@ -205,7 +205,7 @@ def fig_balance(runs: list[Run]) -> Figure | None:
     logged = [(i, r) for i, r in enumerate(runs) if np.isfinite(r.cols["rank_cost_imbalance"]).any()]
     if not logged:
         return None
-    fig, (ax_t, ax_m) = _figure(2, "predicted slowest / mean dp-rank cost per step")
+    fig, (ax_t, ax_m) = _figure(2, "predicted step / mean dp-rank cost per step")
     for ax, want, title in ((ax_t, True, "language-only steps"), (ax_m, False, "multimodal steps")):
         any_ = False
         for i, r in logged:
@@ -214,7 +214,7 @@ def fig_balance(runs: list[Run]) -> Figure | None:
             _curve(ax, r.steps[sel], r.cols["rank_cost_imbalance_contiguous"][sel], _color(i),
                    f"{r.name} contiguous shares", "--", band=False, lw=1.0)
         ax.set_title(title, fontsize=10)
-        ax.set_ylabel("slowest / mean rank (1 = balanced)")
+        ax.set_ylabel("step / mean rank (1 = balanced)")
         if any_:
             _legend(ax)
         else:
@@ -235,8 +235,9 @@ FIGURES = [  # file stem, builder, caption
                        "summary.json)."),
     ("sources", fig_sources, "Samples drawn from each data source, cumulative."),
     ("bad_data", fig_bad_data, "Unusable samples skipped and images replaced by blanks."),
-    ("balance", fig_balance, "Predicted step imbalance across data-parallel ranks: the slowest rank's cost over "
-                             "the mean (the cost model of data/placement.py), for the rows as placed (solid; "
+    ("balance", fig_balance, "Predicted step imbalance across data-parallel ranks: the predicted step (the "
+                             "slowest rank, or the slowest per microbatch when ranks run in lockstep) over the "
+                             "mean rank's cost (the cost model of data/placement.py), for the rows as placed (solid; "
                              "data.balance) and as contiguous shares in plan order (dashed). 1.10 means the "
                              "other ranks wait 10% of a step for the slowest."),
 ]
