@@ -8,12 +8,18 @@ from __future__ import annotations
 
 import itertools
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
 
+from vlpretrain.config import load_config
 from vlpretrain.data.placement import RowCost, _swap_search, place, row_features
 from vlpretrain.data.step_plan import StepPlan
+from vlpretrain.models.flops import head_flops
+from vlpretrain.parallel.pipeline_cost import row_cost
+
+TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny"
 
 
 def _plan(images: list[list[int]], modality: str = "multimodal", tokens: int = 10) -> StepPlan:
@@ -43,6 +49,7 @@ def _lockstep_oracle(at: np.ndarray, images, tokens, c: RowCost) -> tuple[np.nda
     for ``per_document=False``: every microbatch waits for the slot's most vision work, then for its most decoder
     work (a blank image where a microbatch has none; rows as wide as seq_len, or trimmed to the longest)."""
     images, tokens = np.asarray(images)[at], np.asarray(tokens)[at]
+    labels = (tokens // 2).sum(-1)  # _one_sample_rows supervises half of each row
     mbs = at.shape[-1]
     vision = c.image * np.maximum(1, -(-images.sum(-1) // c.tp))
     if c.width_multiple:
@@ -50,7 +57,7 @@ def _lockstep_oracle(at: np.ndarray, images, tokens, c: RowCost) -> tuple[np.nda
         width = np.minimum(c.seq_len, np.maximum(m, -(-tokens.max(-1) // m) * m))
     else:
         width = np.full(vision.shape, c.seq_len)
-    decoder = mbs * (c.position * width + c.attention * width ** 2.0)
+    decoder = mbs * (c.position * width + c.attention * width ** 2.0) + c.label * labels
     step = vision.max(-2).sum(-1) + decoder.max(-2).sum(-1)
     return step, (vision + decoder).sum(-1).max(-1)
 
@@ -109,13 +116,14 @@ def _random_case(rng: random.Random):
     n = dp * mbs * k
     images, tokens = [rng.randint(0, 4) for _ in range(n)], [rng.randint(20, 96) for _ in range(n)]
     cost = RowCost(image=1.0, position=rng.choice([0.0, 0.01]), attention=rng.choice([0.0, 1e-4]), seq_len=96,
-                   per_document=False, width_multiple=rng.choice([0, 8]), tp=rng.choice([1, 2]))
+                   per_document=False, width_multiple=rng.choice([0, 8]), tp=rng.choice([1, 2]),
+                   label=rng.choice([0.0, 0.02]))
     return dp, mbs, images, tokens, cost
 
 
 def test_lockstep_placement_against_the_exhaustive_optimum():
     """Without a pipeline: the predicted step is the lockstep model's (checked against an oracle written here),
-    and it is the least over every placement of the rows, in nearly every case (never 20% above it)."""
+    and it is the least over every placement of the rows in most cases (never 20% above it, 2% on average)."""
     rng = random.Random(0)
     ratios = []
     for _trial in range(30):
@@ -132,7 +140,8 @@ def test_lockstep_placement_against_the_exhaustive_optimum():
         best = steps[slowest <= c_slowest * (1 + 1e-9)].min()  # the placement never lets a rank's sum grow
         ratios.append(got.step_cost / best)
     assert min(ratios) >= 1 - 1e-9
-    assert max(ratios) < 1.2 and sum(r < 1 + 1e-9 for r in ratios) >= 0.9 * len(ratios), sorted(ratios)
+    optimal = sum(r < 1 + 1e-9 for r in ratios)
+    assert max(ratios) < 1.2 and np.mean(ratios) < 1.02 and optimal >= 0.8 * len(ratios), sorted(ratios)
 
 
 def test_swap_search_only_takes_swaps_that_lower_the_step():
@@ -178,3 +187,19 @@ def test_trimmed_microbatches_group_rows_of_like_length():
                 assert a[-1] <= b[0] or b[-1] <= a[0], micro
     untrimmed = RowCost(image=1.0, position=0.1, attention=1e-3, seq_len=96, per_document=False)
     assert place(plan, 1, 4, untrimmed, pipelined=False).rows == [list(range(16))]
+
+
+def test_row_cost_counts_the_head_where_it_runs():
+    """train.logits_at_labels (no tp, no pp): the head projects supervised tokens only, so its cost moves from
+    every token slot to every supervised token; with a pipeline or TP it stays per slot."""
+    at = row_cost(load_config(TINY / "stage3.yaml", ["parallel.dp=1"]))
+    every = row_cost(load_config(TINY / "stage3.yaml", ["parallel.dp=1", "train.logits_at_labels=false"]))
+    piped = row_cost(load_config(TINY / "stage3.yaml", ["parallel.dp=1", "parallel.pp=2"]))
+    assert every.label == piped.label == 0.0 and at.label > 0
+    assert at.position + at.label == pytest.approx(every.position) and piped.position == pytest.approx(every.position)
+    cfg = load_config(TINY / "stage3.yaml")
+    assert at.label == pytest.approx(head_flops(cfg.model, 1) * 3)  # forward + backward
+    plan = _one_sample_rows([1, 0], [40, 40])  # equal rows but for their supervised tokens (20 each here)
+    plan.table[1, 3] = 5
+    rows = row_features(plan, at)
+    assert rows.decoder[0] - rows.decoder[1] == pytest.approx(15 * at.label)

@@ -38,8 +38,9 @@ Cost (``RowCost``; the trainer takes its weights from ``parallel.pipeline_cost.r
 model): a microbatch's vision cost is ``image`` per image its busiest first-stage rank encodes (max(1,
 ceil(n / tp)) of its n images on an image step: a rank without images runs a blank one; none on a text step);
 its decoder cost is, per row, ``position`` per token slot (dense decoder work: every row is seq_len long, or
-the microbatch's width when trimmed) and ``attention`` per squared document length (per packed document with
-document-causal attention, else the row's width squared). A dp rank's sum is its microbatches' costs.
+the microbatch's width when trimmed), ``attention`` per squared document length (per packed document with
+document-causal attention, else the row's width squared) and ``label`` per supervised token (the vocabulary
+head where it runs on those only). A dp rank's sum is its microbatches' costs.
 """
 from __future__ import annotations
 
@@ -63,6 +64,7 @@ class RowCost:
     per_document: bool = True  # attention within each packed document (document-causal), else over the row
     tp: int = 1  # images of a microbatch split over tp ranks (parallel.vision_split: images)
     width_multiple: int = 0  # > 0 (data.trim_padding): a microbatch is as wide as its longest row, rounded up
+    label: float = 0.0  # per supervised token (the vocabulary head on those only: train.logits_at_labels)
 
 
 WORST_SLOTS = 4  # the lockstep search lowers these slots (most predicted wait first) in each round
@@ -114,9 +116,11 @@ def _ratio(step: float, costs: list[float]) -> float:
 
 @dataclass(frozen=True)
 class _Rows:
-    """Per row of a plan: images, tokens, squared document lengths (attention), and its decoder cost alone."""
+    """Per row of a plan: images, tokens, supervised tokens, squared document lengths (attention), and its
+    decoder cost alone."""
     images: np.ndarray
     tokens: np.ndarray
+    labels: np.ndarray
     squares: np.ndarray
     decoder: np.ndarray
 
@@ -128,6 +132,7 @@ def row_features(plan: StepPlan, cost: RowCost) -> _Rows:
     row_of = np.repeat(np.arange(n), counts)
     images = np.bincount(row_of, plan.table[flat, 4], minlength=n).astype(np.int64)
     tokens = np.bincount(row_of, plan.table[flat, 2], minlength=n).astype(np.int64)
+    labels = np.bincount(row_of, plan.table[flat, 3], minlength=n).astype(np.float64)
     if cost.per_document or not cost.seq_len:
         squares = np.bincount(row_of, plan.table[flat, 2].astype(np.float64) ** 2, minlength=n)
     else:
@@ -136,8 +141,10 @@ def row_features(plan: StepPlan, cost: RowCost) -> _Rows:
         width = microbatch_width(tokens, cost.seq_len, cost.width_multiple).astype(np.float64)
         if not cost.per_document:
             squares = width ** 2
-        return _Rows(images, tokens, squares, cost.position * width + cost.attention * squares)
-    return _Rows(images, tokens, squares, cost.position * cost.seq_len + cost.attention * squares)
+        return _Rows(images, tokens, labels, squares,
+                     cost.position * width + cost.attention * squares + cost.label * labels)
+    return _Rows(images, tokens, labels, squares,
+                 cost.position * cost.seq_len + cost.attention * squares + cost.label * labels)
 
 
 def _micro_costs(at: np.ndarray, rows: _Rows, cost: RowCost, image_step: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -149,7 +156,7 @@ def _micro_costs(at: np.ndarray, rows: _Rows, cost: RowCost, image_step: bool) -
         mbs = at.shape[-1]
         width = microbatch_width(rows.tokens[at].max(axis=-1), cost.seq_len, cost.width_multiple).astype(np.float64)
         squares = rows.squares[at].sum(axis=-1) if cost.per_document else mbs * width ** 2
-        decoder = cost.position * mbs * width + cost.attention * squares
+        decoder = cost.position * mbs * width + cost.attention * squares + cost.label * rows.labels[at].sum(axis=-1)
     else:
         decoder = rows.decoder[at].sum(axis=-1)
     return cost.image * encoded.astype(np.float64), decoder

@@ -234,7 +234,8 @@ def part_costs(cfg: Config, device_tflops: float | None = None, measured: dict[s
 def row_cost(cfg: Config) -> RowCost:
     """The weights ``data.balance: rows`` places rows by (``data/placement.py``), in forward+backward FLOPs of
     one device, with the backward rules of ``part_costs``: per image the busiest first-stage TP rank encodes,
-    per token slot of a row (decoder layers and head, divided by tp), per squared document length (the
+    per token slot of a row (decoder layers, and the head unless it runs on supervised tokens only:
+    ``train.logits_at_labels``, then per supervised token; divided by tp), per squared document length (the
     attention scores of the decoder layers, per packed document when document-causal)."""
     m, par = cfg.model, cfg.parallel
     trainable = trainable_parts(cfg)
@@ -247,11 +248,13 @@ def row_cost(cfg: Config) -> RowCost:
     f1, f2 = decoder_layer_flops(m, 1), decoder_layer_flops(m, 2)
     q = (f2 - 2 * f1) / 2
     layer_ratio = ratio + (1 if par.activation_checkpointing == "full" and ratio > 1 else 0)
-    position = (m.n_layers * (f1 - q) * layer_ratio + head_flops(m, 1) * ratio) / par.tp
+    head = head_flops(m, 1) * ratio / par.tp
+    at_labels = cfg.train.logits_at_labels and par.tp == 1 and par.pp == 1  # the engine's rule
+    position = m.n_layers * (f1 - q) * layer_ratio / par.tp + (0.0 if at_labels else head)
     split = par.vision_split == "images" and par.tp > 1
     return RowCost(image=image, position=position, attention=m.n_layers * q * layer_ratio / par.tp,
                    seq_len=cfg.train.seq_len, per_document=cfg.data.packing and cfg.data.document_causal,
-                   tp=par.tp if split else 1, width_multiple=width_multiple(cfg))
+                   tp=par.tp if split else 1, width_multiple=width_multiple(cfg), label=head if at_labels else 0.0)
 
 
 # ---------------------------------------------------------------------------------------------------------------
