@@ -1,23 +1,26 @@
 """Predicted gain of balanced steps (``data.balance: rows``) at scale, from the planner and the FLOP model.
 
-No training: for the 7B configs at ``--dp`` (default 128) data-parallel replicas, the run's own
-``StepPlanner`` plans ``--steps`` global steps on the demo data (its samples and images, the 7B's 576 tokens per
-image and 4096-token rows), and ``data/placement.py`` places each step's rows contiguously and balanced, with
-the row costs of ``pipeline_cost.row_cost`` (forward + backward FLOPs of one replica: images through the towers,
-decoder and head per row position, attention per document). Two replica models: the sum of its
-microbatches' costs (what the placement balances), and a pipelined one for the configs' pp (4): stage 0 runs the
-towers and a share f of the decoder chosen so that it equals each other stage for the mean microbatch (as
-``layer_split: auto`` balances for the mix), each microbatch takes its slowest stage's time, plus (pp - 1) x the
-slowest microbatch for the fill and drain. A step takes its slowest replica's time.
+No training: for the 7B and 1.3B configs at ``--dp`` (default 128) data-parallel replicas, the run's own
+``StepPlanner`` plans ``--steps`` global steps on the demo data (its samples and images, the real models' 576
+tokens per image and 4096-token rows), and ``data/placement.py`` places each step's rows contiguously and
+balanced, as the config's layout would (the 7B's pp = 4: the pipelined placement; the 1.3B's pp = 1: lockstep),
+with the row costs of ``pipeline_cost.row_cost`` (forward + backward FLOPs of one replica: images through the
+towers, decoder per row position, attention per document, the head per position or per supervised token). Three
+replica models: the sum of its microbatches' costs; lockstep (microbatch k of every replica waits for the slot's
+most vision work and its most decoder work: FSDP's collectives without a pipeline); and a pipelined one for pp >
+1: stage 0 runs the towers and a share f of the decoder chosen so that it equals each other stage for the mean
+microbatch (as ``layer_split: auto`` balances for the mix), each microbatch takes its slowest stage's time, plus
+(pp - 1) x the slowest microbatch for the fill and drain. A step takes its slowest replica's time (the sum and
+pipelined models).
 
-Reported per setting: the mean slowest / mean replica cost (imbalance) under each placement, the predicted gain
-in steps/s of balanced over contiguous under both models (sum of the steps' times, contiguous / balanced), the
+Reported per setting: the mean slowest / mean replica sum (imbalance) under each placement, the predicted gain
+in steps/s of balanced over contiguous under each model (sum of the steps' times, contiguous / balanced), the
 median time to plan and to place a step (one core), and for stage 2 grouped over mixed: the efficiency (useful
 FLOPs, no blank images, / the replicas' predicted time) ratio, contiguous and balanced, since the two draw the
 same mixture but not the same steps.
 
-Settings: 7B stage 2 (packed 2304 x 4096, modality-grouped, language share 0.7) and the same mixed; 7B stage 3
-(mixed SFT, unpacked 256 x 4096, multimodal SFT 52.1 : text 47.9 as Table 2).
+Settings, per model size: stage 2 (packed, modality-grouped, language share 0.7) and the same mixed; stage 3
+(mixed SFT, unpacked, multimodal SFT 52.1 : text 47.9 as Table 2).
 
     python bench/step_balance_scale.py [--dp 128] [--steps 40] [--demo DIR]
 """

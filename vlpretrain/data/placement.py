@@ -96,8 +96,8 @@ class Placement:
     rows: list[list[int]]
     rank_cost: list[float]  # predicted cost of each dp rank
     rank_cost_contiguous: list[float]  # the same under the contiguous placement
-    step_cost: float = 0.0  # the predicted step (module doc: lockstep without a pipeline, else the slowest rank)
-    step_cost_contiguous: float = 0.0
+    step_cost: float  # the predicted step (module doc: lockstep without a pipeline, else the slowest rank)
+    step_cost_contiguous: float
 
     @property
     def imbalance(self) -> float:
@@ -181,8 +181,8 @@ def _costs(ranks: list[list[int]], mbs: int, rows: _Rows, cost: RowCost, image_s
     rank = micro.sum(axis=1)
     if micro.size == 0:
         return _Costs(rank.tolist(), 0.0, 0.0)
-    # lockstep: microbatch k of every rank waits at each FSDP unit's collective for the busiest rank's images in
-    # the first stage's units and for the widest microbatch in each decoder block's
+    # lockstep: microbatch k of every rank waits at each FSDP unit's collective, for the most vision work in the
+    # first stage's units and for the most decoder work in each decoder block's
     step = rank.max() if pipelined else vision.max(axis=0).sum() + decoder.max(axis=0).sum()
     return _Costs(rank.tolist(), float(step), float(micro.max()))
 
