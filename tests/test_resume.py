@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from conftest import REPO, TINY
 from safetensors.torch import load_file
 
@@ -123,12 +124,17 @@ def test_hsdp_matches_one_process_and_resumes_across_layouts(reference, demo_dir
         assert got[s]["samples_digest"] == ref[s]["samples_digest"]
         assert got[s]["loss"] == pytest.approx(ref[s]["loss"], rel=1e-5), s
         assert got[s]["grad_norm"] == pytest.approx(ref[s]["grad_norm"], rel=1e-4), s
-    # every region of the full weights written once, by the right replica (nothing left zero or stale)
+    # every region of the full weights written once, by the right replica (nothing left zero or stale): equal to
+    # one process's but for a few isolated elements, where a near-zero gradient summed in another order turns
+    # Adam's normalised update (up to lr per step) another way; a missing or stale shard is a whole region
     weights = f"checkpoints/step_{STEPS:08d}/model.safetensors"
     mine, theirs = load_file(str(src / weights)), load_file(str(ref_dir / weights))
     assert mine.keys() == theirs.keys()
+    lr = float(yaml.safe_load((ref_dir / "config.yaml").read_text())["train"]["lr"])
     for k in theirs:
-        torch.testing.assert_close(mine[k], theirs[k], rtol=0, atol=1e-4, msg=k)
+        diff = (mine[k] - theirs[k]).abs()
+        assert int((diff > 1e-4).sum()) <= max(2, diff.numel() // 1000), k
+        assert float(diff.max()) <= STEPS * lr, k
     for name, nproc, layout in [("dp2", 2, ["parallel.dp=2"]), ("one_process", 1, []),
                                 ("dp4_shard1", 4, ["parallel.dp=4", "parallel.dp_shard=1"])]:
         dst = tmp_path / name
